@@ -1,0 +1,26 @@
+"""nora_spectra: per-layer singular-value spectra and rank-utilization diagnostics of adapters.
+
+Public names are imported lazily (PEP 562): ``import nora_spectra`` loads neither torch nor pandas.
+"""
+
+from nora_core._lazy import lazy_getattr
+
+_EXPORTS = {
+    "SpectraError": "errors",
+    "CheckpointError": "errors",
+    "adapter_singular_values": "spectrum",
+    "spectrum_metrics": "metrics",
+    "load_checkpoint": "io",
+    "analyze": "analysis",
+    "Analysis": "analysis",
+    "compare": "compare",
+    "Comparison": "compare",
+    "check": "check",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,86 @@
+"""Entry point of ``spectra``: a click group whose sub-commands are imported only when invoked.
+
+Keeping imports lazy makes ``spectra --help`` fast (no torch, pandas or matplotlib). Every command
+module exposes a ``command`` attribute (a ``click.Command``). User errors (``SpectraError``) become
+one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+
+import click
+
+from nora_spectra.errors import SpectraError
+
+__all__ = ["cli", "main"]
+
+#: sub-command name -> (module, one-line help shown by ``spectra --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "analyze": ("nora_spectra.cli.analyze", "Per-layer spectra and rank utilization of adapter checkpoints."),
+    "compare": ("nora_spectra.cli.compare", "Compare the spectra of several checkpoints module by module."),
+    "report": ("nora_spectra.cli.report", "Write a self-contained HTML or Markdown report with plots."),
+    "check": ("nora_spectra.cli.check", "CI gate: fail when rank utilization drops below limits."),
+    "demo": ("nora_spectra.cli.demo", "Build small LoRA and NoRA checkpoints and analyse them (no downloads)."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a sub-command's module only when that command runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(module)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, short_help = COMMANDS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None
+            raise
+        command = module.command
+        command.short_help = command.short_help or short_help
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_) for name, (module, help_) in COMMANDS.items() if importlib.util.find_spec(module)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nora-spectra")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
+def cli(verbose: bool) -> None:
+    """spectra: how much of the rank you paid for does your adapter really use?"""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="spectra: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors exit with code 2 and one line on stderr."""
+    try:
+        cli.main(args=argv, prog_name="spectra", standalone_mode=False)
+    except SpectraError as exc:
+        click.echo(f"spectra: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(0)
