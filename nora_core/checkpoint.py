@@ -1,0 +1,206 @@
+"""Save and load adapters in PEFT's on-disk layout.
+
+A checkpoint directory holds
+
+* ``adapter_config.json``: :meth:`AdapterConfig.to_dict` (PEFT's ``LoraConfig`` fields; NoRA adds
+  ``peft_type: "NORA"``, ``activation``, ``dropout``, ``init``);
+* ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r, d_in) and
+  ``...lora_B.weight`` (d_out, r), in the model's dtype, header metadata ``{"format": "pt"}``.
+
+Both files are written atomically. Legacy ``adapter_model.bin`` files are read with
+``torch.load(weights_only=True)``, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from nora_core.atomic import atomic_write_bytes, atomic_write_text
+from nora_core.config import AdapterConfig
+from nora_core.inject import adapter_config, adapter_layers, inject_adapters, matches_target, unload
+
+__all__ = [
+    "CONFIG_NAME",
+    "KEY_PREFIX",
+    "LEGACY_WEIGHTS_NAME",
+    "WEIGHTS_NAME",
+    "adapter_state_dict",
+    "load_adapter",
+    "save_adapter",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter factors of ``model``, keyed ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``.
+
+    Returns:
+        Detached tensors sharing storage with the model (clone them to keep a snapshot).
+
+    Raises:
+        ValueError: if the model holds no adapters.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model):
+        for local in layer.adapter_params():
+            out[f"{name}.{local}"] = layer.get_parameter(local).detach()
+    if not out:
+        raise ValueError("the model holds no adapters (call inject_adapters first)")
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` (created if needed).
+
+    Returns:
+        The directory as a ``Path``.
+
+    Raises:
+        ValueError: if the model holds no adapters or was not injected by ``inject_adapters``.
+    """
+    config = adapter_config(model)
+    if config is None:
+        raise ValueError("the model holds no adapter config (call inject_adapters or load_adapter first)")
+    tensors = {KEY_PREFIX + k: v.contiguous() for k, v in adapter_state_dict(model).items()}
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(path / CONFIG_NAME, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_adapter_config(directory: str | os.PathLike[str]) -> AdapterConfig:
+    """Parse ``directory/adapter_config.json`` (ours or PEFT's LoRA).
+
+    Raises:
+        FileNotFoundError: if the directory or the file does not exist.
+        ValueError: naming the file, if it is not valid JSON or not a supported config.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {path}")
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing (an adapter directory needs {CONFIG_NAME})")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        return AdapterConfig.from_dict(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{file}: {exc}") from None
+
+
+def read_adapter_weights(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read the adapter tensors of ``directory``, keys without the ``base_model.model.`` prefix.
+
+    Raises:
+        FileNotFoundError: if neither ``adapter_model.safetensors`` nor ``adapter_model.bin`` exists.
+        ValueError: naming the file, if it cannot be parsed.
+    """
+    path = Path(directory)
+    file = path / WEIGHTS_NAME
+    try:
+        if file.is_file():
+            raw = load_file(file)
+        elif (path / LEGACY_WEIGHTS_NAME).is_file():
+            file = path / LEGACY_WEIGHTS_NAME
+            raw = torch.load(file, map_location="cpu", weights_only=True)
+            if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+                raise ValueError("expected a dict of tensors")
+        else:
+            raise FileNotFoundError(f"{file}: missing (and no {LEGACY_WEIGHTS_NAME} either)")
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{file}: cannot read adapter weights ({exc})") from None
+    return {(k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k): v for k, v in raw.items()}
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Load an adapter directory (ours, LoRA or NoRA, or PEFT's LoRA) into ``model``.
+
+    On a plain model the adapters are injected per the saved config first. On a model that already
+    holds adapters (e.g. a trainer resuming) the saved config must describe the same layers (modules,
+    method, rank, scale, activation) and only the weights are loaded. Tensors are cast to the model's
+    dtype, so same-dtype loads are bit-exact.
+
+    Args:
+        model: the base model (or the same model with adapters already injected).
+        directory: a directory holding ``adapter_config.json`` and the weights.
+
+    Returns:
+        ``model``, modified in place.
+
+    Raises:
+        FileNotFoundError: naming the missing directory or file.
+        ValueError: naming the file, for a bad config, missing or unexpected keys, or shape mismatches.
+    """
+    config = read_adapter_config(directory)
+    tensors = read_adapter_weights(directory)
+    weights_file = Path(directory) / (
+        WEIGHTS_NAME if (Path(directory) / WEIGHTS_NAME).is_file() else LEGACY_WEIGHTS_NAME
+    )
+    injected_here = not any(True for _ in adapter_layers(model))
+    if injected_here:
+        inject_adapters(model, config)
+    else:
+        _check_compatible(model, config, Path(directory) / CONFIG_NAME)
+    try:
+        _copy_weights(model, tensors, weights_file)
+    except BaseException:
+        if injected_here:
+            unload(model)
+        raise
+    return model
+
+
+def _check_compatible(model: nn.Module, config: AdapterConfig, file: Path) -> None:
+    layers = dict(adapter_layers(model))
+    expected = {name for name in layers if matches_target(config, name)}
+    if expected != set(layers):
+        extra = sorted(set(layers) - expected)[:3]
+        raise ValueError(
+            f"{file}: the model already holds adapters on other modules than the saved config targets "
+            f"(e.g. {extra}); call unload(model) first or load into a plain model"
+        )
+    for name, layer in layers.items():
+        want = (config.method, config.rank_for(name), config.activation if config.method == "nora" else "identity")
+        have = (layer.method, layer.r, layer.activation_name)
+        if want != have or not math.isclose(layer.scaling, config.scale_for(name), rel_tol=1e-12):
+            raise ValueError(
+                f"{file}: module {name!r} holds a {have[0]} adapter (r={have[1]}, scaling={layer.scaling:g}, "
+                f"activation={have[2]}) but the saved config asks for {want[0]} (r={want[1]}, "
+                f"scaling={config.scale_for(name):g}, activation={want[2]})"
+            )
+
+
+def _copy_weights(model: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    own = adapter_state_dict(model)
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        raise ValueError(f"{file}: keys do not match the model's adapters: " + "; ".join(parts))
+    for key, target in own.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise ValueError(
+                f"{file}: {key} has shape {tuple(tensors[key].shape)}, the model expects {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for key, target in own.items():
+            target.copy_(tensors[key])
