@@ -1,0 +1,176 @@
+"""``adapter_config.json``: validation and PEFT's per-module rank and scale rules.
+
+PEFT (``peft/tuners/lora/model.py``) picks each module's rank and alpha from ``rank_pattern`` and
+``alpha_pattern``, whose keys are regular expressions matched against the base-model module name as
+``re.match(rf"(.*\\.)?({key})$", name)``; the first matching key wins, otherwise ``r`` and ``lora_alpha``
+apply. The scale is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``. Unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from nora_spectra.errors import CheckpointError
+
+__all__ = ["CONFIG_NAME", "AdapterSettings", "read_adapter_config", "match_pattern"]
+
+CONFIG_NAME = "adapter_config.json"
+
+# peft_type -> kind ("method") of the adapter.
+_KINDS = {"LORA": "lora", "NORA": "nora"}
+# PEFT's LoraConfig defaults, used when a field is absent.
+_DEFAULT_R = 8
+_DEFAULT_ALPHA = 8
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The fields of an adapter config that change the update ``scale * B @ A``.
+
+    Attributes:
+        kind: ``"lora"`` or ``"nora"``.
+        r: default rank.
+        lora_alpha: default alpha.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        rank_pattern: regex key -> rank, in file order (first match wins).
+        alpha_pattern: regex key -> alpha, in file order (first match wins).
+        fan_in_fan_out: the base layer stores its weight as (d_in, d_out) (GPT-2 ``Conv1D``).
+        use_dora: the config asks for DoRA.
+        modules_to_save: names of modules saved in full.
+        raw: the whole config as read, unknown fields included.
+    """
+
+    kind: str
+    r: int = _DEFAULT_R
+    lora_alpha: float = _DEFAULT_ALPHA
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def rank_for(self, module: str) -> int:
+        """The rank PEFT gives ``module`` (``rank_pattern``'s first match, else ``r``)."""
+        key = match_pattern(self.rank_pattern, module)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, module: str) -> float:
+        """The alpha PEFT gives ``module`` (``alpha_pattern``'s first match, else ``lora_alpha``)."""
+        key = match_pattern(self.alpha_pattern, module)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    def scale_for(self, module: str) -> float:
+        """``alpha / r`` or, with ``use_rslora``, ``alpha / sqrt(r)`` for ``module``."""
+        r = self.rank_for(module)
+        alpha = self.alpha_for(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def match_pattern(patterns: dict[str, Any], module: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first key matching ``module`` as ``(.*\\.)?(key)$``, or None.
+
+    Args:
+        patterns: regex keys, tried in order.
+        module: a base-model module name, e.g. ``model.layers.0.self_attn.q_proj``.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> AdapterSettings:
+    """Read and validate an ``adapter_config.json``.
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        CheckpointError: the file is unreadable, not a JSON object, names an unsupported ``peft_type``,
+            or holds an invalid ``r``, ``lora_alpha``, ``use_rslora``, ``fan_in_fan_out``,
+            ``rank_pattern`` or ``alpha_pattern``.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read adapter config: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"invalid adapter config: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(path, f"invalid adapter config: expected a JSON object, got {type(raw).__name__}")
+
+    peft_type = raw.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() not in _KINDS:
+        raise CheckpointError(
+            path, f"unsupported adapter type {peft_type!r} (supported: {', '.join(sorted(_KINDS))})"
+        )
+
+    def bad(name: str, expected: str) -> CheckpointError:
+        return CheckpointError(path, f"invalid adapter config: {name} must be {expected}, got {raw[name]!r}")
+
+    r = raw.get("r", _DEFAULT_R)
+    if not _is_positive_int(r):
+        raise bad("r", "a positive integer")
+    alpha = raw.get("lora_alpha", _DEFAULT_ALPHA)
+    if not _is_finite_number(alpha):
+        raise bad("lora_alpha", "a finite number")
+    flags = {}
+    for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        value = raw.get(name)
+        if value is None:
+            value = False
+        if not isinstance(value, bool):
+            raise bad(name, "true or false")
+        flags[name] = value
+    rank_pattern = _read_pattern(path, raw, "rank_pattern", _is_positive_int, "positive integers")
+    alpha_pattern = _read_pattern(path, raw, "alpha_pattern", _is_finite_number, "finite numbers")
+    modules_to_save = raw.get("modules_to_save") or ()
+    if isinstance(modules_to_save, str):
+        modules_to_save = (modules_to_save,)
+    modules_to_save = tuple(m for m in modules_to_save if isinstance(m, str))
+    return AdapterSettings(
+        kind=_KINDS[peft_type.upper()],
+        r=r,
+        lora_alpha=float(alpha),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        modules_to_save=modules_to_save,
+        raw=raw,
+        **flags,
+    )
+
+
+def _read_pattern(path: str, raw: dict, name: str, valid, expected: str) -> dict:
+    pattern = raw.get(name)
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) and valid(v) for k, v in pattern.items()):
+        raise CheckpointError(
+            path, f"invalid adapter config: {name} must map module patterns to {expected}, got {pattern!r}"
+        )
+    for key in pattern:
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as exc:
+            raise CheckpointError(path, f"invalid adapter config: {name} key {key!r} is not a regex ({exc})") from exc
+    return dict(pattern)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,104 @@
+"""Turn a weights reader and an optional config into a :class:`Checkpoint` (scales, notes, warnings)."""
+
+from __future__ import annotations
+
+from nora_spectra.errors import CheckpointError
+from nora_spectra.io.adapter_config import AdapterSettings
+from nora_spectra.io.checkpoint import Checkpoint, LayerScale, TensorSource
+from nora_spectra.io.keys import scan_keys
+from nora_spectra.io.safetensors_file import check_readable
+
+__all__ = ["assemble_checkpoint"]
+
+
+def assemble_checkpoint(
+    path: str,
+    fmt: str,
+    source: TensorSource,
+    settings: AdapterSettings | None,
+    *,
+    warnings: list[str] | None = None,
+    adapter: str | None = None,
+) -> Checkpoint:
+    """Validate keys, shapes and ranks against the config and compute every module's scale.
+
+    Args:
+        path: the path the user gave.
+        fmt: ``"peft"``, ``"nora"`` or ``"safetensors"``.
+        source: the opened weights file.
+        settings: the validated adapter config, or None (bare file: scale 1).
+        warnings: warnings gathered so far (extended in place).
+        adapter: the adapter sub-directory chosen, if any.
+
+    Returns:
+        The checkpoint, with no tensor read yet.
+
+    Raises:
+        CheckpointError: no LoRA factors, unpaired or mismatched factors, a module whose tensor rank
+            differs from the rank its config gives, or an unreadable dtype.
+    """
+    warnings = [] if warnings is None else warnings
+    weights = source.path
+    infos = [source.info(name) for name in source.keys()]
+    scan = scan_keys(weights, infos, settings.modules_to_save if settings else ())
+    if not scan.plans:
+        sample = ", ".join(name for name in source.keys()[:3]) or "no tensors"
+        raise CheckpointError(
+            weights,
+            f"no LoRA factors found (expected <module>.lora_A.weight / lora_B.weight keys; found {sample})",
+        )
+    scales: dict[str, LayerScale] = {}
+    notes: dict[str, tuple[str, ...]] = {}
+    for plan in scan.plans:
+        for key in (plan.key_a, plan.key_b):
+            check_readable(weights, source.info(key))
+        layer_notes = []
+        if settings is None:
+            scales[plan.module] = LayerScale(scale=1.0)
+        else:
+            expected = settings.rank_for(plan.module)
+            if expected != plan.rank:
+                raise CheckpointError(
+                    weights,
+                    f"module {plan.module!r}: the config gives rank {expected} but the tensors have rank "
+                    f"{plan.rank}",
+                )
+            scales[plan.module] = LayerScale(
+                scale=settings.scale_for(plan.module), alpha=settings.alpha_for(plan.module)
+            )
+            if settings.fan_in_fan_out and plan.layer_type == "linear":
+                layer_notes.append("fan_in_fan_out: base weight stored (d_in, d_out); shape given as (d_out, d_in)")
+        if plan.has_bias:
+            layer_notes.append("lora_B.bias present: not part of the spectrum")
+        if plan.dora:
+            layer_notes.append("DoRA: spectrum of the direction update B A; the magnitude vector is not included")
+        notes[plan.module] = tuple(layer_notes)
+    if settings is None:
+        warnings.append("no adapter_config.json: scale 1 assumed for every layer (alpha/r unknown)")
+    else:
+        if settings.fan_in_fan_out:
+            warnings.append(
+                "fan_in_fan_out: the base layers store weights transposed; shapes are reported as (d_out, d_in)"
+            )
+        if settings.use_dora and not any(plan.dora for plan in scan.plans):
+            warnings.append("use_dora is set but no lora_magnitude_vector was found")
+    if any(plan.dora for plan in scan.plans):
+        warnings.append("DoRA layers: spectra are of the direction update B A only (magnitude vector not included)")
+    if any(plan.has_bias for plan in scan.plans):
+        warnings.append("lora_B.bias tensors are ignored: a bias is not part of the update's spectrum")
+    if scan.skipped:
+        warnings.append(f"skipped {len(scan.skipped)} full dense tensor group(s) that are not low-rank updates")
+    return Checkpoint(
+        path=path,
+        format=fmt,
+        method=settings.kind if settings else "lora",
+        config=dict(settings.raw) if settings else None,
+        warnings=warnings,
+        skipped=scan.skipped,
+        weights_path=weights,
+        adapter=adapter,
+        _source=source,
+        _plans=scan.plans,
+        _scales=scales,
+        _notes=notes,
+    )

@@ -1,0 +1,285 @@
+"""A minimal, strictly validating, torch-free safetensors reader.
+
+The file layout (https://github.com/huggingface/safetensors) is: an 8-byte little-endian header length
+``N``, ``N`` bytes of UTF-8 JSON mapping each tensor name to ``{"dtype", "shape", "data_offsets"}`` (plus an
+optional ``"__metadata__"`` string map), then the data region. Offsets are relative to the data region
+and must tile it exactly, in any key order.
+
+:class:`SafetensorsFile` parses and validates the whole header when it is constructed, so a corrupt or
+truncated file raises :class:`~nora_spectra.errors.CheckpointError` before any tensor is read. Tensors are
+then read one at a time (``np.fromfile`` at the tensor's offset) and upcast to float64, so memory stays
+near the size of the tensor being read, not of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from nora_spectra.errors import CheckpointError
+
+__all__ = ["MAX_HEADER_BYTES", "DTYPES", "FLOAT_DTYPES", "TensorInfo", "SafetensorsFile", "check_readable"]
+
+#: The official parser rejects headers larger than this (100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+#: safetensors dtype tag -> (item size in bytes, readable name).
+DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"),
+    "U8": (1, "uint8"),
+    "I8": (1, "int8"),
+    "U16": (2, "uint16"),
+    "I16": (2, "int16"),
+    "U32": (4, "uint32"),
+    "I32": (4, "int32"),
+    "U64": (8, "uint64"),
+    "I64": (8, "int64"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F32": (4, "float32"),
+    "F64": (8, "float64"),
+}
+
+#: Floating-point tags that :meth:`SafetensorsFile.read` can upcast (F8 ones need the ``ml_dtypes`` package).
+FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
+
+# Little-endian numpy dtypes of the raw stored bits.
+_RAW_NUMPY = {"F16": "<f2", "BF16": "<u2", "F32": "<f4", "F64": "<f8", "F8_E4M3": "u1", "F8_E5M2": "u1"}
+_ML_DTYPES_NAME = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file.
+
+    Attributes:
+        name: the tensor's key in the header.
+        dtype: the safetensors dtype tag, e.g. ``"BF16"``.
+        shape: the tensor's shape.
+        start: absolute byte offset of the first element in the file.
+        nbytes: size of the stored data in bytes.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+    @property
+    def dtype_name(self) -> str:
+        """Readable dtype name, e.g. ``"bfloat16"``."""
+        return DTYPES[self.dtype][1]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+class SafetensorsFile:
+    """A validated safetensors header with lazy, one-tensor-at-a-time reads.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, truncated or its header is malformed (header
+            length beyond the file or over 100 MB, header not a JSON object, unknown dtype, bad shape,
+            offsets out of range, not matching ``prod(shape) * itemsize``, overlapping, or not tiling
+            the data region).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.metadata: dict[str, str] = {}
+        self._tensors: dict[str, TensorInfo] = {}
+        self._parse()
+
+    # ------------------------------------------------------------------ public API
+
+    def keys(self) -> list[str]:
+        """Tensor names in header order."""
+        return list(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        """The :class:`TensorInfo` of tensor ``name`` (``KeyError`` if absent)."""
+        return self._tensors[name]
+
+    def read(self, name: str) -> np.ndarray:
+        """Read one tensor and upcast it exactly to float64.
+
+        Args:
+            name: the tensor's key.
+
+        Returns:
+            A new float64 array of the tensor's shape.
+
+        Raises:
+            CheckpointError: the dtype is not a float type, an F8 tensor is read without ``ml_dtypes``,
+                or the file changed size since its header was validated.
+        """
+        info = self._tensors[name]
+        check_readable(self.path, info)
+        raw_dtype = np.dtype(_RAW_NUMPY[info.dtype])
+        try:
+            raw = np.fromfile(self.path, dtype=raw_dtype, count=info.numel, offset=info.start)
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {exc.strerror or exc}") from exc
+        if raw.size != info.numel:
+            raise CheckpointError(self.path, f"truncated while reading tensor {name!r}")
+        return _upcast(raw, info.dtype).reshape(info.shape)
+
+    # ------------------------------------------------------------------ parsing
+
+    def _parse(self) -> None:
+        path = self.path
+        try:
+            file_size = os.path.getsize(path)
+            with open(path, "rb") as handle:
+                prefix = handle.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(path, f"not a safetensors file: only {file_size} bytes, no header")
+                header_len = int.from_bytes(prefix, "little")
+                if header_len > MAX_HEADER_BYTES:
+                    raise CheckpointError(
+                        path, f"corrupt safetensors header: length {header_len} exceeds the 100 MB limit"
+                    )
+                if 8 + header_len > file_size:
+                    raise CheckpointError(
+                        path,
+                        f"truncated or corrupt safetensors file: header length {header_len} goes beyond the "
+                        f"file ({file_size} bytes)",
+                    )
+                raw_header = handle.read(header_len)
+        except OSError as exc:
+            raise CheckpointError(path, f"cannot read file: {exc.strerror or exc}") from exc
+        try:
+            header = json.loads(raw_header.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(path, f"corrupt safetensors header: not valid JSON ({exc})") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(
+                path, f"corrupt safetensors header: expected a JSON object, got {type(header).__name__}"
+            )
+        self.metadata = _parse_metadata(path, header.pop("__metadata__", None))
+        data_start = 8 + header_len
+        data_len = file_size - data_start
+        for name, entry in header.items():
+            self._tensors[name] = _parse_entry(path, name, entry, data_start, data_len)
+        _check_tiling(path, list(self._tensors.values()), data_start, data_len)
+
+
+def check_readable(path: str, info: TensorInfo) -> None:
+    """Raise :class:`CheckpointError` unless :meth:`SafetensorsFile.read` can upcast ``info``'s dtype.
+
+    Args:
+        path: the file, for the message.
+        info: the tensor.
+    """
+    if info.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(path, f"tensor {info.name!r} has non-float dtype {info.dtype}")
+    if info.dtype in _ML_DTYPES_NAME:
+        try:
+            import ml_dtypes  # noqa: F401
+        except ImportError as exc:
+            raise CheckpointError(
+                path,
+                f"tensor {info.name!r} is {info.dtype} (float8); reading it needs the ml_dtypes package "
+                "(pip install ml_dtypes)",
+            ) from exc
+
+
+def _upcast(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Exact upcast of raw stored bits to float64 (1-D in, 1-D out)."""
+    if dtype == "BF16":
+        # bfloat16 is the top half of a float32: shift the bits up and reinterpret.
+        return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    if dtype in _ML_DTYPES_NAME:
+        import ml_dtypes
+
+        return raw.view(getattr(ml_dtypes, _ML_DTYPES_NAME[dtype])).astype(np.float64)
+    return raw.astype(np.float64)
+
+
+def _parse_metadata(path: str, metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(path, "corrupt safetensors header: __metadata__ must map strings to strings")
+    return dict(metadata)
+
+
+def _parse_entry(path: str, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(path, f"corrupt safetensors header: tensor {name!r} {problem}")
+
+    if not isinstance(entry, dict):
+        raise bad("is not a JSON object")
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad("has no dtype")
+    if dtype not in DTYPES:
+        raise bad(f"has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(f"has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if end > data_len:
+        raise bad(f"has data_offsets {offsets} out of range (data region is {data_len} bytes)")
+    expected = math.prod(shape) * DTYPES[dtype][0]
+    if end - begin != expected:
+        raise bad(
+            f"has data_offsets {offsets} ({end - begin} bytes) not matching shape {shape} x {dtype} "
+            f"({expected} bytes)"
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=data_start + begin, nbytes=end - begin)
+
+
+def _check_tiling(path: str, tensors: list[TensorInfo], data_start: int, data_len: int) -> None:
+    """The tensors' byte ranges must cover the data region exactly, without gaps or overlaps."""
+    position = 0
+    previous = None
+    for info in sorted(tensors, key=lambda t: (t.start, t.nbytes)):
+        begin = info.start - data_start
+        if begin < position:
+            raise CheckpointError(
+                path, f"corrupt safetensors header: tensors {previous!r} and {info.name!r} overlap"
+            )
+        if begin > position:
+            raise CheckpointError(
+                path, f"corrupt safetensors header: gap in the data region before tensor {info.name!r}"
+            )
+        position = begin + info.nbytes
+        previous = info.name
+    if position != data_len:
+        raise CheckpointError(
+            path,
+            f"corrupt safetensors file: tensors cover {position} bytes but the data region holds {data_len}",
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
