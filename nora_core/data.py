@@ -1,0 +1,396 @@
+"""Training data: JSONL readers, a byte-level tokenizer, and a padded token dataset.
+
+Supported JSONL record formats (one JSON object per line; blank lines are ignored):
+
+========================  =======================================================  =========================
+format                    fields                                                   rendered as
+========================  =======================================================  =========================
+``text``                  ``{"text": str}``                                        the text itself
+``qa``                    ``{"question": str, "answer": str}``                     ``Question: q\\nAnswer: a``
+``mathinstruct``          ``{"instruction": str, "output": str}``                  ``Question: q\\nAnswer: a``
+``conversations``         ``{"conversations": [{"from": "human"|"gpt"|"system",     ``User: h\\nAssistant: g``
+                          "value": str}, ...]}`` (SlimOrca / ShareGPT)             (first human turn and the
+                                                                                   first gpt reply after it)
+========================  =======================================================  =========================
+
+Each record becomes a :class:`Sample` (``prompt``, ``response``); the prompt is the part before the
+answer (``"Question: q\\nAnswer: "``), empty for plain text. Tokenised samples form a
+:class:`TokenDataset`: ``input_ids`` and next-token ``labels`` of shape (N, T), right-padded, with
+``-100`` wherever the loss must not look (padding, and the prompt when ``response_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "FORMATS",
+    "DataFormatError",
+    "Sample",
+    "ReadResult",
+    "ByteTokenizer",
+    "Tokenizer",
+    "TokenDataset",
+    "parse_record",
+    "read_jsonl",
+    "write_jsonl",
+    "load_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+#: label value ignored by the loss (PyTorch's ``cross_entropy`` default)
+IGNORE_INDEX = -100
+FORMATS = ("auto", "text", "qa", "mathinstruct", "conversations")
+
+
+class DataFormatError(ValueError):
+    """A data file or record is malformed; the message starts with ``file:line``."""
+
+
+class Tokenizer(Protocol):
+    """Anything with ``encode(text) -> list[int]`` (a HuggingFace tokenizer qualifies)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training example before tokenisation.
+
+    Attributes:
+        prompt: text the model is conditioned on (masked from the loss with ``response_only``).
+        response: text the model learns to produce.
+    """
+
+    prompt: str
+    response: str
+
+
+@dataclass
+class ReadResult:
+    """What :func:`read_jsonl` found.
+
+    Attributes:
+        samples: parsed samples, in file order.
+        skipped: number of malformed lines skipped (only with ``skip_malformed=True``).
+        path: the file read.
+    """
+
+    samples: list[Sample]
+    skipped: int
+    path: str
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer: ids 0-255 are UTF-8 bytes, then BOS, EOS and PAD.
+
+    Attributes:
+        vocab_size: 259.
+        bos_id, eos_id, pad_id: 256, 257, 258.
+    """
+
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        """UTF-8 bytes of ``text`` as ids (no special tokens added)."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Inverse of :meth:`encode`; special and out-of-range ids are dropped."""
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+def _require_str(record: dict, key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        kind = "missing" if key not in record else f"not a string ({type(value).__name__})"
+        raise ValueError(f'field "{key}" is {kind}')
+    return value
+
+
+def _detect_format(record: dict) -> str:
+    if "conversations" in record:
+        return "conversations"
+    if "instruction" in record and "output" in record:
+        return "mathinstruct"
+    if "question" in record and "answer" in record:
+        return "qa"
+    if "text" in record:
+        return "text"
+    raise ValueError(
+        f"unknown record format with keys {sorted(record)}: expected text, question/answer, "
+        "instruction/output or conversations"
+    )
+
+
+def parse_record(record: Any, format: str = "auto") -> Sample:
+    """Render one JSON record as a :class:`Sample`.
+
+    Args:
+        record: the decoded JSON value of one line.
+        format: one of :data:`FORMATS`; ``"auto"`` picks by the keys present.
+
+    Returns:
+        The sample.
+
+    Raises:
+        ValueError: the record does not fit the format (the caller adds ``file:line``).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; expected one of {', '.join(FORMATS)}")
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    fmt = _detect_format(record) if format == "auto" else format
+    if fmt == "text":
+        return Sample("", _require_str(record, "text"))
+    if fmt == "qa":
+        return Sample(f"Question: {_require_str(record, 'question')}\nAnswer: ", _require_str(record, "answer"))
+    if fmt == "mathinstruct":
+        return Sample(
+            f"Question: {_require_str(record, 'instruction')}\nAnswer: ", _require_str(record, "output")
+        )
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise ValueError('field "conversations" must be a list of {"from", "value"} objects')
+    human = None
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str):
+            raise ValueError(f'conversations[{i}] must be an object with a string "from"')
+        if turn["from"] == "human" and human is None:
+            human = _require_str(turn, "value")
+        elif turn["from"] == "gpt" and human is not None:
+            return Sample(f"User: {human}\nAssistant: ", _require_str(turn, "value"))
+    raise ValueError('conversations has no "human" turn followed by a "gpt" turn')
+
+
+def read_jsonl(
+    path: str | os.PathLike[str], *, format: str = "auto", skip_malformed: bool = False
+) -> ReadResult:
+    """Read a JSONL file of training records.
+
+    Args:
+        path: the file.
+        format: record format (see the module docstring); ``"auto"`` detects it per line.
+        skip_malformed: skip lines that are not valid records (counted in ``ReadResult.skipped`` and
+            logged) instead of raising.
+
+    Returns:
+        The samples and the number of skipped lines.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DataFormatError: a line is malformed (``"file:line: problem"``) and ``skip_malformed`` is off,
+            or the file holds no valid record at all.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; expected one of {', '.join(FORMATS)}")
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such data file")
+    samples: list[Sample] = []
+    skipped = 0
+    with src.open("r", encoding="utf-8", errors="strict") as handle:
+        lineno = 0
+        while True:
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(f"{src}:{lineno + 1}: not valid UTF-8 ({exc.reason})") from None
+            if not line:
+                break
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                samples.append(parse_record(json.loads(line), format))
+            except (json.JSONDecodeError, ValueError) as exc:
+                problem = f"invalid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+                if not skip_malformed:
+                    raise DataFormatError(f"{src}:{lineno}: {problem}") from None
+                skipped += 1
+                logger.debug("%s:%d: skipped: %s", src, lineno, problem)
+    if skipped:
+        logger.warning("%s: skipped %d malformed line(s)", src, skipped)
+    if not samples:
+        raise DataFormatError(f"{src}: no valid records")
+    return ReadResult(samples, skipped, str(src))
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict]) -> Path:
+    """Write ``records`` as JSONL, atomically. Returns the path."""
+    from nora_core.atomic import atomic_write_text
+
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(path, text)
+    return Path(path)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    if not text:
+        return []
+    try:  # HuggingFace tokenizers: no BOS/EOS between prompt and response
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    except TypeError:
+        ids = tokenizer.encode(text)
+    return [int(i) for i in ids]
+
+
+def _special(tokenizer: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@dataclass
+class TokenDataset:
+    """Right-padded token sequences with next-token labels.
+
+    Attributes:
+        input_ids: shape (N, T), long; padding positions hold ``pad_id``.
+        labels: shape (N, T), long; ``labels[i, t]`` is the target after ``input_ids[i, :t+1]``, or
+            ``IGNORE_INDEX`` where the loss must not look.
+        lengths: shape (N,), number of real (non-padding) input positions of each row.
+        skipped: malformed lines skipped when the data was read.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    skipped: int = 0
+    label_counts: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 2 or self.input_ids.shape != self.labels.shape:
+            raise ValueError(
+                f"input_ids and labels must both be (N, T); got {tuple(self.input_ids.shape)} "
+                f"and {tuple(self.labels.shape)}"
+            )
+        if self.lengths.shape != (self.input_ids.shape[0],):
+            raise ValueError(f"lengths must be (N,) = ({self.input_ids.shape[0]},), got {tuple(self.lengths.shape)}")
+        if len(self) == 0:
+            raise ValueError("empty dataset")
+        self.input_ids = self.input_ids.long().contiguous()
+        self.labels = self.labels.long().contiguous()
+        self.lengths = self.lengths.long()
+        self.label_counts = (self.labels != IGNORE_INDEX).sum(dim=1)  # (N,)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        """T, the padded length."""
+        return int(self.input_ids.shape[1])
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``indices``, trimmed to the longest real length among them.
+
+        Args:
+            indices: shape (b,), long.
+
+        Returns:
+            ``(input_ids, labels)``, each shape (b, L) with L = max(lengths[indices]).
+        """
+        length = int(self.lengths[indices].max())
+        return self.input_ids[indices, :length], self.labels[indices, :length]
+
+    @classmethod
+    def from_samples(
+        cls,
+        samples: Sequence[Sample],
+        tokenizer: Any | None = None,
+        *,
+        max_length: int = 256,
+        response_only: bool = False,
+        skipped: int = 0,
+    ) -> "TokenDataset":
+        """Tokenise samples as ``[BOS] prompt response [EOS]`` (BOS/EOS when the tokenizer has them).
+
+        Args:
+            samples: prompt/response pairs.
+            tokenizer: object with ``encode``; default :class:`ByteTokenizer`.
+            max_length: longest input length T; longer sequences are truncated on the right.
+            response_only: mask prompt tokens out of the loss (train on the answer only).
+            skipped: carried into :attr:`skipped`.
+
+        Returns:
+            The dataset (padded to the longest sample, at most ``max_length``).
+        """
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        tok = tokenizer if tokenizer is not None else ByteTokenizer()
+        bos = _special(tok, "bos_id", "bos_token_id")
+        eos = _special(tok, "eos_id", "eos_token_id")
+        pad = _special(tok, "pad_id", "pad_token_id")
+        pad = pad if pad is not None else (eos if eos is not None else 0)
+        rows: list[tuple[list[int], list[int]]] = []
+        for sample in samples:
+            prompt = ([bos] if bos is not None else []) + _encode(tok, sample.prompt)
+            ids = prompt + _encode(tok, sample.response) + ([eos] if eos is not None else [])
+            ids = ids[: max_length + 1]
+            if len(ids) < 2:
+                continue
+            inputs, targets = ids[:-1], ids[1:]
+            if response_only:  # target position t predicts token t + 1: masked while it is in the prompt
+                first = max(len(prompt) - 1, 0)
+                targets = [IGNORE_INDEX] * min(first, len(targets)) + targets[first:]
+            rows.append((inputs, targets))
+        if not rows:
+            raise ValueError("no sample has at least two tokens")
+        width = max(len(r[0]) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (inputs, targets) in enumerate(rows):
+            input_ids[i, : len(inputs)] = torch.tensor(inputs)
+            labels[i, : len(targets)] = torch.tensor(targets)
+        lengths = torch.tensor([len(r[0]) for r in rows])
+        return cls(input_ids, labels, lengths, skipped=skipped)
+
+    @classmethod
+    def from_token_stream(cls, ids: Sequence[int] | torch.Tensor, block_size: int) -> "TokenDataset":
+        """Cut one long token stream into non-overlapping blocks for language-model pretraining.
+
+        Args:
+            ids: the stream, length n.
+            block_size: input length T of each block; each block uses T + 1 tokens.
+
+        Returns:
+            ``(n - 1) // block_size`` rows, no padding.
+        """
+        stream = torch.as_tensor(ids, dtype=torch.long).flatten()
+        n = (stream.numel() - 1) // block_size
+        if n < 1:
+            raise ValueError(f"a stream of {stream.numel()} tokens is too short for block_size {block_size}")
+        inputs = stream[: n * block_size].view(n, block_size)
+        labels = stream[1 : n * block_size + 1].view(n, block_size)
+        return cls(inputs.clone(), labels.clone(), torch.full((n,), block_size))
+
+
+def load_dataset(
+    path: str | os.PathLike[str],
+    tokenizer: Any | None = None,
+    *,
+    format: str = "auto",
+    max_length: int = 256,
+    response_only: bool = False,
+    skip_malformed: bool = False,
+) -> TokenDataset:
+    """Read a JSONL file and tokenise it: :func:`read_jsonl` then :meth:`TokenDataset.from_samples`."""
+    result = read_jsonl(path, format=format, skip_malformed=skip_malformed)
+    return TokenDataset.from_samples(
+        result.samples, tokenizer, max_length=max_length, response_only=response_only, skipped=result.skipped
+    )
