@@ -1,0 +1,89 @@
+"""Cell formatting shared by the text renderers (terminal table, Markdown): formatting only, no maths."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+__all__ = ["COLUMN_SETS", "NUMERIC_KEYS", "Column", "cell", "layer_rows"]
+
+#: (record key, header, formatter)
+Column = tuple[str, str, Callable[[Any], str]]
+
+
+def _int(value: Any) -> str:
+    return "-" if value is None else str(int(value))
+
+
+def _fixed(digits: int) -> Callable[[Any], str]:
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{float(value):.{digits}f}"
+
+    return fmt
+
+
+def _sig(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.4g}"
+
+
+def _shape(value: Any) -> str:
+    return "-" if not value else "x".join(str(int(n)) for n in value)
+
+
+def _flag(value: Any) -> str:
+    return "yes" if value is True else ""
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+#: column sets by view name: ``full`` (every scalar metric) and ``effective_rank`` (the focus view).
+COLUMN_SETS: dict[str, tuple[Column, ...]] = {
+    "full": (
+        ("module", "module", _text),
+        ("kind", "kind", _text),
+        ("rank", "r", _int),
+        ("shape", "shape", _shape),
+        ("effective_rank", "erank", _fixed(2)),
+        ("utilization", "util", _fixed(3)),
+        ("stable_rank", "stable", _fixed(2)),
+        ("energy_rank_90", "e90", _int),
+        ("energy_rank_99", "e99", _int),
+        ("numerical_rank", "nrank", _int),
+        ("spectral_entropy", "entropy", _fixed(3)),
+        ("tail_energy", "tail", _fixed(4)),
+        ("sigma_max", "sigma_max", _sig),
+        ("collapsed", "collapsed", _flag),
+        ("status", "status", _text),
+    ),
+    "effective_rank": (
+        ("module", "module", _text),
+        ("rank", "r", _int),
+        ("effective_rank", "effective_rank", _fixed(2)),
+        ("utilization", "utilization", _fixed(3)),
+        ("collapsed", "collapsed", _flag),
+        ("status", "status", _text),
+    ),
+}
+
+#: columns whose cells are right-aligned in the terminal table.
+NUMERIC_KEYS = frozenset(
+    {"rank", "effective_rank", "utilization", "stable_rank", "energy_rank_90", "energy_rank_99",
+     "numerical_rank", "spectral_entropy", "tail_energy", "sigma_max"}
+)
+
+
+def cell(value: Any, digits: int = 3) -> str:
+    """Format a summary number: None -> ``-``, ints as is, floats with ``digits`` decimals."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    return f"{float(value):.{digits}f}"
+
+
+def layer_rows(records: Sequence[dict[str, Any]], columns: Sequence[Column]) -> list[list[str]]:
+    """Format each record into one row of strings, one cell per column."""
+    return [[fmt(rec.get(key)) for key, _, fmt in columns] for rec in records]

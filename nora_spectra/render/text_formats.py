@@ -1,0 +1,125 @@
+"""JSON, CSV and Markdown renderings of analyses. Formatting only: every number comes from the records.
+
+* JSON: one checkpoint -> the object of :meth:`Analysis.to_dict`; several -> ``{"checkpoints": [...]}``.
+  Strict JSON (NaN/Inf never appear; missing metrics are ``null``).
+* CSV: one row per layer, columns ``checkpoint`` + :data:`~nora_spectra.analysis.LAYER_COLUMNS`.
+  Floats are written with ``repr`` (they read back bit-exactly), list cells (``shape``,
+  ``singular_values``) as JSON arrays, booleans as ``true``/``false``, missing values as empty cells.
+* Markdown: per checkpoint a heading, the summary and the layer table (numbers rounded for reading).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import TYPE_CHECKING, Any, Sequence, Union
+
+from nora_spectra.analysis import LAYER_COLUMNS, to_jsonable
+from nora_spectra.render._cells import COLUMN_SETS, cell, layer_rows
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nora_spectra.analysis import Analysis
+
+__all__ = ["CSV_COLUMNS", "render_csv", "render_json", "render_markdown"]
+
+#: header of the CSV rendering.
+CSV_COLUMNS: tuple[str, ...] = ("checkpoint",) + LAYER_COLUMNS
+
+Analyses = Union["Analysis", Sequence["Analysis"]]
+
+
+def _as_list(analyses: Analyses) -> list["Analysis"]:
+    return list(analyses) if isinstance(analyses, (list, tuple)) else [analyses]
+
+
+def render_json(analyses: Analyses, *, indent: int | None = 2) -> str:
+    """One Analysis -> its JSON object; a list or tuple -> ``{"checkpoints": [object, ...]}``.
+
+    Returns:
+        Strict JSON text (``allow_nan=False``), newline-terminated.
+    """
+    if isinstance(analyses, (list, tuple)):
+        data: Any = {"checkpoints": [a.to_dict() for a in analyses]}
+    else:
+        data = analyses.to_dict()
+    return json.dumps(data, indent=indent, allow_nan=False) + "\n"
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return json.dumps(to_jsonable(value), allow_nan=False, separators=(",", ":"))
+    return str(value)
+
+
+def render_csv(analyses: Analyses) -> str:
+    """One CSV table of every layer of every analysis (columns :data:`CSV_COLUMNS`)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for analysis in _as_list(analyses):
+        for rec in analysis.records:
+            row = [analysis.checkpoint] + [_csv_cell(to_jsonable(rec.get(key))) for key in LAYER_COLUMNS]
+            writer.writerow(row)
+    return buffer.getvalue()
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines.extend("| " + " | ".join(esc(c) for c in row) + " |" for row in rows)
+    return "\n".join(lines)
+
+
+def _md_one(analysis: "Analysis", effective_rank: bool) -> str:
+    s = analysis.summary
+    statuses = ", ".join(f"{name} {n}" for name, n in s["by_status"].items() if n) or "none"
+    util = s["metrics"]["utilization"]
+    erank = s["metrics"]["effective_rank"]
+    parts = [
+        f"## `{analysis.checkpoint}`",
+        "\n".join(
+            [
+                f"- format: {analysis.format}, method: {analysis.method}",
+                f"- layers: {s['layers']} ({statuses})",
+                f"- collapsed (utilization < {analysis.collapse_threshold:g}): {s['collapsed']}",
+                f"- effective rank: mean {cell(erank['mean'], 4)}, median {cell(erank['median'], 4)}, "
+                f"rank-weighted {cell(erank['weighted_mean'], 4)}",
+                f"- utilization: mean {cell(util['mean'], 4)}, median {cell(util['median'], 4)}, "
+                f"rank-weighted {cell(util['weighted_mean'], 4)}",
+            ]
+        ),
+    ]
+    groups = s["by_module_type"]
+    if groups:
+        rows = [
+            [name, str(g["layers"]), cell(g["metrics"]["effective_rank"]["mean"], 4),
+             cell(g["metrics"]["utilization"]["mean"], 4), cell(g["metrics"]["utilization"]["weighted_mean"], 4),
+             str(g["collapsed"])]
+            for name, g in groups.items()
+        ]
+        parts.append(
+            _md_table(["module type", "layers", "mean erank", "mean util", "weighted util", "collapsed"], rows)
+        )
+    if analysis.records:
+        columns = COLUMN_SETS["effective_rank" if effective_rank else "full"]
+        rows = layer_rows(analysis.records, columns)
+        for row in rows:
+            row[0] = f"`{row[0]}`"
+        parts.append(_md_table([title for _, title, _ in columns], rows))
+    if analysis.warnings:
+        parts.append("\n".join(f"> warning: {w}" for w in analysis.warnings))
+    return "\n\n".join(parts)
+
+
+def render_markdown(analyses: Analyses, *, effective_rank: bool = False) -> str:
+    """A Markdown section per analysis: heading, summary bullets, module-type table, layer table, warnings."""
+    return "\n\n".join(_md_one(a, effective_rank) for a in _as_list(analyses)) + "\n"
