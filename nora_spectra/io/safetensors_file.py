@@ -248,7 +248,7 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, data_len:
         raise bad(f"has invalid data_offsets {offsets!r}")
     begin, end = offsets
     if end > data_len:
-        raise bad(f"has data_offsets {offsets} out of range (data region is {data_len} bytes)")
+        raise bad(f"has data_offsets {offsets} out of range (data region is {data_len} bytes; truncated file?)")
     expected = math.prod(shape) * DTYPES[dtype][0]
     if end - begin != expected:
         raise bad(

@@ -8,6 +8,7 @@ torch is imported here, lazily: the safetensors path never imports it.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -55,7 +56,9 @@ class TorchBinFile:
                 self.path, "reading a .bin checkpoint needs torch; convert it to safetensors or install torch"
             ) from exc
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "pickle protocol 4": irrelevant to the user
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a hostile or broken pickle
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
