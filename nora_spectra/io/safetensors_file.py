@@ -206,7 +206,9 @@ def _upcast(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Exact upcast of raw stored bits to float64 (1-D in, 1-D out)."""
     if dtype == "BF16":
         # bfloat16 is the top half of a float32: shift the bits up and reinterpret.
-        return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        bits = raw.astype(np.uint32)
+        bits <<= 16
+        return bits.view(np.float32).astype(np.float64)
     if dtype in _ML_DTYPES_NAME:
         import ml_dtypes
 
