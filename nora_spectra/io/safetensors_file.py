@@ -44,6 +44,9 @@ DTYPES: dict[str, tuple[int, str]] = {
     "BF16": (2, "bfloat16"),
     "F32": (4, "float32"),
     "F64": (8, "float64"),
+    # Known to the format but never a LoRA factor here: validated, refused when read.
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "C64": (8, "complex64"),
 }
 
 #: Floating-point tags that :meth:`SafetensorsFile.read` can upcast (F8 ones need the ``ml_dtypes`` package).
@@ -167,9 +170,11 @@ class SafetensorsFile:
         except OSError as exc:
             raise CheckpointError(path, f"cannot read file: {exc.strerror or exc}") from exc
         try:
-            header = json.loads(raw_header.decode("utf-8"))
+            header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(path, f"corrupt safetensors header: not valid JSON ({exc})") from exc
+        except _DuplicateKey as exc:
+            raise CheckpointError(path, f"corrupt safetensors header: key {exc.args[0]!r} appears twice") from exc
         if not isinstance(header, dict):
             raise CheckpointError(
                 path, f"corrupt safetensors header: expected a JSON object, got {type(header).__name__}"
@@ -281,6 +286,19 @@ def _check_tiling(path: str, tensors: list[TensorInfo], data_start: int, data_le
             path,
             f"corrupt safetensors file: tensors cover {position} bytes but the data region holds {data_len}",
         )
+
+
+class _DuplicateKey(Exception):
+    """A JSON object in the header repeats a key (json.loads would silently keep the last one)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def _is_int(value: object) -> bool:

@@ -112,6 +112,11 @@ CORRUPT = [
     ),
     ("gap", dict(header={"x": _t(offsets=(4, 12))}, data=b"\0" * 12), "gap in the data region"),
     ("trailing_bytes", dict(header={"x": _t()}, data=b"\0" * 12), "data region holds 12"),
+    (
+        "duplicate_key",
+        dict(header=b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', data=b"\0" * 8),
+        "'x' appears twice",
+    ),
     ("bad_metadata", dict(header={"__metadata__": {"a": 1}, "x": _t()}, data=b"\0" * 8), "__metadata__"),
 ]
 
