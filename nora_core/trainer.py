@@ -514,11 +514,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _adapter_root(model: nn.Module) -> nn.Module:
+    """The module ``inject_adapters`` was applied to: ``model`` itself or a wrapped sub-module."""
+    from nora_core.inject import adapter_config
+
+    for module in model.modules():
+        if adapter_config(module) is not None:
+            return module
+    raise ValueError("the model holds adapter layers but no adapter config (use inject_adapters or load_adapter)")
+
+
 def _save_weights(model: nn.Module, directory: Path, has_adapters: bool) -> None:
     if has_adapters:
         from nora_core.checkpoint import save_adapter
 
-        save_adapter(model, directory)
+        save_adapter(_adapter_root(model), directory)
     else:
         with atomic_write(directory / MODEL_STATE_NAME) as handle:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, handle)
@@ -528,7 +538,7 @@ def _load_weights(model: nn.Module, directory: Path, has_adapters: bool) -> None
     if has_adapters:
         from nora_core.checkpoint import load_adapter
 
-        load_adapter(model, directory)
+        load_adapter(_adapter_root(model), directory)
     else:
         state = torch.load(directory / MODEL_STATE_NAME, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
@@ -584,6 +594,8 @@ class _Trainer:
             extra = sum(1 for p in self.params if id(p) not in adapter_ids)
             if extra:
                 logger.warning("%d trainable tensors are not adapter factors; they are trained too", extra)
+        if self.has_adapters and config.run_dir is not None:
+            _adapter_root(model)  # fail before training, not at the first checkpoint
         if config.track_spectra_every and not self.has_adapters:
             raise ValueError("track_spectra_every needs a model with adapters (inject_adapters)")
         self.optimizer = torch.optim.AdamW(
