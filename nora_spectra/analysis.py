@@ -269,7 +269,10 @@ def _layer_record(layer: Any, collapse_threshold: float) -> dict[str, Any]:
 
 
 def _layer_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One warning line per kind of problem across all layers (not one per layer)."""
+    """One warning line per kind of problem across all layers (not one per layer).
+
+    DoRA layers need none here: the reader already warns that their spectra are of the direction only.
+    """
     messages = []
     by_status: dict[str, list[str]] = {}
     for rec in records:
@@ -281,11 +284,6 @@ def _layer_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     if names := by_status.get("zero"):
         messages.append(
             f"{_plural(len(names), 'layer')} with an all-zero update (status zero, effective rank 0): {_name_list(names)}"
-        )
-    if names := by_status.get("dora_direction_only"):
-        messages.append(
-            f"{_plural(len(names), 'DoRA layer')}: spectra are of the direction update s*B*A only; "
-            "the magnitude vector is not included"
         )
     return messages
 
