@@ -1,0 +1,554 @@
+"""Plots of analyses, comparisons and training runs: each function returns a matplotlib ``Figure``.
+
+Only the object-oriented API is used (``matplotlib.figure.Figure``, never ``pyplot``), so nothing
+touches global state and every function works headless (PNG output goes through Agg). matplotlib is
+imported inside the functions: importing this module is free.
+
+Inputs: ``data`` is one :class:`~nora_spectra.analysis.Analysis`, a
+:class:`~nora_spectra.compare.Comparison`, or a list of analyses (or of ``(label, analysis)`` pairs).
+Every number comes from the analysis records (``singular_values``, ``effective_rank``,
+``utilization``, ``energy_rank_90``...). The curves are only re-expressions of the stored singular
+values for drawing (``sigma_i / sigma_1``, ``sigma_i / sum_j sigma_j``, cumulative ``sigma^2`` shares).
+Training plots take the step records of a run's ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+
+from nora_spectra.summary import AVERAGED_STATUSES, mean
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from nora_spectra.analysis import Analysis
+
+__all__ = [
+    "AVERAGING",
+    "PlotMethods",
+    "color",
+    "cumulative_energy",
+    "effective_rank_trajectory",
+    "effective_rank_vs_rank",
+    "figure_png",
+    "series_of",
+    "spectrum_decay",
+    "training_loss",
+    "utilization_heatmap",
+]
+
+#: averaging modes of :func:`spectrum_decay` -> y-axis label.
+AVERAGING: dict[str, str] = {
+    "l1": "mean of L1-normalised spectra σ_i / Σ_j σ_j",
+    "max": "mean of max-normalised spectra σ_i / σ_1",
+}
+
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf")
+_DASHES = ("-", "--", ":", "-.")
+
+Data = Union["Analysis", Any, Sequence[Any]]
+History = Sequence[Mapping[str, Any]]
+Runs = Union[History, Mapping[str, History]]
+
+
+def color(i: int) -> str:
+    """The colour of the ``i``-th checkpoint or series (same order in every plot)."""
+    return _PALETTE[i % len(_PALETTE)]
+
+
+def series_of(data: Data, labels: Sequence[str] | None = None) -> list[tuple[str, "Analysis"]]:
+    """Normalise plot input into ``(label, analysis)`` pairs.
+
+    Args:
+        data: an Analysis, a Comparison (its labels are used), or a sequence of analyses or
+            ``(label, analysis)`` pairs.
+        labels: labels overriding the defaults (the checkpoint paths' last components).
+
+    Raises:
+        ValueError: when ``labels`` and ``data`` differ in length.
+    """
+    if hasattr(data, "analyses") and hasattr(data, "labels"):
+        pairs = list(zip(data.labels, data.analyses))
+    elif hasattr(data, "records"):
+        pairs = [(None, data)]
+    else:
+        pairs = [item if isinstance(item, tuple) else (None, item) for item in data]
+    if labels is not None:
+        labels = list(labels)
+        if len(labels) != len(pairs):
+            raise ValueError(f"got {len(labels)} labels for {len(pairs)} checkpoints")
+        pairs = [(label, a) for label, (_, a) in zip(labels, pairs)]
+    if any(label is None for label, _ in pairs):
+        from nora_spectra.compare import default_labels
+
+        names = default_labels([a.checkpoint for _, a in pairs])
+        pairs = [(label if label is not None else name, a) for name, (label, a) in zip(names, pairs)]
+    return [(str(label), a) for label, a in pairs]
+
+
+def _figure(width: float, height: float) -> "Figure":
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _spectra(analysis: "Analysis", module: str | None, module_type: str | None) -> list[list[float]]:
+    """Stored singular values of the selected, analysable, non-zero modules."""
+    out = []
+    for rec in analysis.records:
+        if module is not None and rec["module"] != module:
+            continue
+        if module_type is not None and rec.get("module_type") != module_type:
+            continue
+        sigma = rec.get("singular_values")
+        if rec.get("status") not in AVERAGED_STATUSES or not sigma or not sigma[0]:
+            continue
+        out.append([float(s) for s in sigma])
+    return out
+
+
+def _scope(module: str | None, module_type: str | None) -> str:
+    if module is not None:
+        return f"module {module}"
+    return f"{module_type} modules" if module_type else "all modules"
+
+
+def spectrum_decay(
+    data: Data,
+    *,
+    labels: Sequence[str] | None = None,
+    module: str | None = None,
+    module_type: str | None = None,
+    average: str = "l1",
+    figsize: tuple[float, float] = (6.4, 4.0),
+    title: str | None = None,
+) -> "Figure":
+    """Singular-value decay, log y, one line per checkpoint.
+
+    With ``module`` the line is that module's ``sigma_i / sigma_1``. Otherwise each checkpoint's line is
+    the average over its modules (optionally of one ``module_type``) of the normalised spectra:
+    ``average="l1"`` divides each spectrum by its sum first (as the NoRA paper does), ``"max"`` by its
+    largest value. Shorter spectra (smaller ranks) count as zeros beyond their length. Zero and
+    non-finite layers are left out. Checkpoints without a selected module draw no line.
+
+    Args:
+        data: analyses to draw (see :func:`series_of`).
+        labels: legend labels.
+        module: one module name, e.g. ``model.layers.3.self_attn.v_proj``.
+        module_type: average only modules of this type, e.g. ``q_proj``.
+        average: ``"l1"`` or ``"max"`` (ignored with ``module``).
+        figsize: inches.
+        title: overrides the generated title.
+
+    Returns:
+        The Figure (one axes).
+    """
+    if average not in AVERAGING:
+        raise ValueError(f"average must be one of {', '.join(AVERAGING)}, got {average!r}")
+    fig = _figure(*figsize)
+    ax = fig.add_subplot()
+    for i, (label, analysis) in enumerate(series_of(data, labels)):
+        spectra = _spectra(analysis, module, module_type)
+        if not spectra:
+            continue
+        if module is not None:
+            curve = [s / spectra[0][0] for s in spectra[0]]
+            name = label
+        else:
+            width = max(len(s) for s in spectra)
+            total = [0.0] * width
+            for sigma in spectra:
+                norm = math.fsum(sigma) if average == "l1" else sigma[0]
+                for j, s in enumerate(sigma):
+                    total[j] += s / norm
+            curve = [t / len(spectra) for t in total]
+            name = f"{label} (mean of {len(spectra)} modules)"
+        points = [(j + 1, v) for j, v in enumerate(curve) if v > 0]
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=color(i), label=name, linewidth=1.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("singular value index i")
+    ax.set_ylabel("σ_i / σ_1" if module is not None else ("σ_i / Σ_j σ_j" if average == "l1" else "σ_i / σ_1"))
+    scope = _scope(module, module_type)
+    ax.set_title(title or (f"Spectrum decay, {scope}" if module is not None else f"Spectrum decay, {scope}:\n{AVERAGING[average]}"))
+    ax.grid(True, which="major", alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no analysable module", transform=ax.transAxes, ha="center", va="center")
+    return fig
+
+
+def effective_rank_vs_rank(
+    data: Data,
+    *,
+    labels: Sequence[str] | None = None,
+    series: Sequence[str] | None = None,
+    module_type: str | None = None,
+    annotate: bool | None = None,
+    figsize: tuple[float, float] = (6.4, 4.0),
+    title: str | None = None,
+) -> "Figure":
+    """Mean effective rank against the rank budget ``r``, one line per method, with the line ``y = r``.
+
+    Each checkpoint gives one point per rank it uses (read from its records): the mean effective rank of
+    its analysable modules of that rank (:func:`nora_spectra.summary.mean`). Points of one series are
+    joined in order of ``r``.
+
+    Args:
+        data: analyses to draw (see :func:`series_of`).
+        labels: checkpoint labels (used for point annotations).
+        series: one series name per checkpoint; default each analysis's ``method`` (``lora``, ``nora``).
+        module_type: only modules of this type.
+        annotate: write each point's checkpoint label next to it (default: when at most 8 points).
+        figsize: inches.
+        title: overrides the generated title.
+    """
+    pairs = series_of(data, labels)
+    names = list(series) if series is not None else [a.method or "adapter" for _, a in pairs]
+    if len(names) != len(pairs):
+        raise ValueError(f"got {len(names)} series names for {len(pairs)} checkpoints")
+    points: dict[str, list[tuple[int, float, str]]] = {}
+    for name, (label, analysis) in zip(names, pairs):
+        by_rank: dict[int, list[Mapping[str, Any]]] = {}
+        for rec in analysis.records:
+            if module_type is None or rec.get("module_type") == module_type:
+                by_rank.setdefault(int(rec.get("rank") or 0), []).append(rec)
+        for rank, recs in sorted(by_rank.items()):
+            value = mean(recs, "effective_rank")
+            if value is not None and rank > 0:
+                points.setdefault(name, []).append((rank, value, label))
+    fig = _figure(*figsize)
+    ax = fig.add_subplot()
+    ranks = sorted({r for pts in points.values() for r, _, _ in pts})
+    if annotate is None:
+        annotate = sum(len(p) for p in points.values()) <= 8
+    for i, (name, pts) in enumerate(points.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color(i), label=name, linewidth=1.6)
+        if annotate:
+            for r, value, label in pts:
+                if label == name:
+                    continue
+                ax.annotate(label, (r, value), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    if ranks:
+        low, high = ranks[0], ranks[-1]
+        if high / low >= 4:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+        span = [low / 1.3, high * 1.3] if high / low >= 4 else [max(low - 0.25 * high, 0.5), high * 1.25]
+        ax.plot(span, span, linestyle="--", color="#888888", linewidth=1, label="y = r (every direction used)")
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("rank budget r")
+    ax.set_ylabel("mean effective rank (Roy & Vetterli)")
+    scope = f"{module_type} modules" if module_type else "all modules"
+    ax.set_title(title or f"Effective rank against rank budget, {scope}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _cell_keys(records: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[str], dict[str, str]]:
+    """Row keys (layer indices), column keys (module path inside the layer) and column display names."""
+
+    def column(rec: Mapping[str, Any]) -> str:
+        parts = rec["module"].split(".")
+        index = rec.get("layer_index")
+        if index is not None and str(index) in parts:
+            return ".".join(parts[parts.index(str(index)) + 1 :]) or rec["module"]
+        return rec["module"]
+
+    rows: list[Any] = []
+    cols: list[str] = []
+    types: dict[str, str] = {}
+    for rec in records:
+        if rec.get("layer_index") not in rows:
+            rows.append(rec.get("layer_index"))
+        key = column(rec)
+        if key not in cols:
+            cols.append(key)
+            types[key] = rec.get("module_type") or key
+    short = list(types.values())
+    names = {key: (types[key] if short.count(types[key]) == 1 else key) for key in cols}
+    rows.sort(key=lambda i: (i is None, i if isinstance(i, int) else 0))
+    return rows, cols, names
+
+
+def utilization_heatmap(
+    data: Data,
+    *,
+    labels: Sequence[str] | None = None,
+    annotate: bool | None = None,
+    title: str | None = None,
+) -> "Figure":
+    """Utilization (effective rank / r) of every module as a grid: layers by module type.
+
+    One panel per checkpoint, sharing the colour scale [0, 1]. Cells of missing modules are blank,
+    cells of zero or non-finite layers grey.
+
+    Args:
+        data: analyses to draw (see :func:`series_of`).
+        labels: panel titles.
+        annotate: print each cell's value (default: when a panel has at most 200 cells).
+        title: overrides the generated figure title.
+    """
+    import numpy as np
+    from matplotlib import colormaps
+
+    pairs = series_of(data, labels)
+    panels = []
+    for label, analysis in pairs:
+        rows, cols, names = _cell_keys(analysis.records)
+        grid = np.full((len(rows), len(cols)), np.nan)
+        bad = np.zeros(grid.shape, dtype=bool)
+        for rec in analysis.records:
+            r = rows.index(rec.get("layer_index"))
+            c = cols.index(_cell_keys([rec])[1][0])
+            value = rec.get("utilization")
+            if value is None:
+                bad[r, c] = True
+            else:
+                grid[r, c] = float(value)
+        panels.append((label, rows, [names[c] for c in cols], grid, bad))
+    n_rows = max((len(p[1]) for p in panels), default=1)
+    n_cols = max((len(p[2]) for p in panels), default=1)
+    width = min(3.2 + 0.75 * n_cols * len(panels) + 1.0, 16.0)
+    height = min(1.6 + 0.32 * n_rows, 14.0)
+    fig = _figure(width, height)
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    cmap = colormaps["viridis"].with_extremes(bad="#d9d9d9")
+    image = None
+    for ax, (label, rows, cols, grid, bad) in zip(axes, panels):
+        masked = np.ma.masked_invalid(grid)
+        image = ax.imshow(masked, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        if bad.any():
+            ax.imshow(np.ma.masked_where(~bad, np.ones_like(grid)), cmap=colormaps["Greys"], vmin=0, vmax=2,
+                      aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(cols)), cols, rotation=45 if max(map(len, cols), default=0) > 6 else 0,
+                      ha="right" if max(map(len, cols), default=0) > 6 else "center", fontsize="small")
+        ax.set_yticks(range(len(rows)), ["-" if i is None else str(i) for i in rows], fontsize="small")
+        ax.set_xlabel("module type")
+        ax.set_ylabel("layer index")
+        ax.set_title(label, fontsize="medium")
+        show = annotate if annotate is not None else grid.size <= 200
+        if show:
+            for (r, c), value in np.ndenumerate(grid):
+                if not math.isnan(value):
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize="x-small",
+                            color="black" if value > 0.6 else "white")
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="utilization = effective rank / r", shrink=0.9)
+    fig.suptitle(title or "Rank utilization by layer and module type")
+    return fig
+
+
+def cumulative_energy(
+    data: Data,
+    *,
+    labels: Sequence[str] | None = None,
+    module: str | None = None,
+    module_type: str | None = None,
+    marks: Sequence[float] = (0.9, 0.99),
+    figsize: tuple[float, float] = (6.4, 4.0),
+    title: str | None = None,
+) -> "Figure":
+    """Cumulative energy ``sum_{i<=k} sigma_i^2 / sum sigma^2`` against ``k``, one line per checkpoint.
+
+    Without ``module`` the curve is the mean of the modules' curves (a curve is 1 beyond its rank).
+    Horizontal lines mark ``marks`` (90% and 99%); for a single module the points at the records'
+    ``energy_rank_90`` / ``energy_rank_99`` are marked on each line.
+
+    Args:
+        data: analyses to draw (see :func:`series_of`).
+        labels: legend labels.
+        module: one module name.
+        module_type: average only modules of this type.
+        marks: energy levels to draw as horizontal reference lines.
+        figsize: inches.
+        title: overrides the generated title.
+    """
+    fig = _figure(*figsize)
+    ax = fig.add_subplot()
+    width = 1
+    for i, (label, analysis) in enumerate(series_of(data, labels)):
+        spectra = _spectra(analysis, module, module_type)
+        if not spectra:
+            continue
+        length = max(len(s) for s in spectra)
+        width = max(width, length)
+        total = [0.0] * length
+        for sigma in spectra:
+            energy = [s * s for s in sigma]
+            norm = math.fsum(energy)
+            running = 0.0
+            for j in range(length):
+                running += energy[j] if j < len(energy) else 0.0
+                total[j] += running / norm
+        curve = [t / len(spectra) for t in total]
+        ks = list(range(1, length + 1))
+        name = label if module is not None else f"{label} (mean of {len(spectra)} modules)"
+        ax.plot(ks, curve, color=color(i), label=name, linewidth=1.6, drawstyle="steps-post")
+        if module is not None:
+            rec = next(r for r in analysis.records if r["module"] == module)
+            for key in ("energy_rank_90", "energy_rank_99"):
+                k = rec.get(key)
+                if k:
+                    ax.plot([k], [curve[int(k) - 1]], marker="o", color=color(i), linestyle="none")
+    for level in marks:
+        ax.axhline(level, color="#888888", linestyle="--", linewidth=0.9)
+        ax.annotate(f"{level:.0%}", (0.0, level), xycoords=("axes fraction", "data"), xytext=(3, -2),
+                    textcoords="offset points", ha="left", va="top", fontsize="x-small", color="#555555")
+    ax.set_xlim(0.5, width + 0.5)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("number of singular directions k")
+    ax.set_ylabel("cumulative energy Σ_{i≤k} σ_i² / Σ σ²")
+    ax.set_title(title or f"Cumulative spectral energy, {_scope(module, module_type)}")
+    ax.grid(True, alpha=0.3)
+    if any(line.get_label() and not line.get_label().startswith("_") for line in ax.get_lines()):
+        ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
+def _runs(runs: Runs) -> list[tuple[str, History]]:
+    if isinstance(runs, Mapping):
+        return [(str(k), list(v)) for k, v in runs.items()]
+    return [("run", list(runs))]
+
+
+def _xy(history: History, key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for rec in history:
+        value = rec.get(key)
+        if value is None or rec.get("step") is None or isinstance(value, bool):
+            continue
+        value = float(value)
+        if math.isfinite(value):
+            xs.append(float(rec["step"]))
+            ys.append(value)
+    return xs, ys
+
+
+def training_loss(
+    runs: Runs,
+    *,
+    figsize: tuple[float, float] = (6.4, 4.0),
+    title: str | None = None,
+) -> "Figure":
+    """Training loss (solid) and validation loss (dashed, dots) against the optimizer step.
+
+    Args:
+        runs: one run's step records (``metrics.jsonl`` lines), or ``{label: records}`` for several runs.
+        figsize: inches.
+        title: overrides the generated title.
+    """
+    fig = _figure(*figsize)
+    ax = fig.add_subplot()
+    for i, (label, history) in enumerate(_runs(runs)):
+        xs, ys = _xy(history, "train_loss")
+        if xs:
+            ax.plot(xs, ys, color=color(i), linewidth=1.2, label=f"{label}: train")
+        xs, ys = _xy(history, "val_loss")
+        if xs:
+            ax.plot(xs, ys, color=color(i), linestyle="--", marker="o", markersize=3, linewidth=1.2,
+                    label=f"{label}: validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean cross-entropy per token)")
+    ax.set_title(title or "Training and validation loss")
+    ax.grid(True, alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no loss recorded", transform=ax.transAxes, ha="center", va="center")
+    return fig
+
+
+def effective_rank_trajectory(
+    runs: Runs,
+    *,
+    metric: str = "effective_rank",
+    figsize: tuple[float, float] = (6.4, 4.0),
+    title: str | None = None,
+) -> "Figure":
+    """Per module type, the mean of a spectral metric over that type's modules against the step.
+
+    Reads the ``spectra`` lists of the step records (written by the trainer's spectral tracking). One
+    colour per module type, one line style per run; with ``metric="effective_rank"`` dotted lines mark
+    each rank budget ``r``.
+
+    Args:
+        runs: one run's step records, or ``{label: records}`` for several runs.
+        metric: ``"effective_rank"``, ``"utilization"``, ``"stable_rank"`` or ``"sigma_max"``.
+        figsize: inches.
+        title: overrides the generated title.
+    """
+    fig = _figure(*figsize)
+    ax = fig.add_subplot()
+    types: list[str] = []
+    ranks: set[int] = set()
+    many = len(_runs(runs)) > 1
+    for j, (label, history) in enumerate(_runs(runs)):
+        curves: dict[str, tuple[list[float], list[float]]] = {}
+        for rec in history:
+            groups: dict[str, list[float]] = {}
+            for item in rec.get("spectra") or []:
+                value = item.get(metric)
+                if value is None or not math.isfinite(float(value)):
+                    continue
+                groups.setdefault(str(item.get("module_type") or item.get("module")), []).append(float(value))
+                if item.get("rank"):
+                    ranks.add(int(item["rank"]))
+            for name, values in groups.items():
+                xs, ys = curves.setdefault(name, ([], []))
+                xs.append(float(rec["step"]))
+                ys.append(math.fsum(values) / len(values))
+        for name, (xs, ys) in curves.items():
+            if name not in types:
+                types.append(name)
+            ax.plot(xs, ys, color=color(types.index(name)), linestyle=_DASHES[j % len(_DASHES)], marker=".",
+                    label=f"{label}: {name}" if many else name, linewidth=1.4)
+    if metric == "effective_rank":
+        for r in sorted(ranks):
+            ax.axhline(r, color="#888888", linestyle=":", linewidth=0.9)
+            ax.annotate(f"r = {r}", (0.0, r), xycoords=("axes fraction", "data"), xytext=(2, -10),
+                        textcoords="offset points", fontsize="x-small", color="#555555")
+    pretty = metric.replace("_", " ")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"mean {pretty} over modules of a type")
+    ax.set_title(title or f"{pretty.capitalize()} during training, by module type")
+    ax.grid(True, alpha=0.3)
+    if ax.get_lines() and types:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no spectra recorded in this run", transform=ax.transAxes, ha="center", va="center")
+    return fig
+
+
+def figure_png(fig: "Figure", *, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (Agg, no timestamp or software metadata)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+class PlotMethods:
+    """Plot methods for classes that :func:`series_of` accepts (Analysis, Comparison)."""
+
+    def plot_spectrum(self, **options: Any) -> "Figure":
+        """:func:`spectrum_decay` of this object."""
+        return spectrum_decay(self, **options)
+
+    def plot_effective_rank(self, **options: Any) -> "Figure":
+        """:func:`effective_rank_vs_rank` of this object."""
+        return effective_rank_vs_rank(self, **options)
+
+    def plot_utilization(self, **options: Any) -> "Figure":
+        """:func:`utilization_heatmap` of this object."""
+        return utilization_heatmap(self, **options)
+
+    def plot_energy(self, **options: Any) -> "Figure":
+        """:func:`cumulative_energy` of this object."""
+        return cumulative_energy(self, **options)
