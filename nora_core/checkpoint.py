@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from nora_core.atomic import atomic_write_bytes, atomic_write_text
 from nora_core.config import AdapterConfig
-from nora_core.inject import adapter_config, adapter_layers, inject_adapters, matches_target, unload
+from nora_core.inject import adapter_config, adapter_layers, inject_adapters, matching_modules, unload
 
 __all__ = [
     "CONFIG_NAME",
@@ -120,7 +121,7 @@ def read_adapter_weights(directory: str | os.PathLike[str]) -> dict[str, torch.T
                 raise ValueError("expected a dict of tensors")
         else:
             raise FileNotFoundError(f"{file}: missing (and no {LEGACY_WEIGHTS_NAME} either)")
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         raise ValueError(f"{file}: cannot read adapter weights ({exc})") from None
@@ -167,12 +168,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
 
 def _check_compatible(model: nn.Module, config: AdapterConfig, file: Path) -> None:
     layers = dict(adapter_layers(model))
-    expected = {name for name in layers if matches_target(config, name)}
+    expected = set(matching_modules(model, config))
     if expected != set(layers):
-        extra = sorted(set(layers) - expected)[:3]
+        differ = sorted(set(layers) ^ expected)[:3]
         raise ValueError(
             f"{file}: the model already holds adapters on other modules than the saved config targets "
-            f"(e.g. {extra}); call unload(model) first or load into a plain model"
+            f"(they differ on e.g. {differ}); call unload(model) first or load into a plain model"
         )
     for name, layer in layers.items():
         want = (config.method, config.rank_for(name), config.activation if config.method == "nora" else "identity")

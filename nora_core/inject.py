@@ -22,7 +22,7 @@ from torch import nn
 from nora_core.config import AdapterConfig
 from nora_core.layers import AdapterLinear, is_conv1d
 
-__all__ = ["adapter_config", "adapter_layers", "inject_adapters", "matches_target", "unload"]
+__all__ = ["adapter_config", "adapter_layers", "inject_adapters", "matches_target", "matching_modules", "unload"]
 
 _STATE_ATTR = "_nora_adapter_state"
 
@@ -80,6 +80,11 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
+def matching_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the modules of ``model`` that ``config`` targets (existing adapter layers count by name)."""
+    return [name for name, _ in _candidate_modules(model) if matches_target(config, name)]
+
+
 def _no_match_error(model: nn.Module, config: AdapterConfig) -> ValueError:
     linear = [n for n, m in _candidate_modules(model) if isinstance(m, nn.Linear) or is_conv1d(m)]
     suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))
@@ -111,7 +116,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise ValueError("the model already holds adapters; call unload(model) first")
-    targets = [(n, m) for n, m in _candidate_modules(model) if matches_target(config, n)]
+    targets = [(name, model.get_submodule(name)) for name in matching_modules(model, config)]
     if not targets:
         raise _no_match_error(model, config)
     for name, module in targets:

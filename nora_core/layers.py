@@ -141,10 +141,14 @@ class AdapterLinear(nn.Module):
             Output of shape ``(..., d_out)`` in the base layer's output dtype.
         """
         result = self.base_layer(x, *args, **kwargs)
-        delta = F.linear(self.hidden_dropout(self.adapter_hidden(x)), self.lora_B.weight)
-        if delta.dtype != result.dtype:
-            delta = delta.to(result.dtype)
-        return torch.add(result, delta, alpha=self.scaling)
+        h = self.hidden_dropout(self.adapter_hidden(x))
+        weight_b = self.lora_B.weight
+        if h.dtype != result.dtype:
+            delta = F.linear(h, weight_b).to(result.dtype)
+            return torch.add(result, delta, alpha=self.scaling)
+        # One GEMM does result + s * h B^T (BLAS alpha/beta): no temporary delta, no extra kernels.
+        out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, self.r), weight_b.t(), alpha=self.scaling)
+        return out.view(result.shape)
 
     @torch.no_grad()
     def delta_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
