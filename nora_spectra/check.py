@@ -286,7 +286,7 @@ class _Gates:
             self.add(
                 module, "max_drop", drop, limit, False,
                 f"{module}: {metric} dropped {_pct(drop)} from the baseline ({_num(old)} -> {_num(new)}), "
-                f"more than max_drop {_pct(limit)}{source} by {_pct(drop - limit)}",
+                f"more than max_drop {_pct(limit)}{source} by {100 * (drop - limit):.3g} percentage points",
             )
 
     def run(self, analysis: Analysis, baseline: Analysis | None) -> None:
