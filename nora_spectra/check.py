@@ -206,18 +206,20 @@ def match_baseline(analyses: Sequence[Analysis], baselines: Sequence[Analysis]) 
     """Pair each analysis with its baseline.
 
     Rules, in order: a baseline with one checkpoint serves every analysis; otherwise the baseline entry
-    with the same ``checkpoint`` path; otherwise, when both lists have the same length, by position.
+    with the same ``checkpoint`` path (compared after :func:`os.path.normpath`); otherwise, when both
+    lists have the same length, the entry at the same position.
 
     Raises:
         UsageError: an analysis has no baseline entry.
     """
     if len(baselines) == 1:
         return [baselines[0]] * len(analyses)
-    by_path = {b.checkpoint: b for b in baselines}
+    by_path = {os.path.normpath(b.checkpoint): b for b in baselines}
     matched = []
     for i, analysis in enumerate(analyses):
-        if analysis.checkpoint in by_path:
-            matched.append(by_path[analysis.checkpoint])
+        key = os.path.normpath(analysis.checkpoint)
+        if key in by_path:
+            matched.append(by_path[key])
         elif len(analyses) == len(baselines):
             matched.append(baselines[i])
         else:

@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from nora_spectra.analysis import analyze
-from nora_spectra.check import CHECKPOINT_SCOPE, check, evaluate, load_baseline, write_baseline
+from nora_spectra.check import CHECKPOINT_SCOPE, check, evaluate, load_baseline, match_baseline, write_baseline
 from nora_spectra.check_config import CheckSettings, Override
 from nora_spectra.errors import UsageError
 from nora_spectra.render.check_report import (
@@ -251,6 +251,19 @@ def test_multi_checkpoint_baseline_is_matched_by_path(tmp_path: Path) -> None:
     result = check([a, b], baseline=baseline)
     assert [(o.checkpoint, o.module) for o in result.failures] == [(str(a), Q)]
     assert result.failures[0].value == pytest.approx(0.5, rel=1e-12)
+
+
+def test_match_baseline_by_normalised_path_then_position(tmp_path: Path) -> None:
+    a = analyze(write_checkpoint(tmp_path / "a", {Q: FLAT}), emit_warnings=False)
+    b = analyze(write_checkpoint(tmp_path / "b", {Q: HALF}), emit_warnings=False)
+    c = analyze(write_checkpoint(tmp_path / "c", {Q: HALF}), emit_warnings=False)
+    (tmp_path / "x").mkdir()
+    b_dotted = analyze(str(tmp_path / "x" / ".." / "b"), emit_warnings=False)
+    assert [id(m) for m in match_baseline([b_dotted, a], [a, b])] == [id(b), id(a)]
+    # c is not in the baseline and the lists have the same length: matched by position
+    assert [id(m) for m in match_baseline([c, a], [b, a])] == [id(b), id(a)]
+    with pytest.raises(UsageError, match="baseline has no entry for checkpoint"):
+        match_baseline([c], [a, b])
 
 
 @pytest.mark.parametrize(
