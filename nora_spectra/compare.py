@@ -102,12 +102,15 @@ def default_labels(names: Sequence[str]) -> list[str]:
     Returns:
         One label per name, in order; ``#2``, ``#3``... is appended to identical names.
     """
-    parts = [Path(os.path.normpath(name or "checkpoint")).parts or ("checkpoint",) for name in names]
+    paths = [Path(os.path.normpath(name or "checkpoint")) for name in names]
+    parts = [p.parts[len(p.anchor and [p.anchor]) :] or ("checkpoint",) for p in paths]
     labels: list[str] = []
     for p in parts:
         depth = 1
         while depth < len(p) and sum(1 for q in parts if q[-depth:] == p[-depth:]) > 1:
             depth += 1
+        if sum(1 for q in parts if q[-depth:] == p[-depth:]) > 1:
+            depth = 1  # the same path twice: numbered below
         labels.append("/".join(p[-depth:]))
     seen: dict[str, int] = {}
     unique = []

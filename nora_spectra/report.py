@@ -407,19 +407,24 @@ def write_report(data: ReportData, output: "str | os.PathLike[str]", *, fmt: str
     fmt = _format_of(out, fmt)
     if not out.parent.is_dir():
         raise UsageError(f"{out}: the output directory {out.parent} does not exist")
-    if fmt == "html":
-        from nora_spectra.render.html import render_report_html
+    if out.is_dir():
+        raise UsageError(f"{out}: cannot write the report: it is a directory")
+    try:
+        if fmt == "html":
+            from nora_spectra.render.html import render_report_html
 
-        atomic_write_text(out, render_report_html(data))
-        return out
-    from nora_spectra.render.markdown_report import render_report_markdown
+            atomic_write_text(out, render_report_html(data))
+            return out
+        from nora_spectra.render.markdown_report import render_report_markdown
 
-    folder = out.with_name(f"{out.stem}_files")
-    text, images = render_report_markdown(data, folder.name)
-    folder.mkdir(exist_ok=True)
-    for name, png in images.items():
-        atomic_write_bytes(folder / name, png)
-    atomic_write_text(out, text)
+        folder = out.with_name(f"{out.stem}_files")
+        text, images = render_report_markdown(data, folder.name)
+        folder.mkdir(exist_ok=True)
+        for name, png in images.items():
+            atomic_write_bytes(folder / name, png)
+        atomic_write_text(out, text)
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot write the report: {exc.strerror or exc}") from None
     return out
 
 
