@@ -232,127 +232,126 @@ def match_baseline(analyses: Sequence[Analysis], baselines: Sequence[Analysis]) 
 # gates
 
 
+def _limit(settings: CheckSettings, override: Override | None, key: str) -> tuple[float | None, str]:
+    """The threshold ``key`` for a module and, when an override set it, `` (override PATTERN)``."""
+    if override is not None and getattr(override, key) is not None:
+        return getattr(override, key), f" (override {override.pattern})"
+    return getattr(settings, key), ""
+
+
 class _Gates:
-    """Builds the outcomes of one checkpoint (a helper of :func:`evaluate`)."""
+    """Appends the outcomes and notes of one checkpoint to a :class:`CheckResult` (used by :func:`evaluate`)."""
 
     def __init__(self, analysis: Analysis, settings: CheckSettings, result: CheckResult) -> None:
-        self.checkpoint = analysis.checkpoint
+        self.analysis = analysis
         self.settings = settings
         self.result = result
 
     def add(self, module: str, gate: str, value: float | None, limit: float | None, passed: bool, message: str) -> None:
-        self.result.outcomes.append(GateOutcome(self.checkpoint, module, gate, value, limit, passed, message))
+        outcome = GateOutcome(self.analysis.checkpoint, module, gate, value, limit, passed, message)
+        self.result.outcomes.append(outcome)
 
     def note(self, message: str) -> None:
-        self.result.notes.append((self.checkpoint, message))
+        self.result.notes.append((self.analysis.checkpoint, message))
 
-    def minimum(self, rec: Mapping[str, Any], gate: str, field: str, limit: float | None, override: Override | None) -> None:
-        """A ``value >= limit`` gate on one record field."""
+    def minimum(self, rec: Mapping[str, Any], gate: str, field: str, override: Override | None) -> None:
+        """A ``record[field] >= limit`` gate (skipped when no limit is set)."""
+        limit, source = _limit(self.settings, override, gate)
         if limit is None:
             return
-        module = rec["module"]
-        value = float(rec[field])
-        source = f" (override {override.pattern})" if override is not None and getattr(override, gate) is not None else ""
+        module, value = rec["module"], float(rec[field])
         shown, bound = _pair(value, limit)
-        zero = " (all-zero update)" if rec.get("status") == "zero" else ""
         if value >= limit:
             self.add(module, gate, value, limit, True, f"{module}: {field} {shown} >= {gate} {bound}{source}")
-        else:
-            miss = limit - value
-            share = f", {_pct(miss / limit)} short" if limit > 0 else ""
-            self.add(
-                module, gate, value, limit, False,
-                f"{module}: {field} {shown} is below {gate} {bound}{source} by {_num(miss)}{share}{zero}",
-            )
+            return
+        miss = limit - value
+        share = f", {_pct(miss / limit)} short" if limit > 0 else ""
+        zero = " (all-zero update)" if rec.get("status") == "zero" else ""
+        message = f"{module}: {field} {shown} is below {gate} {bound}{source} by {_num(miss)}{share}{zero}"
+        self.add(module, gate, value, limit, False, message)
 
     def drop(self, rec: Mapping[str, Any], base: Mapping[str, Any], override: Override | None) -> None:
         """The regression gate: relative drop of ``settings.metric`` from the baseline record."""
-        metric = self.settings.metric
-        module = rec["module"]
-        limit = self.settings.max_drop if override is None or override.max_drop is None else override.max_drop
-        source = f" (override {override.pattern})" if override is not None and override.max_drop is not None else ""
-        old = base.get(metric)
-        if old is None:
+        metric, module = self.settings.metric, rec["module"]
+        limit, source = _limit(self.settings, override, "max_drop")
+        if base.get(metric) is None:
             self.note(f"{module}: no baseline {metric} (baseline status {base.get('status')}); drop not checked")
             return
-        old, new = float(old), float(rec[metric])
+        old, new = float(base[metric]), float(rec[metric])
         if old <= 0:
-            self.add(module, "max_drop", 0.0, limit, True, f"{module}: baseline {metric} is {_num(old)}; nothing to drop from")
+            self.add(module, "max_drop", 0.0, limit, True, f"{module}: baseline {metric} is {_num(old)}; cannot drop")
             return
         drop = (old - new) / old
-        change = f"{metric} {_num(old)} -> {_num(new)}"
         if drop <= limit:
             moved = f"dropped {_pct(drop)}" if drop > 0 else f"rose {_pct(-drop)}"
-            self.add(module, "max_drop", drop, limit, True, f"{module}: {change} ({moved}, max_drop {_pct(limit)}{source})")
-        else:
-            self.add(
-                module, "max_drop", drop, limit, False,
-                f"{module}: {metric} dropped {_pct(drop)} from the baseline ({_num(old)} -> {_num(new)}), "
-                f"more than max_drop {_pct(limit)}{source} by {100 * (drop - limit):.3g} percentage points",
-            )
+            message = f"{module}: {metric} {_num(old)} -> {_num(new)} ({moved}, max_drop {_pct(limit)}{source})"
+            self.add(module, "max_drop", drop, limit, True, message)
+            return
+        message = (
+            f"{module}: {metric} dropped {_pct(drop)} from the baseline ({_num(old)} -> {_num(new)}), "
+            f"more than max_drop {_pct(limit)}{source} by {100 * (drop - limit):.3g} percentage points"
+        )
+        self.add(module, "max_drop", drop, limit, False, message)
 
-    def run(self, analysis: Analysis, baseline: Analysis | None) -> None:
-        """Every gate of one checkpoint, in :data:`GATES` order per module, then checkpoint-wide."""
-        s = self.settings
+    def baseline_membership(self, baseline: Analysis) -> None:
+        """Modules of the baseline absent from the checkpoint (not skipped): fail or note."""
+        present = {r["module"] for r in self.analysis.records}
+        for rec in baseline.records:
+            module = rec["module"]
+            override = self.settings.override_for(module)
+            if module in present or (override is not None and override.skip):
+                continue
+            if self.settings.fail_on_missing:
+                message = f"{module}: in the baseline but missing from this checkpoint"
+                self.add(module, "missing_module", None, None, False, message)
+            else:
+                self.note(f"{module}: in the baseline but missing from this checkpoint (allowed)")
+
+    def collapsed(self, records: Sequence[Mapping[str, Any]], limit: float) -> None:
+        """Checkpoint-wide: the share of gated modules that are ``collapsed`` (or ``zero``) must be <= limit."""
+        names = [r["module"] for r in records if r.get("collapsed") or r.get("status") == "zero"]
+        fraction = len(names) / len(records) if records else 0.0
+        shown, bound = _pair(fraction, limit)
+        head = f"{len(names)} of {len(records)} modules collapsed ({shown})"
+        gate = "max_collapsed_fraction"
+        if fraction <= limit:
+            self.add(CHECKPOINT_SCOPE, gate, fraction, limit, True, f"{head} <= {gate} {bound}")
+            return
+        listed = ", ".join(names[:5]) + (f", ... (+{len(names) - 5} more)" if len(names) > 5 else "")
+        message = f"{head} is above {gate} {bound} by {_num(fraction - limit)}: {listed}"
+        self.add(CHECKPOINT_SCOPE, gate, fraction, limit, False, message)
+
+    def run(self, baseline: Analysis | None) -> None:
+        """Every gate of the checkpoint: per module in :data:`GATES` order, then missing modules and
+        the collapsed fraction."""
+        settings = self.settings
         base_records = {r["module"]: r for r in baseline.records} if baseline is not None else {}
         gated = []
-        for rec in analysis.records:
+        for rec in self.analysis.records:
             module = rec["module"]
-            override = s.override_for(module)
+            override = settings.override_for(module)
             if override is not None and override.skip:
                 self.note(f"{module}: skipped by override {override.pattern}")
                 continue
             gated.append(rec)
             if rec.get("status") == "non_finite":
-                self.add(module, "finite", None, None, False,
-                         f"{module}: adapter factors hold NaN/Inf; its metrics are undefined and it fails every gate")
+                message = f"{module}: adapter factors hold NaN/Inf; its metrics are undefined and it fails every gate"
+                self.add(module, "finite", None, None, False, message)
                 continue
-            util = s.min_utilization if override is None or override.min_utilization is None else override.min_utilization
-            erank = (
-                s.min_effective_rank
-                if override is None or override.min_effective_rank is None
-                else override.min_effective_rank
-            )
-            self.minimum(rec, "min_utilization", "utilization", util, override)
-            self.minimum(rec, "min_effective_rank", "effective_rank", erank, override)
-            if baseline is not None:
-                if module in base_records:
-                    self.drop(rec, base_records[module], override)
-                elif s.fail_on_new:
-                    self.add(module, "new_module", None, None, False, f"{module}: not in the baseline (new module)")
-                else:
-                    self.note(f"{module}: not in the baseline (new module, not gated)")
+            self.minimum(rec, "min_utilization", "utilization", override)
+            self.minimum(rec, "min_effective_rank", "effective_rank", override)
+            if baseline is None:
+                continue
+            if module in base_records:
+                self.drop(rec, base_records[module], override)
+            elif settings.fail_on_new:
+                self.add(module, "new_module", None, None, False, f"{module}: not in the baseline (new module)")
+            else:
+                self.note(f"{module}: not in the baseline (new module, not gated)")
         if baseline is not None:
-            present = {r["module"] for r in analysis.records}
-            for module in base_records:
-                if module in present:
-                    continue
-                override = s.override_for(module)
-                if override is not None and override.skip:
-                    continue
-                if s.fail_on_missing:
-                    self.add(module, "missing_module", None, None, False,
-                             f"{module}: in the baseline but missing from this checkpoint")
-                else:
-                    self.note(f"{module}: in the baseline but missing from this checkpoint (allowed)")
-        if s.max_collapsed_fraction is not None:
-            self.collapsed(gated, s.max_collapsed_fraction)
-
-    def collapsed(self, records: Sequence[Mapping[str, Any]], limit: float) -> None:
-        """Checkpoint-wide: share of gated modules that are ``collapsed`` (or ``zero``) must be <= limit."""
-        names = [r["module"] for r in records if r.get("collapsed") or r.get("status") == "zero"]
-        total = len(records)
-        fraction = len(names) / total if total else 0.0
-        shown, bound = _pair(fraction, limit)
-        head = f"{len(names)} of {total} modules collapsed ({shown})"
-        if fraction <= limit:
-            self.add(CHECKPOINT_SCOPE, "max_collapsed_fraction", fraction, limit, True, f"{head} <= max_collapsed_fraction {bound}")
-            return
-        listed = ", ".join(names[:5]) + (f", ... (+{len(names) - 5} more)" if len(names) > 5 else "")
-        self.add(
-            CHECKPOINT_SCOPE, "max_collapsed_fraction", fraction, limit, False,
-            f"{head} is above max_collapsed_fraction {bound} by {_num(fraction - limit)}: {listed}",
-        )
+            self.baseline_membership(baseline)
+        if settings.max_collapsed_fraction is not None:
+            self.collapsed(gated, settings.max_collapsed_fraction)
 
 
 def evaluate(
@@ -379,7 +378,7 @@ def evaluate(
         gates = _Gates(analysis, settings, result)
         for message in analysis.warnings:
             gates.note(message)
-        gates.run(analysis, baseline)
+        gates.run(baseline)
     return result
 
 
@@ -461,9 +460,5 @@ def analyze_paths(paths: PathOrAnalysis | Iterable[PathOrAnalysis], settings: Ch
     items = [paths] if isinstance(paths, (str, os.PathLike, Analysis)) else list(paths)
     if not items:
         raise UsageError("no checkpoint to check")
-    return [
-        item
-        if isinstance(item, Analysis)
-        else analyze(item, adapter=settings.adapter, collapse_threshold=settings.collapse_threshold, emit_warnings=False)
-        for item in items
-    ]
+    options = {"adapter": settings.adapter, "collapse_threshold": settings.collapse_threshold, "emit_warnings": False}
+    return [item if isinstance(item, Analysis) else analyze(item, **options) for item in items]

@@ -85,11 +85,16 @@ SETTING_KEYS: tuple[str, ...] = (
 )
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float (TOML booleans are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_fraction(name: str, value: Any, where: str, *, optional: bool = True) -> float | None:
     """``value`` as a float in [0, 1] (or None when optional), else a UsageError naming ``where``."""
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+    if not _is_number(value) or not 0 <= value <= 1:
         raise UsageError(f"{where}: {name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
@@ -97,7 +102,7 @@ def _check_fraction(name: str, value: Any, where: str, *, optional: bool = True)
 def _check_nonneg(name: str, value: Any, where: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not _is_number(value) or value < 0:
         raise UsageError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -227,7 +232,10 @@ class CheckSettings:
     def has_gates(self) -> bool:
         """Whether any gate is configured (an absolute threshold or a baseline)."""
         return (
-            any(v is not None for v in (self.min_utilization, self.min_effective_rank, self.max_collapsed_fraction, self.baseline))
+            any(
+                value is not None
+                for value in (self.min_utilization, self.min_effective_rank, self.max_collapsed_fraction, self.baseline)
+            )
             or any(o.min_utilization is not None or o.min_effective_rank is not None for o in self.overrides)
         )
 

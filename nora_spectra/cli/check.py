@@ -34,17 +34,31 @@ def _github_default() -> bool:
 
 @click.command("check")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--min-utilization", type=float, default=None, help="Fail a module whose utilization (effective rank / r) is below X, in [0, 1].")
-@click.option("--min-effective-rank", type=float, default=None, help="Fail a module whose effective rank is below X.")
-@click.option("--max-collapsed-fraction", type=float, default=None, help="Fail a checkpoint whose share of collapsed (or all-zero) modules is above X.")
-@click.option("--baseline", type=str, default=None, metavar="FILE", help="Baseline JSON (from `spectra analyze --format json` or --update-baseline).")
-@click.option("--max-drop", type=float, default=None, help="Largest allowed relative drop of --metric from the baseline [default: 0.05].")
-@click.option("--metric", type=str, default=None, metavar="NAME", help="Metric the baseline gate compares [default: effective_rank].")
+@click.option(
+    "--min-utilization", type=float, help="Fail a module whose utilization (effective rank / r) is below X, in [0, 1]."
+)
+@click.option("--min-effective-rank", type=float, help="Fail a module whose effective rank is below X.")
+@click.option(
+    "--max-collapsed-fraction",
+    type=float,
+    help="Fail a checkpoint whose share of collapsed or all-zero modules is above X.",
+)
+@click.option(
+    "--baseline", metavar="FILE", help="Baseline JSON (from `spectra analyze --format json` or --update-baseline)."
+)
+@click.option(
+    "--max-drop", type=float, help="Largest allowed relative drop of --metric from the baseline [default: 0.05]."
+)
+@click.option("--metric", metavar="NAME", help="Metric the baseline gate compares [default: effective_rank].")
 @click.option("--update-baseline", is_flag=True, help="Rewrite the baseline with the current analysis and exit 0.")
-@click.option("--config", "config_file", type=str, default=None, metavar="FILE", help="TOML config (top-level keys or [tool.spectra.check]).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Output on stdout.")
-@click.option("--junit", type=str, default=None, metavar="FILE", help="Also write a JUnit XML report to FILE.")
-@click.option("--github/--no-github", default=None, help="Emit GitHub Actions annotations [default: on when GITHUB_ACTIONS=true].")
+@click.option("--config", "config_file", metavar="FILE", help="TOML config (top-level keys or [tool.spectra.check]).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Output on stdout."
+)
+@click.option("--junit", metavar="FILE", help="Also write a JUnit XML report to FILE.")
+@click.option(
+    "--github/--no-github", default=None, help="Emit GitHub Actions annotations [default: on when GITHUB_ACTIONS=true]."
+)
 @click.option("--adapter", type=str, default=None, metavar="NAME", help="Adapter sub-directory to load.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only failures (nothing when every gate passes).")
 def command(
@@ -89,7 +103,8 @@ def command(
         write_baseline(settings.baseline, analyses)
         modules = sum(len(a) for a in analyses)
         if not quiet:
-            click.echo(f"spectra: wrote baseline {settings.baseline} ({len(analyses)} checkpoint(s), {modules} modules)", err=True)
+            message = f"wrote baseline {settings.baseline} ({len(analyses)} checkpoint(s), {modules} modules)"
+            click.echo(f"spectra: {message}", err=True)
         return
 
     if not settings.has_gates:
