@@ -77,6 +77,7 @@ def test_quiet(capsys, ckpt: Path) -> None:
         (["{ckpt}", "--min-utilization", "2"], "--min-utilization: min_utilization must be a number in [0, 1]"),
         (["{ckpt}", "--baseline", "{missing}.json"], "baseline not found"),
         (["{ckpt}", "--min-utilization", "0.1", "--config", "{missing}.toml"], "config file not found"),
+        (["{ckpt}", "--baseline", "{ckpt}/adapter_config.json", "--metric", "loss"], "--metric: metric must be one of"),
     ],
 )
 def test_exit_2_with_one_line_on_user_errors(capsys, ckpt: Path, tmp_path: Path, args: list[str], match: str) -> None:
@@ -84,6 +85,15 @@ def test_exit_2_with_one_line_on_user_errors(capsys, ckpt: Path, tmp_path: Path,
     code, out, err = run(capsys, *(a.format(ckpt=ckpt, missing=missing) for a in args))
     assert code == 2 and out == ""
     assert err.startswith("spectra: error: ") and err.count("\n") == 1 and match in err
+
+
+def test_adapter_option_selects_a_sub_directory(capsys, tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "multi" / "good", {Q: FLAT})
+    write_checkpoint(tmp_path / "multi" / "bad", {Q: SKEW})
+    code, _, err = run(capsys, tmp_path / "multi", "--min-utilization", 0.5)
+    assert code == 2 and "several adapters" in err
+    assert run(capsys, tmp_path / "multi", "--adapter", "good", "--min-utilization", 0.5)[0] == 0
+    assert run(capsys, tmp_path / "multi", "--adapter", "bad", "--min-utilization", 0.5)[0] == 1
 
 
 def test_non_finite_module_fails(capsys, tmp_path: Path) -> None:
