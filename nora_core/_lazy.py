@@ -29,7 +29,10 @@ def lazy_getattr(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
             module_name = exports[name]
         except KeyError:
             raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
-        module = importlib.import_module(f"{package}.{module_name}")
-        return getattr(module, name)
+        value = getattr(importlib.import_module(f"{package}.{module_name}"), name)
+        # Cache it, so later lookups skip this function, and so that a submodule that happens to
+        # share the name and was bound to the package by its import cannot shadow the export.
+        setattr(importlib.import_module(package), name, value)
+        return value
 
     return __getattr__

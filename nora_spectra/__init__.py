@@ -15,7 +15,8 @@ _EXPORTS = {
     "Analysis": "analysis",
     "compare": "compare",
     "Comparison": "compare",
-    "check": "check",
+    "check": "gates",
+    "CheckResult": "gates",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -81,7 +81,7 @@ def command(
 
     Exit codes: 0 every gate passed, 1 a gate failed, 2 usage or input error.
     """
-    from nora_spectra.check import analyze_paths, evaluate, load_baseline, write_baseline
+    from nora_spectra.gates import analyze_paths, evaluate, load_baseline, write_baseline
     from nora_spectra.check_config import resolve_settings
     from nora_spectra.render import check_report
 

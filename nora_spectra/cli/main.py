@@ -66,7 +66,7 @@ def cli(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors exit with code 2 and one line on stderr."""
     try:
-        cli.main(args=argv, prog_name="spectra", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="spectra", standalone_mode=False)
     except SpectraError as exc:
         click.echo(f"spectra: error: {exc}", err=True)
         sys.exit(2)
@@ -83,4 +83,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,4 +1,4 @@
-"""Renderings of a :class:`~nora_spectra.check.CheckResult`: text summary, JSON, JUnit XML, GitHub annotations.
+"""Renderings of a :class:`~nora_spectra.gates.CheckResult`: text summary, JSON, JUnit XML, GitHub annotations.
 
 Formatting only: every number and sentence comes from the gate outcomes (their ``message`` already
 names the module, its value, the limit and by how much it missed).
@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nora_spectra.check import CheckResult
+    from nora_spectra.gates import CheckResult
 
 __all__ = [
     "escape_data",

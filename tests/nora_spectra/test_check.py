@@ -1,4 +1,4 @@
-"""Gate decisions of ``nora_spectra.check`` on checkpoints whose spectra are chosen by hand.
+"""Gate decisions of ``nora_spectra.gates`` on checkpoints whose spectra are chosen by hand.
 
 Each module's update is ``B A`` with ``B = U diag(s)`` and ``A = V^T`` (orthonormal ``U``, ``V``; scale
 ``alpha / r = 1``), so its singular values are exactly ``s`` and the effective rank is the closed form
@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from nora_spectra.analysis import analyze
-from nora_spectra.check import CHECKPOINT_SCOPE, check, evaluate, load_baseline, match_baseline, write_baseline
+from nora_spectra.gates import CHECKPOINT_SCOPE, check, evaluate, load_baseline, match_baseline, write_baseline
 from nora_spectra.check_config import CheckSettings, Override
 from nora_spectra.errors import UsageError
 from nora_spectra.render.check_report import (
@@ -329,7 +329,7 @@ def test_junit_xml_parses_back_with_counts_and_numbers(failing) -> None:
 
 
 def test_junit_escapes_markup_and_control_characters() -> None:
-    from nora_spectra.check import CheckResult, GateOutcome
+    from nora_spectra.gates import CheckResult, GateOutcome
 
     result = CheckResult(
         checkpoints=['ck<&>"'],
