@@ -201,22 +201,20 @@ def read_jsonl(
         raise FileNotFoundError(f"{src}: no such data file")
     samples: list[Sample] = []
     skipped = 0
-    with src.open("r", encoding="utf-8", errors="strict") as handle:
-        lineno = 0
-        while True:
+    with src.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
             try:
-                line = handle.readline()
-            except UnicodeDecodeError as exc:
-                raise DataFormatError(f"{src}:{lineno + 1}: not valid UTF-8 ({exc.reason})") from None
-            if not line:
-                break
-            lineno += 1
-            if not line.strip():
-                continue
-            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 samples.append(parse_record(json.loads(line), format))
-            except (json.JSONDecodeError, ValueError) as exc:
-                problem = f"invalid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+                if isinstance(exc, UnicodeDecodeError):
+                    problem = f"not valid UTF-8 ({exc.reason})"
+                elif isinstance(exc, json.JSONDecodeError):
+                    problem = f"invalid JSON ({exc.msg})"
+                else:
+                    problem = str(exc)
                 if not skip_malformed:
                     raise DataFormatError(f"{src}:{lineno}: {problem}") from None
                 skipped += 1
