@@ -35,6 +35,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "adapter_state_dict",
     "load_adapter",
+    "read_adapter_config",
+    "read_adapter_weights",
     "save_adapter",
 ]
 
@@ -102,8 +104,11 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> AdapterConfig:
         raise ValueError(f"{file}: {exc}") from None
 
 
-def read_adapter_weights(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read the adapter tensors of ``directory``, keys without the ``base_model.model.`` prefix.
+def read_adapter_weights(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Path]:
+    """Read the adapter tensors of ``directory``.
+
+    Returns:
+        ``(tensors, file)``: tensors keyed without the ``base_model.model.`` prefix, and the file read.
 
     Raises:
         FileNotFoundError: if neither ``adapter_model.safetensors`` nor ``adapter_model.bin`` exists.
@@ -125,7 +130,7 @@ def read_adapter_weights(directory: str | os.PathLike[str]) -> dict[str, torch.T
         if isinstance(exc, FileNotFoundError):
             raise
         raise ValueError(f"{file}: cannot read adapter weights ({exc})") from None
-    return {(k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k): v for k, v in raw.items()}
+    return {k.removeprefix(KEY_PREFIX): v for k, v in raw.items()}, file
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
@@ -148,10 +153,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
         ValueError: naming the file, for a bad config, missing or unexpected keys, or shape mismatches.
     """
     config = read_adapter_config(directory)
-    tensors = read_adapter_weights(directory)
-    weights_file = Path(directory) / (
-        WEIGHTS_NAME if (Path(directory) / WEIGHTS_NAME).is_file() else LEGACY_WEIGHTS_NAME
-    )
+    tensors, weights_file = read_adapter_weights(directory)
     injected_here = not any(True for _ in adapter_layers(model))
     if injected_here:
         inject_adapters(model, config)
