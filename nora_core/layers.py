@@ -147,7 +147,8 @@ class AdapterLinear(nn.Module):
             delta = F.linear(h, weight_b).to(result.dtype)
             return torch.add(result, delta, alpha=self.scaling)
         # One GEMM does result + s * h B^T (BLAS alpha/beta): no temporary delta, no extra kernels.
-        out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, self.r), weight_b.t(), alpha=self.scaling)
+        result_2d = result.reshape(-1, self.out_features)  # (tokens, d_out)
+        out = torch.addmm(result_2d, h.reshape(-1, self.r), weight_b.t(), alpha=self.scaling)
         return out.view(result.shape)
 
     @torch.no_grad()

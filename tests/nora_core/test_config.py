@@ -89,7 +89,9 @@ def test_alpha_none_keeps_scale_one_per_module() -> None:
     [
         AdapterConfig(r=4, alpha=8, dropout=0.05, exclude_modules=["lm_head"], layers_to_transform=[0, 2]),
         AdapterConfig(r=8, rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 5}),
-        AdapterConfig(method="nora", r=6, alpha=3, use_rslora=True, activation="gelu", dropout=0.3, init="kaiming_uniform"),
+        AdapterConfig(
+            method="nora", r=6, alpha=3, use_rslora=True, activation="gelu", dropout=0.3, init="kaiming_uniform"
+        ),
         AdapterConfig(target_modules=r".*\.(q|v)_proj", exclude_modules=r".*layers\.2\..*", task_type="CAUSAL_LM"),
     ],
 )

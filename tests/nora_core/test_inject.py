@@ -17,9 +17,12 @@ def _adapted(config: AdapterConfig) -> list[str]:
 
 
 def test_list_targets_match_exact_names_and_dotted_suffixes() -> None:
-    assert _adapted(AdapterConfig(target_modules=["q_proj"])) == [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
+    assert _adapted(AdapterConfig(target_modules=["q_proj"])) == [
+        f"model.layers.{i}.self_attn.q_proj" for i in range(3)
+    ]
     assert _adapted(AdapterConfig(target_modules=["self_attn.v_proj", "lm_head"])) == [
-        "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj", "model.layers.2.self_attn.v_proj", "lm_head"
+        *(f"model.layers.{i}.self_attn.v_proj" for i in range(3)),
+        "lm_head",
     ]
     assert _adapted(AdapterConfig(target_modules=["model.layers.1.mlp.up_proj"])) == ["model.layers.1.mlp.up_proj"]
 
@@ -76,7 +79,8 @@ def test_only_a_and_b_get_gradients(toy: Toy, toy_input: torch.Tensor, method: s
     inject_adapters(toy, AdapterConfig(method=method, r=4, target_modules=["q_proj", "v_proj"]))
     randomize_b(toy)
     trainable = {n for n, p in toy.named_parameters() if p.requires_grad}
-    assert trainable == {f"model.layers.{i}.self_attn.{m}_proj.lora_{ab}.weight" for i in range(3) for m in "qv" for ab in "AB"}
+    expected = {f"model.layers.{i}.self_attn.{m}_proj.lora_{ab}.weight" for i in range(3) for m in "qv" for ab in "AB"}
+    assert trainable == expected
     toy.train()(toy_input).square().mean().backward()
     for name, param in toy.named_parameters():
         if name in trainable:

@@ -56,7 +56,9 @@ OURS = {
         r=4, alpha=2, target_modules=["q_proj", "k_proj", "up_proj"], exclude_modules=["model.layers.0.mlp.up_proj"],
         layers_to_transform=[0],
     )),
-    "gpt2-fan-in-fan-out": (_gpt2, AdapterConfig(r=4, alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    "gpt2-fan-in-fan-out": (
+        _gpt2, AdapterConfig(r=4, alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    ),
 }
 
 
@@ -74,7 +76,8 @@ def test_our_lora_loads_in_peft_with_identical_logits(tmp_path: Path, case: str)
         peft_config = peft.PeftConfig.from_pretrained(str(tmp_path))
     peft_model = peft.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
     assert peft_config.peft_type == "LORA"
-    peft_names = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    lora_layer = peft.tuners.lora.LoraLayer
+    peft_names = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, lora_layer)}
     assert peft_names == {name for name, _ in adapter_layers(ours)}
     torch.testing.assert_close(_logits(peft_model), expected, rtol=0, atol=1e-5)
 
