@@ -127,13 +127,18 @@ def run_demo(output_dir: str, settings: DemoSettings = DemoSettings()) -> dict[s
     from nora_spectra.analysis import analyze
 
     start = time.perf_counter()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # The model is tiny: one thread is fastest, and intra-op threads spin badly on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     os.makedirs(output_dir, exist_ok=True)
     result: dict[str, Any] = {"loss": {}}
-    for method in ("lora", "nora"):
-        directory = os.path.join(output_dir, method)
-        result["loss"][method] = _train(method, settings, directory)
-        result[method] = analyze(directory, emit_warnings=False)
+    try:
+        for method in ("lora", "nora"):
+            directory = os.path.join(output_dir, method)
+            result["loss"][method] = _train(method, settings, directory)
+            result[method] = analyze(directory, emit_warnings=False)
+    finally:
+        torch.set_num_threads(threads)
     result["seconds"] = time.perf_counter() - start
     return result
 
