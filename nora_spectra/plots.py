@@ -202,7 +202,7 @@ def effective_rank_vs_rank(
         labels: checkpoint labels (used for point annotations).
         series: one series name per checkpoint; default each analysis's ``method`` (``lora``, ``nora``).
         module_type: only modules of this type.
-        annotate: write each point's checkpoint label next to it (default: when at most 8 points).
+        annotate: write each point's checkpoint label next to it (default: when at most 4 points).
         figsize: inches.
         title: overrides the generated title.
     """
@@ -224,7 +224,7 @@ def effective_rank_vs_rank(
     ax = fig.add_subplot()
     ranks = sorted({r for pts in points.values() for r, _, _ in pts})
     if annotate is None:
-        annotate = sum(len(p) for p in points.values()) <= 8
+        annotate = sum(len(p) for p in points.values()) <= 4
     for i, (name, pts) in enumerate(points.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color(i), label=name, linewidth=1.6)
@@ -236,8 +236,11 @@ def effective_rank_vs_rank(
     if ranks:
         low, high = ranks[0], ranks[-1]
         if high / low >= 4:
+            from matplotlib.ticker import ScalarFormatter
+
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(ScalarFormatter())
         span = [low / 1.3, high * 1.3] if high / low >= 4 else [max(low - 0.25 * high, 0.5), high * 1.25]
         ax.plot(span, span, linestyle="--", color="#888888", linewidth=1, label="y = r (every direction used)")
         ax.set_xticks(ranks, [str(r) for r in ranks])
@@ -521,7 +524,7 @@ def effective_rank_trajectory(
     ax.set_title(title or f"{pretty.capitalize()} during training, by module type")
     ax.grid(True, alpha=0.3)
     if ax.get_lines() and types:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small", ncol=2 if many else 1)
     else:
         ax.text(0.5, 0.5, "no spectra recorded in this run", transform=ax.transAxes, ha="center", va="center")
     return fig

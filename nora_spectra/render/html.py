@@ -236,8 +236,8 @@ def _partial_box(comparison: "Comparison") -> str:
     return _box("note", f"{len(names)} modules are not in every checkpoint", names)
 
 
-def _box(kind: str, message: str, names: Sequence[str] = ()) -> str:
-    body = _e(message)
+def _box(kind: str, message: str, names: Sequence[str] = (), label: str = "") -> str:
+    body = (f"<b>{_e(label)}</b>: " if label else "") + _e(message)
     if names:
         items = "".join(f"<li><code>{_e(n)}</code></li>" for n in names)
         if len(names) > _LIST_LIMIT:
@@ -252,8 +252,7 @@ def _warnings_section(data: "ReportData") -> str:
     if not any(w["kind"] == "collapse" for w in data.warnings):
         parts.append(_box("ok", "No collapsed layers: every module uses at least the collapse threshold of its rank."))
     for w in data.warnings:
-        prefix = f"{w['label']}: " if w["label"] else ""
-        parts.append(_box(w["kind"], prefix + w["message"], w["modules"]))
+        parts.append(_box(w["kind"], w["message"], w["modules"], w["label"]))
     parts.append("</section>")
     return "\n".join(parts)
 

@@ -126,7 +126,7 @@ def test_html_sections_in_order_with_collapse_warnings_first(html_report) -> Non
     order = [i for i in parser.ids if i in ("warnings", "summary", "modules", "plots", "configs")]
     assert order == ["warnings", "summary", "modules", "plots", "configs"]
     warnings_part = text[text.index('id="warnings"') : text.index('id="summary"')]
-    assert "bad: 1 of 3 layers collapsed" in warnings_part
+    assert "<b>bad</b>: 1 of 3 layers collapsed" in warnings_part
     assert warnings_part.index("collapsed") < warnings_part.index("all-zero")
     assert "Spectra &lt;b&gt;&amp;&lt;/b&gt; co" in text  # the title is escaped
     assert '"peft_type": &quot;' not in text and "&quot;peft_type&quot;" in text  # configs shown, escaped
