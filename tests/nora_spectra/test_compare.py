@@ -224,3 +224,11 @@ def test_nora_core_checkpoints_compare(tmp_path: Path) -> None:
     assert len(cmp.modules) == 4 and not cmp.partial_modules
     assert all(row["present"] and row["rank"] == 4 for row in cmp.rows)
     assert isinstance(cmp, Comparison) and isinstance(cmp.analyses[0], Analysis)
+
+
+def test_package_level_compare_is_callable_whatever_the_import_order(pair: tuple[Path, Path]) -> None:
+    import nora_spectra
+    import nora_spectra.compare as module
+
+    assert callable(nora_spectra.compare) and callable(module)
+    assert module(pair, labels=["a", "b"], emit_warnings=False).labels == ["a", "b"]
