@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import resource
 import struct
 import subprocess
 import sys
@@ -214,9 +215,9 @@ def _pickle_dir(tmp: Path, marker: Path) -> Path:
 
 def test_bad_inputs_exit_2_with_one_line_fast(tmp_path, capsys):
     for name, path in _bad_inputs(tmp_path).items():
-        start = time.perf_counter()
+        start = time.process_time()  # CPU seconds: robust on a busy shared machine
         code, out, err = run(["analyze", str(path)], capsys)
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         assert code == 2, name
         assert out == "", name
         assert err.startswith("spectra: error: ") and err.count("\n") == 1, (name, err)
@@ -240,14 +241,16 @@ def test_bad_inputs_as_real_processes(tmp_path):
     cases = {"missing": tmp_path / "nope", "pickle": _pickle_dir(tmp_path, marker)}
     cases["not json"] = _bad_inputs(tmp_path)["header not JSON"]
     for name, path in cases.items():
-        start = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run([SPECTRA, "analyze", str(path)], capture_output=True, text=True, timeout=60)
-        elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds of the child (wall time on a busy shared machine says little)
+        elapsed = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         assert proc.returncode == 2, (name, proc.stderr)
         assert proc.stdout == ""
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, (name, proc.stderr)
         # whole process, interpreter start included; the pickle case also imports torch
-        assert elapsed < (5.0 if name == "pickle" else 2.0), (name, elapsed)
+        assert elapsed < (5.0 if name == "pickle" else 1.5), (name, elapsed)
     assert not marker.exists()
 
 
