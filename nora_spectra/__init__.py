@@ -13,8 +13,8 @@ _EXPORTS = {
     "load_checkpoint": "io",
     "analyze": "analysis",
     "Analysis": "analysis",
-    "compare": "compare",
-    "Comparison": "compare",
+    "compare": "comparison",
+    "Comparison": "comparison",
     "check": "gates",
     "CheckResult": "gates",
 }

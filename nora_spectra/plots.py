@@ -5,7 +5,7 @@ touches global state and every function works headless (PNG output goes through 
 imported inside the functions: importing this module is free.
 
 Inputs: ``data`` is one :class:`~nora_spectra.analysis.Analysis`, a
-:class:`~nora_spectra.compare.Comparison`, or a list of analyses (or of ``(label, analysis)`` pairs).
+:class:`~nora_spectra.comparison.Comparison`, or a list of analyses (or of ``(label, analysis)`` pairs).
 Every number comes from the analysis records (``singular_values``, ``effective_rank``,
 ``utilization``, ``energy_rank_90``...). The curves are only re-expressions of the stored singular
 values for drawing (``sigma_i / sigma_1``, ``sigma_i / sum_j sigma_j``, cumulative ``sigma^2`` shares).
@@ -82,7 +82,7 @@ def series_of(data: Data, labels: Sequence[str] | None = None) -> list[tuple[str
             raise ValueError(f"got {len(labels)} labels for {len(pairs)} checkpoints")
         pairs = [(label, a) for label, (_, a) in zip(labels, pairs)]
     if any(label is None for label, _ in pairs):
-        from nora_spectra.compare import default_labels
+        from nora_spectra.comparison import default_labels
 
         names = default_labels([a.checkpoint for _, a in pairs])
         pairs = [(label if label is not None else name, a) for name, (label, a) in zip(names, pairs)]

@@ -2,7 +2,7 @@
 
 The report's numbers are those of :func:`~nora_spectra.analysis.analyze` (the same records that
 ``spectra analyze --format json`` writes): this module gathers analyses, a
-:class:`~nora_spectra.compare.Comparison`, training histories and PNG figures into a
+:class:`~nora_spectra.comparison.Comparison`, training histories and PNG figures into a
 :class:`ReportData`; the renderers (:mod:`nora_spectra.render.html`,
 :mod:`nora_spectra.render.markdown_report`) only format it.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nora_spectra.analysis import Analysis
-from nora_spectra.compare import Comparison, compare, default_labels, load_analyses
+from nora_spectra.comparison import Comparison, compare, default_labels, load_analyses
 from nora_spectra.errors import CheckpointError, UsageError
 
 __all__ = [
@@ -103,7 +103,7 @@ class ReportData:
         version: the nora-spectra version.
         labels: one label per analysis.
         analyses: the analysed checkpoints.
-        comparison: :func:`~nora_spectra.compare.compare` of the analyses (the first is the reference).
+        comparison: :func:`~nora_spectra.comparison.compare` of the analyses (the first is the reference).
         runs: training runs.
         warnings: collapse warnings first, then the analyses' own warnings, then comparison notes:
             dicts ``{"label", "kind", "message", "modules"}`` (``kind`` in collapse, warning, note).

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from nora_spectra import plots  # noqa: E402
 from nora_spectra.analysis import analyze  # noqa: E402
-from nora_spectra.compare import compare  # noqa: E402
+from nora_spectra.comparison import compare  # noqa: E402
 from nora_spectra.report import read_run  # noqa: E402
 
 OUT = ROOT / "docs" / "images"

@@ -2,7 +2,7 @@
 
 The first checkpoint is the reference: differences are ``value - reference``. Output formats:
 ``table`` (terminal), ``json`` (:meth:`Comparison.to_json`), ``csv`` (one row per module and
-checkpoint, columns :data:`~nora_spectra.compare.ROW_COLUMNS`) and ``markdown``. Numbers come from
+checkpoint, columns :data:`~nora_spectra.comparison.ROW_COLUMNS`) and ``markdown``. Numbers come from
 the analyses' records; this module only formats them.
 """
 
@@ -18,7 +18,7 @@ import click
 from nora_spectra.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nora_spectra.compare import Comparison
+    from nora_spectra.comparison import Comparison
 
 __all__ = ["command", "format_comparison"]
 
@@ -119,7 +119,7 @@ def _markdown(comparison: "Comparison", by_layer: bool) -> str:
 
 
 def _csv(comparison: "Comparison") -> str:
-    from nora_spectra.compare import ROW_COLUMNS
+    from nora_spectra.comparison import ROW_COLUMNS
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -185,7 +185,7 @@ def command(
     exits with code 2 and one line on stderr.
     """
     from nora_spectra.cli.analyze import write_result
-    from nora_spectra.compare import compare, load_analyses
+    from nora_spectra.comparison import compare, load_analyses
 
     analyses = []
     for path in paths:

@@ -23,7 +23,7 @@ from nora_spectra.render._cells import COLUMN_SETS, NUMERIC_KEYS, cell
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.analysis import Analysis
-    from nora_spectra.compare import Comparison
+    from nora_spectra.comparison import Comparison
     from nora_spectra.report import ReportData
 
 __all__ = ["CSS", "analysis_html", "comparison_html", "render_report_html"]

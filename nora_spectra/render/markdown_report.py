@@ -15,7 +15,7 @@ from nora_spectra.render._cells import cell
 from nora_spectra.render.text_formats import render_markdown
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nora_spectra.compare import Comparison
+    from nora_spectra.comparison import Comparison
     from nora_spectra.report import ReportData
 
 __all__ = ["comparison_markdown", "markdown_table", "render_report_markdown"]

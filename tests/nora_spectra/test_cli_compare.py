@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nora_spectra.cli.main import main
-from nora_spectra.compare import ROW_COLUMNS
+from nora_spectra.comparison import ROW_COLUMNS
 from tests.nora_spectra.test_compare import random_checkpoint
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from nora_spectra import plots
 from nora_spectra.analysis import analyze
-from nora_spectra.compare import compare
+from nora_spectra.comparison import compare
 from tests.nora_spectra.test_compare import random_checkpoint
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nora_spectra.analysis import analyze
-from nora_spectra.compare import compare
+from nora_spectra.comparison import compare
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.render.html import analysis_html, comparison_html
 from nora_spectra.report import build_report, read_run, report

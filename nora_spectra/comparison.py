@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
-import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
@@ -378,19 +376,3 @@ def compare(
         by_module_type=_group_rows(labels, analyses, "by_module_type"),
         by_layer=_group_rows(labels, analyses, "by_layer_index"),
     )
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`compare`.
-
-    ``nora_spectra.compare`` names both this module and the function: importing the submodule (as
-    ``nora_spectra.report`` does) binds the module to the package attribute, so ``from nora_spectra
-    import compare`` may return the module. Making the module callable keeps ``compare(...)`` working
-    whichever of the two a user gets.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Comparison:
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
