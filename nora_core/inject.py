@@ -12,6 +12,7 @@ Target matching follows PEFT (``peft.tuners.tuners_utils.check_target_module_exi
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 "using the layer's own weight layout",
                 stacklevel=2,
             )
-    state = _AdapterState(config=config)
+    state = _AdapterState(config=copy.deepcopy(config))  # later edits to the caller's config change nothing
     for param in model.parameters():
         if param.requires_grad:
             param.requires_grad_(False)
