@@ -95,7 +95,7 @@ def test_unload_restores_plain_layers_and_trainability(toy: Toy, toy_input: torc
     before = toy(toy_input)
     config = AdapterConfig(r=2, target_modules=["q_proj"])
     inject_adapters(toy, config)
-    assert adapter_config(toy) is config and isinstance(toy.model.layers[0].self_attn["q_proj"], AdapterLinear)
+    assert adapter_config(toy) == config and adapter_config(toy) is not config and isinstance(toy.model.layers[0].self_attn["q_proj"], AdapterLinear)
     with pytest.raises(ValueError, match="already holds adapters"):
         inject_adapters(toy, config)
     randomize_b(toy)
