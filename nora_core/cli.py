@@ -55,11 +55,15 @@ def _load_toml(ctx: click.Context, param: click.Parameter, value: str | None) ->
         raise _UserError(f"{value}: cannot read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise _UserError(f"{value}: invalid TOML ({exc})") from None
-    known = {p.name for p in ctx.command.params if p.name}
+    known: dict[str, str] = {}  # "model", "model_dir" -> "model_dir"; "r", "rank" -> "rank"
+    for p in ctx.command.params:
+        if p.name and p.name != "config":
+            for alias in [p.name, *getattr(p, "opts", [])]:
+                known[alias.lstrip("-").replace("-", "_")] = p.name
     defaults = {}
     for key, item in data.items():
-        name = key.replace("-", "_")
-        if name not in known or name == "config":
+        name = known.get(key.replace("-", "_"))
+        if name is None:
             raise _UserError(f"{value}: unknown key {key!r} (use the option names of `nora train --help`)")
         if isinstance(item, list):
             item = ",".join(str(v) for v in item)
@@ -141,7 +145,7 @@ def _run_or_fail(fn: Any, *args: Any, **kwargs: Any) -> Any:
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Global batch (sequences per step).")
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True, help="Linear warmup steps.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Linear warmup steps (at most --steps).")
 @click.option("--min-lr-ratio", type=float, default=0.1, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Max grad norm (0 disables).")
@@ -185,7 +189,7 @@ def _train_from_options(opts: dict[str, Any]) -> Any:
     _run_or_fail(inject_adapters, model, adapter)
     config = _run_or_fail(
         TrainConfig, run_dir=opts["run_dir"], steps=opts["steps"], batch_size=opts["batch_size"],
-        grad_accum_steps=opts["grad_accum"], lr=opts["lr"], warmup_steps=opts["warmup"],
+        grad_accum_steps=opts["grad_accum"], lr=opts["lr"], warmup_steps=min(opts["warmup"], opts["steps"]),
         min_lr_ratio=opts["min_lr_ratio"], weight_decay=opts["weight_decay"],
         grad_clip=opts["grad_clip"] or None, bf16=opts["bf16"], seed=opts["seed"], device=opts["device"],
         eval_every=opts["eval_every"], eval_batches=opts["eval_batches"], save_every=opts["save_every"],
@@ -197,7 +201,8 @@ def _train_from_options(opts: dict[str, Any]) -> Any:
 
 def _echo_result(result: Any) -> None:
     click.echo(f"run_dir: {result.run_dir}")
-    parts = [f"steps: {result.steps}", f"train_loss: {result.train_loss:.4f}"]
+    loss = "-" if result.train_loss is None else f"{result.train_loss:.4f}"  # None: nothing left to train
+    parts = [f"steps: {result.steps}", f"train_loss: {loss}"]
     if result.val_loss is not None:
         parts += [f"val_loss: {result.val_loss:.4f}", f"val_ppl: {result.val_ppl:.3f}"]
     parts.append(f"tokens/s: {result.tokens_per_s:.0f}")
@@ -302,10 +307,18 @@ def _spectra_report_hook(out: Path, run_dirs: list[Path]) -> None:
 @click.option("--ranks", default="4,16", show_default=True)
 @click.option("--pretrain-steps", type=int, default=DEMO_DEFAULTS["base"]["steps"], show_default=True)
 @click.option("--finetune-steps", type=int, default=DEMO_DEFAULTS["finetune_steps"], show_default=True)
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="torch CPU threads (0: torch's default). 1 is faster on a machine busy with other work.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def demo_command(out: str, methods: str, ranks: str, pretrain_steps: int, finetune_steps: int, progress: bool) -> None:
+def demo_command(
+    out: str, methods: str, ranks: str, pretrain_steps: int, finetune_steps: int, threads: int, progress: bool
+) -> None:
     """Pretrain a small GPT (cached), fine-tune LoRA and NoRA at two ranks on arithmetic, analyse spectra."""
     started = time.perf_counter()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     root = Path(out)
     summary = _run_or_fail(
         run_demo, root, methods=_csv(methods), ranks=[int(r) for r in _csv(ranks)],

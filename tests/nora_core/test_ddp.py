@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from nora_core import TrainConfig, train
-from tests.nora_core.test_trainer import tiny_data, tiny_model
+from tests.nora_core.test_trainer import single_thread, tiny_data, tiny_model  # noqa: F401 (autouse)
 
 STEPS = 6
 
@@ -51,14 +51,9 @@ def _free_port() -> int:
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = tiny_model(seed=0)
-        data, val = tiny_data(n=32)
-        single = train(model, _config(str(tmp_path / "single"), accum=2), data, val)
-    finally:
-        torch.set_num_threads(threads)
+    model = tiny_model(seed=0)
+    data, val = tiny_data(n=32)
+    single = train(model, _config(str(tmp_path / "single"), accum=2), data, val)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     want = {k: v for k, v in model.state_dict().items() if "lora_" in k}

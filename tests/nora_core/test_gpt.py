@@ -9,6 +9,7 @@ import torch
 
 from nora_core import AdapterConfig, inject_adapters
 from nora_core.models import GPT, GPTConfig
+from tests.nora_core.test_trainer import single_thread  # noqa: F401 (autouse fixture)
 
 SMALL = GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=16)
 

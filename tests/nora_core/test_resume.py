@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from nora_core import TrainConfig, train
-from tests.nora_core.test_trainer import tiny_data, tiny_model
+from tests.nora_core.test_trainer import single_thread, tiny_data, tiny_model  # noqa: F401 (autouse)
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 24
@@ -39,14 +38,7 @@ def _run(run_dir: str, *, resume: bool = False, sleep: float = 0.0) -> None:
     train(model, cfg, data, val)
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_sigkill_then_resume_is_bit_exact(tmp_path: Path, one_thread: None) -> None:
+def test_sigkill_then_resume_is_bit_exact(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     code = f"from tests.nora_core.test_resume import _run; _run({str(killed)!r}, sleep=0.05)"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -20,6 +20,15 @@ from nora_core.trainer import NonFiniteLossError, evaluate, get_lr, latest_check
 # ------------------------------------------------------------------------------ shared tiny setup
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run as fast on one thread, and two OpenMP threads crawl on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(method: str = "lora", r: int = 4, dropout: float = 0.0, seed: int = 0) -> nn.Module:
     """A 1-layer, 32-wide GPT with adapters on q_proj and v_proj, deterministic for ``seed``."""
     torch.manual_seed(seed)
