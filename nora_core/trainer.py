@@ -194,8 +194,9 @@ class TrainResult:
         best_val_loss: lowest validation loss seen, and ``best_step`` where.
         best_step: step of ``best_val_loss``.
         tokens: input tokens processed in this call (all processes).
-        elapsed_s: wall time of this call.
-        tokens_per_s: ``tokens / elapsed_s`` (training steps only).
+        elapsed_s: seconds spent in training steps in this call (evaluation, tracking and checkpoint
+            writing excluded).
+        tokens_per_s: ``tokens / elapsed_s``.
         resumed_from: the checkpoint step the run resumed from, or None.
         run_dir: the run directory, or None.
         history: every metrics record of this call (the lines added to ``metrics.jsonl``).

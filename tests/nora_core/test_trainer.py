@@ -165,6 +165,15 @@ def test_models_returning_an_object_with_logits_are_accepted() -> None:
     assert result.steps == 2 and math.isfinite(result.train_loss)
 
 
+def test_bf16_autocast_trains_with_finite_losses() -> None:
+    model = tiny_model()
+    data, val = tiny_data(n=8)
+    result = train(model, TrainConfig(steps=3, batch_size=4, lr=1e-2, bf16=True), data, val)
+    assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
+    assert all(v.dtype == torch.float32 for v in adapter_weights(model).values())  # master weights stay fp32
+    assert any(v.abs().sum() > 0 for k, v in adapter_weights(model).items() if "lora_B" in k)
+
+
 def test_a_model_without_trainable_parameters_is_refused() -> None:
     model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=96)).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
