@@ -284,20 +284,27 @@ def _base_is_cached(base: Path, settings: dict[str, Any]) -> bool:
     ) == settings
 
 
-def _spectra_report_hook(out: Path, run_dirs: list[Path]) -> None:
-    """HOOK(spectra report): render the HTML report of the demo runs.
+def _spectra_report_hook(out: Path, run_dirs: list[Path]) -> str:
+    """HOOK(spectra report): render the demo's HTML report with ``spectra report`` (nora_spectra.cli).
 
-    ``spectra report`` (nora_spectra.cli.report, another issue) renders loss curves and
-    effective-rank trajectories from ``metrics.jsonl`` and the analysis JSON. Until it exists this
-    only says which command to run. When it lands, call it here on ``run_dirs``, writing
-    ``out / "report.html"``.
+    ``spectra report RUN_DIR...`` reads each run's ``metrics.jsonl`` (loss curves, effective-rank
+    trajectories) and final adapter. It belongs to nora_spectra; if it is missing or fails, the demo
+    still succeeds and says which command to run.
+
+    Returns:
+        ``"wrote PATH"``, or the command line to run by hand.
     """
-    import importlib.util
+    target = out / "report.html"
+    labels = ",".join(d.name for d in run_dirs)
+    args = ["report", *(str(d) for d in run_dirs), "--labels", labels, "-o", str(target), "--quiet"]
+    try:
+        from nora_spectra.cli.main import cli as spectra_cli
 
-    if importlib.util.find_spec("nora_spectra.cli.report") is None:
-        logger.info("spectra report is not available yet; the JSON analyses are in %s", out / "runs")
-        return
-    logger.info("report: spectra report %s -o %s", " ".join(str(d) for d in run_dirs), out / "report.html")
+        spectra_cli.main(args=args, prog_name="spectra", standalone_mode=False)
+        return f"wrote {target}"
+    except Exception as exc:  # noqa: BLE001 - the report is optional; the runs are already written
+        logger.warning("spectra report failed (%s); run it by hand", exc)
+        return "spectra " + " ".join(args[:-1])
 
 
 @cli.command("demo")
@@ -326,11 +333,14 @@ def demo_command(
     )
     click.echo(f"{'run':<10} {'val_loss':>9} {'val_ppl':>8} {'erank':>7} {'util':>6}  analysis")
     for row in summary:
+        if "report_command" in row:
+            continue
         erank = "-" if row["effective_rank"] is None else f"{row['effective_rank']:.2f}"
         util = "-" if row["utilization"] is None else f"{row['utilization']:.2f}"
         click.echo(f"{row['run']:<10} {row['val_loss']:>9.4f} {row['val_ppl']:>8.3f} {erank:>7} {util:>6}  "
                    f"{row['analysis'] or '-'}")
     click.echo(f"done in {time.perf_counter() - started:.1f} s; runs in {root / 'runs'}")
+    click.echo(f"report: {summary[-1]['report_command']}")  # "wrote PATH" or the command to run
 
 
 def run_demo(
@@ -341,7 +351,8 @@ def run_demo(
 
     Returns:
         One row per run: ``run``, ``val_loss``, ``val_ppl``, ``effective_rank`` and ``utilization``
-        (means over modules at the last tracked step) and ``analysis`` (path of the JSON, or None).
+        (means over modules at the last tracked step) and ``analysis`` (path of the JSON, or None);
+        then a last row ``{"report_command": ...}`` from the report hook.
     """
     from nora_core.arithmetic import arithmetic_splits
     from nora_core.config import AdapterConfig
@@ -399,7 +410,7 @@ def run_demo(
                 "analysis": _write_analysis(run_dir),
             })
             run_dirs.append(run_dir)
-    _spectra_report_hook(root, run_dirs)
+    summary.append({"report_command": _spectra_report_hook(root, run_dirs)})
     return summary
 
 

@@ -96,11 +96,12 @@ def test_demo_in_miniature_writes_analyses_and_caches_the_base(tmp_path: Path, c
             "--ranks", "2", "--no-progress"]
     code, out, err = run(argv, capsys)
     assert code == 0, err
-    assert "lora-r2" in out and "nora-r2" in out and "done in" in out
+    assert "lora-r2" in out and "nora-r2" in out and "done in" in out and "report: wrote " in out
     for name in ("lora-r2", "nora-r2"):
         analysis = json.loads((tmp_path / "demo" / "runs" / name / "analysis.json").read_text())
         assert len(analysis["layers"]) == 8  # q_proj and v_proj of 4 layers
         assert (tmp_path / "demo" / "runs" / name / "metrics.jsonl").is_file()
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 0
     stamp = (tmp_path / "demo" / "base" / "model.safetensors").stat().st_mtime_ns
     code, _, _ = run(argv + ["--methods", "lora"], capsys)
     assert code == 0 and (tmp_path / "demo" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
