@@ -266,11 +266,11 @@ def pretrain_command(out: str, **opts: Any) -> None:
 
 #: Settings of ``nora demo``, sized to finish within 3 minutes on 2 CPU cores (see docs/training.md).
 DEMO_DEFAULTS: dict[str, Any] = {
-    "base": {"steps": 300, "batch_size": 16, "block_size": 128, "n_layer": 4, "n_embd": 128, "n_head": 4,
+    "base": {"steps": 250, "batch_size": 16, "block_size": 128, "n_layer": 4, "n_embd": 128, "n_head": 4,
              "lr": 2e-3, "corpus_bytes": 1_000_000, "seed": 0},
     "n_train": 2000,
     "n_val": 128,
-    "finetune_steps": 120,
+    "finetune_steps": 100,
     "batch_size": 16,
     "lr": 5e-3,
     "track_every": 20,
@@ -314,8 +314,9 @@ def _spectra_report_hook(out: Path, run_dirs: list[Path]) -> str:
 @click.option("--ranks", default="4,16", show_default=True)
 @click.option("--pretrain-steps", type=int, default=DEMO_DEFAULTS["base"]["steps"], show_default=True)
 @click.option("--finetune-steps", type=int, default=DEMO_DEFAULTS["finetune_steps"], show_default=True)
-@click.option("--threads", type=int, default=0, show_default=True,
-              help="torch CPU threads (0: torch's default). 1 is faster on a machine busy with other work.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch CPU threads (0: torch's default). One thread keeps the small model fast even on a "
+                   "machine busy with other work, where competing OpenMP threads slow it down many times.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def demo_command(
     out: str, methods: str, ranks: str, pretrain_steps: int, finetune_steps: int, threads: int, progress: bool

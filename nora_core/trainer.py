@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -788,7 +788,7 @@ class _Trainer:
                     raise NonFiniteLossError(
                         f"non-finite training loss ({step_loss}) or gradient norm ({norm}) at step "
                         f"{self.step + 1}; stopped before the optimizer step. Last good checkpoint: {where}. "
-                        "Lower the learning rate, enable bf16 off/grad_clip, or check the data, then resume."
+                        "Lower the learning rate, keep grad_clip on, or check the data, then resume from it."
                     )
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
