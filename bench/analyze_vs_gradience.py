@@ -101,29 +101,32 @@ import os, resource, subprocess, sys, time, json
 t0 = time.perf_counter()
 proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 wall = time.perf_counter() - t0
-rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"wall": wall, "rss_mb": rss_kb / 1024, "rc": proc.returncode, "err": proc.stderr.decode()[-500:]}))
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+                  "rc": proc.returncode, "err": proc.stderr.decode()[-500:]}))
 """
 
 
-def run_measured(cmd: list[str]) -> dict:
-    """Run ``cmd`` as a whole process under a fresh timer process; return wall s, peak RSS MB, rc.
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``cmd`` as a whole process under a fresh timer process; return wall s, CPU s, peak RSS MB, rc.
 
     The timer is a new interpreter per run, so ``RUSAGE_CHILDREN`` holds exactly this command's peak
     resident set size (its largest descendant).
     """
-    out = subprocess.run([sys.executable, "-c", _TIMER, *cmd], capture_output=True, text=True, check=True)
+    full_env = {**os.environ, **(env or {})}
+    out = subprocess.run([sys.executable, "-c", _TIMER, *cmd], capture_output=True, text=True, check=True, env=full_env)
     return json.loads(out.stdout)
 
 
-def _median_runs(cmd: list[str], repeats: int) -> dict:
-    run_measured(cmd)  # warm the page cache and the interpreter's .pyc files
-    runs = [run_measured(cmd) for _ in range(repeats)]
+def _median_runs(cmd: list[str], repeats: int, env: dict[str, str] | None = None) -> dict:
+    run_measured(cmd, env)  # warm the page cache and the interpreter's .pyc files
+    runs = [run_measured(cmd, env) for _ in range(repeats)]
     if any(r["rc"] != 0 for r in runs):
         bad = next(r for r in runs if r["rc"] != 0)
         raise SystemExit(f"command failed (rc {bad['rc']}): {' '.join(cmd)}\n{bad['err']}")
     return {
         "wall": statistics.median(r["wall"] for r in runs),
+        "cpu": statistics.median(r["cpu"] for r in runs),
         "rss_mb": statistics.median(r["rss_mb"] for r in runs),
         "walls": [round(r["wall"], 3) for r in runs],
     }
@@ -191,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradience", default="/tmp/gradvenv/bin/gradience")
     parser.add_argument("--skip-dense", action="store_true", help="skip the (slow, ~10 s per shape) dense SVDs")
     parser.add_argument("--keep", action="store_true", help="keep the generated adapters")
+    parser.add_argument("--single-thread-gradience", action="store_true",
+                        help="also time gradience with OMP/MKL/OpenBLAS limited to one thread (torch's intra-op "
+                             "threads spin badly on a busy machine)")
     args = parser.parse_args(argv)
 
     spectra = str(Path(sys.executable).with_name("spectra"))
@@ -198,16 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     if not have_gradience:
         print(f"gradience not found at {args.gradience}: comparing with the reference numbers", file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="spectra-bench-"))
-    print(f"machine: {os.cpu_count()} CPUs visible; python {sys.version.split()[0]}; numpy {np.__version__}")
+    print(f"machine: {os.cpu_count()} CPUs visible; python {sys.version.split()[0]}; numpy {np.__version__}; "
+          f"load average at start {os.getloadavg()[0]:.1f}")
     results = []
     try:
         for r in args.ranks:
             directory = make_llama2_adapter(workdir / f"r{r}", r)
             size_mb = (directory / "adapter_model.safetensors").stat().st_size / 2**20
             ours = _median_runs([spectra, "analyze", str(directory), "--format", "json", "--quiet"], args.repeats)
+            gradience_cmd = [args.gradience, "audit", "--peft-dir", str(directory), "--json"]
             if have_gradience:
-                theirs = _median_runs([args.gradience, "audit", "--peft-dir", str(directory), "--json"], args.repeats)
+                theirs = _median_runs(gradience_cmd, args.repeats)
                 source = "measured"
+                if args.single_thread_gradience:
+                    one = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+                    theirs["single_thread"] = _median_runs(gradience_cmd, args.repeats, one)
             else:
                 wall, rss = REFERENCE_GRADIENCE.get(r, (float("nan"), float("nan")))
                 theirs = {"wall": wall, "rss_mb": rss, "walls": []}
@@ -220,18 +231,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"adapters kept in {workdir}")
 
-    print("\nwhole process, median of", args.repeats, "runs after one warm-up (target: ratio <= 0.50)")
-    print(f"{'r':>3} {'file MB':>8} {'spectra s':>10} {'gradience s':>12} {'time ratio':>10} "
-          f"{'spectra MB':>11} {'gradience MB':>13} {'RSS ratio':>9}  gradience")
+    print(f"\nwhole process, median of {args.repeats} runs after one warm-up (target: ratio <= 0.50); "
+          f"load average now {os.getloadavg()[0]:.1f}")
+    print(f"{'r':>3} {'file MB':>8} {'spectra s':>10} {'other s':>8} {'time ratio':>10} {'spectra cpu':>11} "
+          f"{'other cpu':>9} {'spectra MB':>11} {'other MB':>9} {'RSS ratio':>9}  other")
     for r, size_mb, ours, theirs, source, _ in results:
-        rows = [(theirs, source)]
+        rows = [(theirs, f"gradience ({source})")]
+        if "single_thread" in theirs:
+            rows.append((theirs["single_thread"], "gradience, 1 thread (measured)"))
         if source == "measured" and r in REFERENCE_GRADIENCE:
             wall, rss = REFERENCE_GRADIENCE[r]
-            rows.append(({"wall": wall, "rss_mb": rss}, "reference (REFERENCE.md, 2-core machine)"))
+            rows.append(({"wall": wall, "rss_mb": rss}, "gradience (REFERENCE.md, idle 2-core machine)"))
         for other, label in rows:
-            print(f"{r:>3} {size_mb:>8.0f} {ours['wall']:>10.2f} {other['wall']:>12.2f} "
-                  f"{ours['wall'] / other['wall']:>10.2f} {ours['rss_mb']:>11.0f} {other['rss_mb']:>13.0f} "
-                  f"{ours['rss_mb'] / other['rss_mb']:>9.2f}  {label}")
+            other_cpu = f"{other['cpu']:>9.2f}" if "cpu" in other else f"{'-':>9}"
+            print(f"{r:>3} {size_mb:>8.0f} {ours['wall']:>10.2f} {other['wall']:>8.2f} "
+                  f"{ours['wall'] / other['wall']:>10.2f} {ours['cpu']:>11.2f} {other_cpu} "
+                  f"{ours['rss_mb']:>11.0f} {other['rss_mb']:>9.0f} {ours['rss_mb'] / other['rss_mb']:>9.2f}  {label}")
     print("\nwhere our time goes (one in-process run, seconds)")
     for r, _, _, _, _, profile in results:
         print(f"  r={r}: " + ", ".join(f"{k} {v:.3f}" for k, v in profile.items()))
