@@ -23,6 +23,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Union
 
 from nora_spectra.errors import UsageError
+from nora_spectra.plots import PlotMethods
 from nora_spectra.summary import summarize
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,8 +124,11 @@ def _name_list(names: Sequence[str], limit: int = 3) -> str:
 
 
 @dataclasses.dataclass
-class Analysis:
+class Analysis(PlotMethods):
     """The spectra of one adapter checkpoint: one record per adapter module, and their summary.
+
+    In Jupyter it renders as an HTML table (``_repr_html_``); ``plot_spectrum``, ``plot_effective_rank``,
+    ``plot_utilization`` and ``plot_energy`` return matplotlib figures (see :mod:`nora_spectra.plots`).
 
     Attributes:
         checkpoint: the analysed path, as given.
@@ -150,6 +154,11 @@ class Analysis:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _repr_html_(self) -> str:
+        from nora_spectra.render.html import analysis_html
+
+        return analysis_html(self)
 
     @property
     def layers(self) -> "pd.DataFrame":

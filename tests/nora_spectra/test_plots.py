@@ -147,3 +147,14 @@ def test_plot_methods_and_png_output(comparison, tmp_path: Path) -> None:
     assert len(plots.series_of([("x", single), single])) == 2
     with pytest.raises(ValueError):
         plots.series_of(comparison, labels=["too", "few"])
+
+
+def test_analysis_renders_in_notebooks_and_offers_plot_methods(comparison) -> None:
+    analysis = comparison.analyses[0]
+    html = analysis._repr_html_()
+    for record in analysis.records:
+        assert record["module"] in html
+        assert f'data-value="{record["effective_rank"]!r}"' in html or repr(record["effective_rank"]) in html
+    fig = analysis.plot_spectrum()
+    assert len(fig.axes[0].get_lines()) == 1
+    assert analysis.plot_utilization().axes and analysis.plot_energy().axes
