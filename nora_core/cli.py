@@ -200,6 +200,8 @@ def _train_from_options(opts: dict[str, Any]) -> Any:
 
 
 def _echo_result(result: Any) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     click.echo(f"run_dir: {result.run_dir}")
     loss = "-" if result.train_loss is None else f"{result.train_loss:.4f}"  # None: nothing left to train
     parts = [f"steps: {result.steps}", f"train_loss: {loss}"]
