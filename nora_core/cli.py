@@ -16,11 +16,15 @@ import os
 import shutil
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 uses the backport declared in pyproject.toml
+    import tomli as tomllib
 
 __all__ = ["cli", "main", "DEMO_DEFAULTS"]
 
