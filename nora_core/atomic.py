@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -19,6 +20,9 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file next to ``path``; on a clean exit, fsync it and rename it onto ``path``.
 
+    A symlink at ``path`` is followed (its target is replaced, the link stays). The new file keeps the
+    permissions of the file it replaces; a new file gets ``0666 & ~umask``, as ``open()`` would give.
+
     Args:
         path: final destination. Its parent directory must exist.
         mode: ``"wb"`` or ``"w"`` (text, UTF-8).
@@ -28,26 +32,27 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
-    target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    target = Path(os.path.realpath(path))
+    try:
+        keep_mode: int | None = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        keep_mode = None
+    tmp_name = str(target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp")
+    # os.open applies the umask to 0o666 itself (mkstemp would force 0600).
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give what open() would
+        if keep_mode is not None:
+            os.chmod(tmp_name, keep_mode)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -40,3 +40,24 @@ def test_rejects_modes_other_than_write(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with atomic_write(tmp_path / "x", "a"):
             pass
+
+
+def test_existing_file_keeps_its_permissions(tmp_path):
+    target = tmp_path / "private.json"
+    target.write_text("old")
+    target.chmod(0o600)
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_symlink_is_followed_not_replaced(tmp_path):
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "target.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    atomic_write_text(link, "new")
+    assert link.is_symlink()
+    assert real.read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["target.json"]
