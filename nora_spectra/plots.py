@@ -110,6 +110,24 @@ def _spectra(analysis: "Analysis", module: str | None, module_type: str | None) 
     return out
 
 
+def _check_module(pairs: Sequence[tuple[str, "Analysis"]], module: str | None) -> None:
+    """Raise ValueError when ``module`` is given but no checkpoint has a module of that name.
+
+    A misspelled name would otherwise give an empty plot; the message lists a few available modules.
+    """
+    if module is None:
+        return
+    available: list[str] = []
+    for _, analysis in pairs:
+        for rec in analysis.records:
+            if rec["module"] == module:
+                return
+            if rec["module"] not in available:
+                available.append(rec["module"])
+    shown = ", ".join(available[:5]) + (f", ... (+{len(available) - 5} more)" if len(available) > 5 else "")
+    raise ValueError(f"no module named {module!r} in the data; available modules: {shown or 'none'}")
+
+
 def _scope(module: str | None, module_type: str | None) -> str:
     if module is not None:
         return f"module {module}"
@@ -145,12 +163,17 @@ def spectrum_decay(
 
     Returns:
         The Figure (one axes).
+
+    Raises:
+        ValueError: ``average`` is unknown, or ``module`` is in none of the checkpoints.
     """
     if average not in AVERAGING:
         raise ValueError(f"average must be one of {', '.join(AVERAGING)}, got {average!r}")
+    pairs = series_of(data, labels)
+    _check_module(pairs, module)
     fig = _figure(*figsize)
     ax = fig.add_subplot()
-    for i, (label, analysis) in enumerate(series_of(data, labels)):
+    for i, (label, analysis) in enumerate(pairs):
         spectra = _spectra(analysis, module, module_type)
         if not spectra:
             continue
@@ -373,11 +396,16 @@ def cumulative_energy(
         marks: energy levels to draw as horizontal reference lines.
         figsize: inches.
         title: overrides the generated title.
+
+    Raises:
+        ValueError: ``module`` is in none of the checkpoints.
     """
+    pairs = series_of(data, labels)
+    _check_module(pairs, module)
     fig = _figure(*figsize)
     ax = fig.add_subplot()
     width = 1
-    for i, (label, analysis) in enumerate(series_of(data, labels)):
+    for i, (label, analysis) in enumerate(pairs):
         spectra = _spectra(analysis, module, module_type)
         if not spectra:
             continue

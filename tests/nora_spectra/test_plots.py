@@ -158,3 +158,14 @@ def test_analysis_renders_in_notebooks_and_offers_plot_methods(comparison) -> No
     fig = analysis.plot_spectrum()
     assert len(fig.axes[0].get_lines()) == 1
     assert analysis.plot_utilization().axes and analysis.plot_energy().axes
+
+
+@pytest.mark.parametrize("plot", [plots.spectrum_decay, plots.cumulative_energy])
+def test_unknown_module_is_an_error_naming_it_and_some_available_ones(comparison, plot) -> None:
+    with pytest.raises(ValueError) as info:
+        plot(comparison, module="nonexistent")
+    message = str(info.value)
+    assert "'nonexistent'" in message
+    assert comparison.analyses[0].records[0]["module"] in message
+    # a module that only some checkpoints have is fine (those draw no line)
+    plot(comparison, module="model.layers.0.self_attn.o_proj")
