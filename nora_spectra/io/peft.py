@@ -60,7 +60,7 @@ def resolve_adapter_directory(directory: str, adapter: str | None) -> tuple[str,
             [f"no adapter_config.json at the top; loaded the only adapter, {named[0]!r}"],
         )
     if named:
-        raise CheckpointError(directory, f"several adapters, choose one with adapter=NAME: {', '.join(named)}")
+        raise CheckpointError(directory, f"several adapters, choose one with --adapter NAME (adapter=NAME in Python): {', '.join(named)}")
     weights = [e for e in entries if e.endswith((".safetensors", ".bin"))]
     if weights:
         raise CheckpointError(
