@@ -8,6 +8,7 @@ torch is imported here, lazily: the safetensors path never imports it.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import numpy as np
@@ -60,10 +61,7 @@ class TorchBinFile:
                 warnings.simplefilter("ignore")  # e.g. "pickle protocol 4": irrelevant to the user
                 state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a hostile or broken pickle
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(
-                self.path, f"refused to load the pickle (torch.load weights_only=True): {first_line}"
-            ) from exc
+            raise CheckpointError(self.path, _refusal(exc)) from exc
         if not isinstance(state, dict):
             raise CheckpointError(self.path, f"expected a state dict, got {type(state).__name__}")
         self._tensors: dict = {}
@@ -111,3 +109,19 @@ class TorchBinFile:
         import torch
 
         return self._tensors[name].detach().to(dtype=torch.float64).numpy().copy()
+
+
+def _refusal(exc: Exception) -> str:
+    """Our one-line reason for a pickle that ``torch.load(weights_only=True)`` refused.
+
+    torch's message advises retrying with ``weights_only=False``, which would run the file's code, and
+    asks to file an issue: keep only its specific reason ("unsupported GLOBAL posix.system",
+    "Unsupported operand 149"), never the advice.
+    """
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return f"not a readable torch checkpoint ({first})"
+    found = re.search(r"unsupported GLOBAL [\w.]+|Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+", text)
+    detail = found.group(0) if found else "objects other than tensors"
+    return f"refused to unpickle: the file could run code or is not a tensor state dict ({detail})"
