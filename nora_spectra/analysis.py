@@ -370,9 +370,10 @@ def analyze(
 
     messages = list(getattr(checkpoint, "warnings", None) or [])
     skipped = [(str(name), str(reason)) for name, reason in (getattr(checkpoint, "skipped", None) or [])]
-    if skipped:
+    if skipped and not any(message.startswith("skipped ") for message in messages):
+        # the io reader already words this warning (with the tensor count); other readers may not
         messages.append(
-            f"skipped {_plural(len(skipped), 'tensor')} (not adapter factors): "
+            f"skipped {_plural(len(skipped), 'module')} that are not low-rank adapter factors: "
             + _name_list([f"{name} ({reason})" for name, reason in skipped])
         )
     messages.extend(_layer_warnings(records))

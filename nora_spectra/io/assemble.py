@@ -5,10 +5,32 @@ from __future__ import annotations
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import AdapterSettings
 from nora_spectra.io.checkpoint import Checkpoint, LayerScale, TensorSource
-from nora_spectra.io.keys import scan_keys
+from nora_spectra.io.keys import PEFT_PREFIX, _dense_module, scan_keys
 from nora_spectra.io.safetensors_file import check_readable
 
 __all__ = ["assemble_checkpoint"]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _skipped_warning(skipped: list[tuple[str, str]], names: list[str]) -> str:
+    """The one warning about skipped tensors: how many tensors (not groups), and which modules and why.
+
+    ``skipped`` holds one (module, reason) per group of dense tensors (``head.weight`` and ``head.bias``
+    are one group, ``head``); the tensor count is taken from the file's keys.
+    """
+    groups = {module for module, _ in skipped}
+    tensors = sum(1 for name in names if _dense_module(name.removeprefix(PEFT_PREFIX)) in groups)
+    tensors = max(tensors, len(skipped))
+    shown = "; ".join(f"{module} ({reason})" for module, reason in skipped[:3])
+    if len(skipped) > 3:
+        shown += f"; ... (+{len(skipped) - 3} more)"
+    return (
+        f"skipped {_plural(tensors, 'tensor')} of {_plural(len(skipped), 'module')} that are not low-rank "
+        f"adapter factors: {shown}"
+    )
 
 
 def assemble_checkpoint(
@@ -87,7 +109,7 @@ def assemble_checkpoint(
     if any(plan.has_bias for plan in scan.plans):
         warnings.append("lora_B.bias tensors are ignored: a bias is not part of the update's spectrum")
     if scan.skipped:
-        warnings.append(f"skipped {len(scan.skipped)} full dense tensor group(s) that are not low-rank updates")
+        warnings.append(_skipped_warning(scan.skipped, [info.name for info in infos]))
     return Checkpoint(
         path=path,
         format=fmt,

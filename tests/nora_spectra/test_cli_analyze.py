@@ -128,6 +128,21 @@ def test_nan_and_zero_layers_exit_0_with_warnings(mixed, capsys):
     assert "NaN/Inf" in err and "all-zero" in err
 
 
+def test_modules_to_save_gives_one_skipped_warning_counting_tensors(tmp_path, capsys):
+    from nora_spectra.io.keys import PEFT_PREFIX
+    from tests.nora_spectra.io_builders import lora_tensors, peft_dir
+
+    tensors = lora_tensors({"model.layers.0.self_attn.q_proj": (6, 5, 4)})
+    tensors[PEFT_PREFIX + "head.weight"] = np.ones((2, 5), np.float32)
+    tensors[PEFT_PREFIX + "head.bias"] = np.ones(2, np.float32)
+    path = peft_dir(tmp_path / "saved", tensors, r=4, target_modules=["q_proj"], modules_to_save=["head"])
+    code, _, err = run(["analyze", str(path), "--effective-rank"], capsys)
+    assert code == 0
+    lines = [line for line in err.splitlines() if "skipped" in line]
+    assert len(lines) == 1, err
+    assert "skipped 2 tensors of 1 module" in lines[0] and "head (modules_to_save" in lines[0]
+
+
 def test_quiet_silences_stderr(mixed, capsys):
     code, out, err = run(["analyze", str(mixed), "-q"], capsys)
     assert code == 0 and err == "" and "non_finite" in out

@@ -207,7 +207,11 @@ def test_dora_flag_and_modules_to_save_skipped(tmp_path):
     assert set(skipped) == {"score", "model.embed_tokens"}
     assert "modules_to_save" in skipped["score"] and "[2, 5]" in skipped["score"]
     assert "embedding" in skipped["model.embed_tokens"]
-    assert any("DoRA" in w for w in ckpt.warnings) and any("skipped 2" in w for w in ckpt.warnings)
+    assert any("DoRA" in w for w in ckpt.warnings) and [w for w in ckpt.warnings if "skipped" in w] == [
+        "skipped 3 tensors of 2 modules that are not low-rank adapter factors: model.embed_tokens "
+        "(saved embedding layer: full dense weights (weight [11, 5]), not a low-rank update); score "
+        "(modules_to_save: full dense weights (bias [2], weight [2, 5]), not a low-rank update)"
+    ]
 
 
 def test_dora_magnitude_with_weight_suffix(tmp_path):
