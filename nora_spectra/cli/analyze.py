@@ -61,7 +61,7 @@ def write_result(text: str, output: str | None, *, quiet: bool) -> None:
     show_default=True,
     help="Flag a layer collapsed when effective_rank / r is below this.",
 )
-@click.option("--by-layer", is_flag=True, help="Also summarise by layer index (table format).")
+@click.option("--by-layer", is_flag=True, help="Also summarise by layer index (table and markdown).")
 @click.option("-q", "--quiet", is_flag=True, help="No warnings, messages or progress bar on stderr.")
 def command(
     paths: tuple[str, ...],
@@ -98,7 +98,4 @@ def command(
                 click.echo(f"spectra: warning: {analysis.checkpoint}: {message}", err=True)
         analyses.append(analysis)
     result = analyses[0] if len(analyses) == 1 else analyses
-    options = {"effective_rank": effective_rank}
-    if fmt == "table":
-        options["by_layer"] = by_layer
-    write_result(render(result, fmt, **options), output, quiet=quiet)
+    write_result(render(result, fmt, effective_rank=effective_rank, by_layer=by_layer), output, quiet=quiet)

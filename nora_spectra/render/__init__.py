@@ -31,8 +31,8 @@ def render(analyses: Union["Analysis", Sequence["Analysis"]], fmt: str = "table"
         analyses: one :class:`~nora_spectra.analysis.Analysis`, or a list (JSON then nests them under
             ``"checkpoints"``; the table prints them one after the other).
         fmt: ``"table"``, ``"json"``, ``"csv"`` or ``"markdown"``.
-        **options: ``effective_rank=True`` focuses the table and Markdown views; other options go to
-            the renderer as documented there.
+        **options: ``effective_rank=True`` focuses the table and Markdown views, ``by_layer=True`` adds
+            their per-layer summary (JSON and CSV ignore both); other options go to the renderer.
 
     Returns:
         The rendered text, newline-terminated.
@@ -49,7 +49,5 @@ def render(analyses: Union["Analysis", Sequence["Analysis"]], fmt: str = "table"
         return "\n".join(function(a, **options) for a in items)
     if fmt in ("json", "csv"):
         options.pop("effective_rank", None)
-        options.pop("by_layer", None)
-    if fmt == "markdown":
         options.pop("by_layer", None)
     return function(analyses, **options)

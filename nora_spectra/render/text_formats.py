@@ -5,7 +5,8 @@
 * CSV: one row per layer, columns ``checkpoint`` + :data:`~nora_spectra.analysis.LAYER_COLUMNS`.
   Floats are written with ``repr`` (they read back bit-exactly), list cells (``shape``,
   ``singular_values``) as JSON arrays, booleans as ``true``/``false``, missing values as empty cells.
-* Markdown: per checkpoint a heading, the summary and the layer table (numbers rounded for reading).
+* Markdown: per checkpoint a heading, the summary (by module type, optionally by layer index) and the
+  layer table (numbers rounded for reading).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _md_one(analysis: "Analysis", effective_rank: bool) -> str:
+def _md_one(analysis: "Analysis", effective_rank: bool, by_layer: bool = False) -> str:
     s = analysis.summary
     statuses = ", ".join(f"{name} {n}" for name, n in s["by_status"].items() if n) or "none"
     util = s["metrics"]["utilization"]
@@ -98,17 +99,19 @@ def _md_one(analysis: "Analysis", effective_rank: bool) -> str:
             ]
         ),
     ]
-    groups = s["by_module_type"]
-    if groups:
+    tables = [("module type", s["by_module_type"])]
+    if by_layer:
+        tables.append(("layer", s.get("by_layer_index") or {}))
+    for title, groups in tables:
+        if not groups:
+            continue
         rows = [
             [name, str(g["layers"]), cell(g["metrics"]["effective_rank"]["mean"], 4),
              cell(g["metrics"]["utilization"]["mean"], 4), cell(g["metrics"]["utilization"]["weighted_mean"], 4),
              str(g["collapsed"])]
             for name, g in groups.items()
         ]
-        parts.append(
-            _md_table(["module type", "layers", "mean erank", "mean util", "weighted util", "collapsed"], rows)
-        )
+        parts.append(_md_table([title, "layers", "mean erank", "mean util", "weighted util", "collapsed"], rows))
     if analysis.records:
         columns = COLUMN_SETS["effective_rank" if effective_rank else "full"]
         rows = layer_rows(analysis.records, columns)
@@ -120,6 +123,12 @@ def _md_one(analysis: "Analysis", effective_rank: bool) -> str:
     return "\n\n".join(parts)
 
 
-def render_markdown(analyses: Analyses, *, effective_rank: bool = False) -> str:
-    """A Markdown section per analysis: heading, summary bullets, module-type table, layer table, warnings."""
-    return "\n\n".join(_md_one(a, effective_rank) for a in _as_list(analyses)) + "\n"
+def render_markdown(analyses: Analyses, *, effective_rank: bool = False, by_layer: bool = False) -> str:
+    """A Markdown section per analysis: heading, summary bullets, module-type table, layer table, warnings.
+
+    Args:
+        analyses: one analysis or several.
+        effective_rank: the focused layer columns (module, r, effective rank, utilization, collapse, status).
+        by_layer: also a table of the summary grouped by layer index, after the module-type table.
+    """
+    return "\n\n".join(_md_one(a, effective_rank, by_layer) for a in _as_list(analyses)) + "\n"

@@ -85,6 +85,20 @@ def test_csv_and_markdown(ck, capsys):
     assert code == 0 and out.startswith("## ")
 
 
+def test_markdown_honours_by_layer(ck, capsys):
+    code, plain, _ = run(["analyze", str(ck), "--format", "markdown"], capsys)
+    assert code == 0 and "| layer | layers |" not in plain
+    code, out, _ = run(["analyze", str(ck), "--format", "markdown", "--by-layer"], capsys)
+    assert code == 0 and "| module type | layers |" in out
+    table = out.split("| layer | layers |", 1)[1].split("\n\n", 1)[0]
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["0", "1"]
+    # JSON and CSV are unchanged by --by-layer
+    for fmt in ("json", "csv"):
+        _, with_flag, _ = run(["analyze", str(ck), "--format", fmt, "--by-layer"], capsys)
+        _, without, _ = run(["analyze", str(ck), "--format", fmt], capsys)
+        assert with_flag == without
+
+
 def test_output_file_is_written_and_stdout_stays_empty(ck, tmp_path, capsys):
     target = tmp_path / "out" / "result.json"
     target.parent.mkdir()
