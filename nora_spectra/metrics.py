@@ -186,7 +186,7 @@ def spectrum_metrics(
         A dict with ``effective_rank``, ``stable_rank``, ``energy_rank_90``, ``energy_rank_99``,
         ``numerical_rank``, ``spectral_entropy``, ``utilization`` (``effective_rank / rank``),
         ``sigma_max``, ``frobenius_norm``, ``tail_energy``, ``participation_ratio``, ``collapsed`` and
-        ``status`` (``"ok"``, or ``"zero"`` for an all-zero update, which is never ``collapsed``).
+        ``status`` (``"ok"``, or ``"zero"`` for an all-zero update: utilization 0, so ``collapsed``).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
@@ -209,7 +209,7 @@ def spectrum_metrics(
         "frobenius_norm": float(sigma_max * math.sqrt(np.sum(_relative_energy(s)))),
         "tail_energy": tail_energy(s, rank),
         "participation_ratio": participation_ratio(s),
-        "collapsed": (not zero) and utilization < collapse_threshold,
+        "collapsed": utilization < collapse_threshold,
         "status": "zero" if zero else "ok",
     }
 

@@ -4,8 +4,9 @@ A layer record is the dict that :func:`nora_spectra.analysis.analyze` builds for
 (JSON field names fixed, see ``docs/metrics.md``). Every function here is a pure function of such
 records; renderers print these numbers and never recompute them.
 
-Averages are taken over the layers whose spectrum is known and non-zero (status ``"ok"`` or
-``"dora_direction_only"``); ``"zero"`` and ``"non_finite"`` layers are counted but not averaged.
+Averages are taken over the layers whose spectrum is known (status ``"ok"``,
+``"dora_direction_only"`` or ``"zero"``, whose metrics are exact zeros, so an untrained module pulls
+the means down instead of vanishing from them); ``"non_finite"`` layers are counted, not averaged.
 The rank-weighted mean uses the rank budget ``r`` as weight,
 
 .. math:: \\bar x_r = \\frac{\\sum_i r_i x_i}{\\sum_i r_i},
@@ -41,7 +42,7 @@ Record = Mapping[str, Any]
 STATUSES: tuple[str, ...] = ("ok", "dora_direction_only", "zero", "non_finite")
 
 #: statuses whose metrics enter means, medians and weighted means.
-AVERAGED_STATUSES: frozenset[str] = frozenset({"ok", "dora_direction_only"})
+AVERAGED_STATUSES: frozenset[str] = frozenset({"ok", "dora_direction_only", "zero"})
 
 #: per-layer metrics summarised (in this order).
 SUMMARY_METRICS: tuple[str, ...] = (

@@ -238,7 +238,7 @@ def test_zero_and_non_finite_layers_get_status_and_one_warning_each(tmp_path):
     by_module = {rec["module"]: rec for rec in result.records}
     zero = by_module["model.layers.1.self_attn.q_proj"]
     assert zero["status"] == "zero"
-    assert zero["effective_rank"] == 0 and zero["utilization"] == 0 and zero["collapsed"] is False
+    assert zero["effective_rank"] == 0 and zero["utilization"] == 0 and zero["collapsed"] is True
     assert zero["singular_values"] == [0.0] * 4
     bad = by_module["model.layers.1.mlp.down_proj"]
     assert bad["status"] == "non_finite"
@@ -249,10 +249,10 @@ def test_zero_and_non_finite_layers_get_status_and_one_warning_each(tmp_path):
     assert sum("NaN/Inf" in m for m in messages) == 1
     assert sum("all-zero" in m for m in messages) == 1
     assert any("model.layers.1.mlp.down_proj" in m for m in result.warnings)
-    # summary counts them but does not average them
+    # summary counts both, averages the zero layer as the zeros it is, skips the non-finite one
     assert result.summary["by_status"]["zero"] == 1
     assert result.summary["by_status"]["non_finite"] == 1
-    assert result.summary["analysed"] == 2
+    assert result.summary["analysed"] == 3
 
 
 def test_emit_warnings_false_is_silent_but_keeps_messages(tmp_path):

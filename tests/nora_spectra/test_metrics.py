@@ -85,7 +85,7 @@ def test_zero_update_has_status_zero_and_no_division_by_zero():
     assert got["status"] == "zero"
     assert got["effective_rank"] == 0.0
     assert got["utilization"] == 0.0
-    assert got["collapsed"] is False
+    assert got["collapsed"] is True  # utilization 0 is below any threshold > 0
     for name in ("stable_rank", "energy_rank_90", "numerical_rank", "sigma_max", "frobenius_norm",
                  "tail_energy", "participation_ratio", "spectral_entropy"):
         assert got[name] == 0

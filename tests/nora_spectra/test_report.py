@@ -126,7 +126,7 @@ def test_html_sections_in_order_with_collapse_warnings_first(html_report) -> Non
     order = [i for i in parser.ids if i in ("warnings", "summary", "modules", "plots", "configs")]
     assert order == ["warnings", "summary", "modules", "plots", "configs"]
     warnings_part = text[text.index('id="warnings"') : text.index('id="summary"')]
-    assert "<b>bad</b>: 1 of 3 layers collapsed" in warnings_part
+    assert "<b>bad</b>: 2 of 3 layers collapsed" in warnings_part  # the all-zero layer (utilization 0) too
     assert warnings_part.index("collapsed") < warnings_part.index("all-zero")
     assert "Spectra &lt;b&gt;&amp;&lt;/b&gt; co" in text  # the title is escaped
     assert '"peft_type": &quot;' not in text and "&quot;peft_type&quot;" in text  # configs shown, escaped
@@ -139,7 +139,10 @@ def test_report_data_comparison_and_figures(html_report) -> None:
     names = [f.name for f in data.figures]
     assert names[:3] == ["spectrum_decay", "effective_rank_vs_rank", "cumulative_energy"]
     assert "utilization_heatmap" in names and "training_loss" not in names
-    assert data.warnings[0]["kind"] == "collapse" and data.warnings[0]["modules"] == ["model.layers.0.self_attn.q_proj"]
+    assert data.warnings[0]["kind"] == "collapse" and data.warnings[0]["modules"] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",  # the all-zero layer: utilization 0
+    ]
 
 
 def test_markdown_report_writes_pngs_next_to_it(checkpoints, tmp_path: Path) -> None:
