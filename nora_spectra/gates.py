@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 from nora_spectra.analysis import Analysis, analyze
@@ -189,14 +190,17 @@ def load_baseline(path: str | os.PathLike[str]) -> list[Analysis]:
 def write_baseline(path: str | os.PathLike[str], analyses: Sequence[Analysis]) -> None:
     """Write ``analyses`` atomically as ``spectra analyze --format json`` would (one: the object).
 
+    The baseline's directory is created when missing (as ``--junit`` does for its report).
+
     Raises:
-        UsageError: the baseline's directory does not exist or cannot be written.
+        UsageError: the baseline cannot be written.
     """
     from nora_core.atomic import atomic_write_text
     from nora_spectra.render.text_formats import render_json
 
     text = render_json(analyses[0] if len(analyses) == 1 else list(analyses))
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)
     except OSError as exc:
         raise UsageError(f"{os.fspath(path)}: cannot write baseline: {exc.strerror or exc}") from None

@@ -130,6 +130,13 @@ def test_baseline_round_trip_degrade_and_update(capsys, tmp_path: Path) -> None:
     assert "note: model.layers.0.mlp.up_proj: not in the baseline (new module, not gated)" in out
 
 
+def test_update_baseline_creates_its_directory(capsys, ckpt: Path, tmp_path: Path) -> None:
+    baseline = tmp_path / "ci" / "nested" / "baseline.json"
+    code, _, err = run(capsys, ckpt, "--baseline", baseline, "--update-baseline")
+    assert code == 0 and "wrote baseline" in err
+    assert json.loads(baseline.read_text())["layers"]
+
+
 def test_update_baseline_needs_a_path(capsys, ckpt: Path) -> None:
     code, _, err = run(capsys, ckpt, "--update-baseline")
     assert code == 2 and "--update-baseline needs a baseline path" in err
