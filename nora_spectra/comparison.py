@@ -348,7 +348,8 @@ def compare(
         The :class:`Comparison`. Metrics are read from the analyses' records and summaries, never recomputed.
 
     Raises:
-        UsageError: no checkpoints, the number of labels differs from the checkpoints, or labels repeat.
+        UsageError: fewer than two checkpoints (a JSON file of several analyses counts as several), the
+            number of labels differs from the checkpoints, or labels repeat.
         CheckpointError: a path is missing or unreadable.
     """
     analyses: list[Analysis] = []
@@ -357,8 +358,9 @@ def compare(
             analyses.append(item)
         else:
             analyses.extend(load_analyses(item, **analyze_options))
-    if not analyses:
-        raise UsageError("nothing to compare: give at least one checkpoint")
+    if len(analyses) < 2:
+        found = "none" if not analyses else f"only {analyses[0].checkpoint}"
+        raise UsageError(f"compare needs at least two checkpoints (got {found})")
     if labels is None:
         labels = default_labels([a.checkpoint for a in analyses])
     labels = [str(label) for label in labels]

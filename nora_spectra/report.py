@@ -103,7 +103,8 @@ class ReportData:
         version: the nora-spectra version.
         labels: one label per analysis.
         analyses: the analysed checkpoints.
-        comparison: :func:`~nora_spectra.comparison.compare` of the analyses (the first is the reference).
+        comparison: :func:`~nora_spectra.comparison.compare` of the analyses (the first is the reference);
+            None with fewer than two analyses.
         runs: training runs.
         warnings: collapse warnings first, then the analyses' own warnings, then comparison notes:
             dicts ``{"label", "kind", "message", "modules"}`` (``kind`` in collapse, warning, note).
@@ -358,7 +359,7 @@ def build_report(
     final = [g if g is not None else d for g, d in zip(given, defaults)]
     if len(set(final)) != len(final):
         final = [f"{name}#{i + 1}" if final.count(name) > 1 else name for i, name in enumerate(final)]
-    comparison = compare(analyses, labels=final) if analyses else None
+    comparison = compare(analyses, labels=final) if len(analyses) > 1 else None
     return ReportData(
         title=title or "Adapter spectra report",
         generated=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),

@@ -168,8 +168,13 @@ def test_labels_are_checked_and_defaulted(pair: tuple[Path, Path]) -> None:
         compare(pair, labels=["x", "y", "z"], emit_warnings=False)
     with pytest.raises(UsageError, match="unique"):
         compare(pair, labels=["x", "x"], emit_warnings=False)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="at least two checkpoints"):
         compare([])
+    # one checkpoint is refused as on the CLI, whether a path or an Analysis
+    with pytest.raises(UsageError, match="compare needs at least two checkpoints"):
+        compare([pair[0]], emit_warnings=False)
+    with pytest.raises(UsageError, match="compare needs at least two checkpoints"):
+        compare([analyze(pair[0], emit_warnings=False)])
     assert compare(pair, emit_warnings=False).labels == ["a", "b"]
     assert default_labels(["/r/one/adapter", "/r/two/adapter"]) == ["one/adapter", "two/adapter"]
     assert default_labels(["/x/a", "/x/a"]) == ["a", "a#2"]

@@ -177,6 +177,7 @@ def test_analysis_json_input_gives_the_same_numbers(checkpoints, tmp_path: Path)
     file.write_text(analysis.to_json())
     data = build_report([file], dpi=40)
     assert data.labels == ["nora"] and data.analyses[0].records == json.loads(analysis.to_json())["layers"]
+    assert data.comparison is None  # one checkpoint: nothing to compare (compare() needs two)
 
 
 def test_bad_inputs(checkpoints, tmp_path: Path) -> None:
