@@ -157,7 +157,9 @@ def _num(value: float | None) -> str:
 )
 @click.option("--steps", type=click.IntRange(1, 100_000), default=DemoSettings.steps, show_default=True,
               help="Training steps per adapter.")
-def command(output_dir: str, steps: int) -> None:
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Also write OUTPUT_DIR/report.html (spectra report of both checkpoints).")
+def command(output_dir: str, steps: int, report: bool) -> None:
     """Train a rank-16 LoRA and NoRA adapter on a built-in task and show how much rank each uses."""
     from nora_spectra.render import render
 
@@ -178,4 +180,11 @@ def command(output_dir: str, steps: int) -> None:
         f"NoRA/LoRA mean utilization on this task: {ratio}; checkpoints in {output_dir}/ "
         f"(try: spectra analyze {output_dir}/nora --format json)"
     )
+    if report:
+        from nora_spectra.report import report as write_report
+
+        html = os.path.join(output_dir, "report.html")
+        write_report([result["lora"], result["nora"]], html, labels=["LoRA", "NoRA"],
+                     title=f"spectra demo: LoRA vs NoRA, r={DemoSettings.r}")
+        click.echo(f"report with plots: {html}")
     click.echo(f"demo took {result['seconds']:.1f} s", err=True)

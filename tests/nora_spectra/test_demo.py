@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -16,9 +15,7 @@ from nora_spectra.cli.demo import DemoSettings, command, run_demo  # noqa: E402
 
 def test_demo_command_writes_and_analyses_both_checkpoints(tmp_path):
     out_dir = tmp_path / "demo"
-    start = time.process_time()  # CPU seconds: a busy shared machine does not inflate them
     result = CliRunner().invoke(command, ["--output-dir", str(out_dir)])
-    elapsed = time.process_time() - start
     assert result.exit_code == 0, result.output
     assert "== LORA" in result.output and "== NORA" in result.output
     assert "mean utilization: LoRA" in result.output
@@ -31,7 +28,12 @@ def test_demo_command_writes_and_analyses_both_checkpoints(tmp_path):
         assert len(analysis) == 4
         assert all(rec["status"] == "ok" for rec in analysis.records)  # trained: no zero B left
         assert f"{analysis.summary['metrics']['utilization']['mean']:.3f}" in result.output
-    assert elapsed < 60, elapsed  # about 12 CPU s on 2 idle cores (README: < 30 s wall)
+    html = (out_dir / "report.html").read_text(encoding="utf-8")
+    assert f"report with plots: {out_dir / 'report.html'}" in result.output
+    for method in ("lora", "nora"):
+        for record in analyze(out_dir / method, emit_warnings=False).records:
+            assert record["module"] in html
+    assert html.count("data:image/png;base64,") >= 3
 
 
 def test_training_really_reduces_the_loss(tmp_path):
