@@ -122,7 +122,7 @@ class SweepConfig:
     pretrain_lr: float = 3e-3
     n_train: int = 3200
     n_val: int = 256
-    steps: int = 200
+    steps: int = 120
     batch_size: int = 16
     lr: float = 2e-3
     activation_samples: int = 128
