@@ -140,6 +140,8 @@ class Analysis(PlotMethods):
         warnings: human-readable warnings (reader warnings first, then per-layer ones).
         skipped: ``(tensor or module name, reason)`` for every tensor that is not an adapter pair.
         collapse_threshold: the utilization below which a layer was flagged ``collapsed``.
+        adapter: the non-default adapter analysed (``--adapter NAME``, the sub-directory), or None for
+            the default one. ``checkpoint`` alone does not tell two adapters of one directory apart.
     """
 
     checkpoint: str
@@ -151,9 +153,15 @@ class Analysis(PlotMethods):
     warnings: list[str] = dataclasses.field(default_factory=list)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     collapse_threshold: float = 0.25
+    adapter: str | None = None
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def display_name(self) -> str:
+        """The checkpoint path, followed by `` (adapter NAME)`` when a non-default adapter was analysed."""
+        return self.checkpoint if self.adapter is None else f"{self.checkpoint} (adapter {self.adapter})"
 
     def _repr_html_(self) -> str:
         from nora_spectra.render.html import analysis_html
@@ -172,7 +180,9 @@ class Analysis(PlotMethods):
         return pd.DataFrame.from_records(self.records, columns=list(LAYER_COLUMNS))
 
     def to_dict(self) -> dict[str, Any]:
-        """The strict-JSON form: ``checkpoint``, ``format``, ``method``, ``layers``, ``summary`` and extras.
+        """The strict-JSON form: ``checkpoint``, ``adapter``, ``format``, ``method``, ``layers``, ``summary``, extras.
+
+        ``adapter`` is the non-default adapter's name, or None for the default adapter.
 
         Extras: ``collapse_threshold``, ``config``, ``warnings``, ``skipped`` (list of
         ``{"name", "reason"}``) and ``nora_spectra_version``. Non-finite floats become None.
@@ -180,6 +190,7 @@ class Analysis(PlotMethods):
         return to_jsonable(
             {
                 "checkpoint": self.checkpoint,
+                "adapter": self.adapter,
                 "format": self.format,
                 "method": self.method,
                 "layers": self.records,
@@ -208,6 +219,7 @@ class Analysis(PlotMethods):
         records = [dict(rec) for rec in data["layers"]]
         summary = data.get("summary")
         skipped = [(item.get("name", ""), item.get("reason", "")) for item in data.get("skipped") or []]
+        adapter = data.get("adapter")  # absent from analyses written before the field existed
         return cls(
             checkpoint=str(data.get("checkpoint", "")),
             format=str(data.get("format", "")),
@@ -218,6 +230,7 @@ class Analysis(PlotMethods):
             warnings=list(data.get("warnings") or []),
             skipped=skipped,
             collapse_threshold=float(data.get("collapse_threshold", 0.25)),
+            adapter=None if adapter is None else str(adapter),
         )
 
     @classmethod
@@ -388,6 +401,7 @@ def analyze(
         warnings=messages,
         skipped=skipped,
         collapse_threshold=collapse_threshold,
+        adapter=getattr(checkpoint, "adapter", None),
     )
     for message in messages:
         log.debug("%s: %s", analysis.checkpoint, message)

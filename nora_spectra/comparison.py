@@ -34,6 +34,7 @@ __all__ = [
     "GROUP_COLUMNS",
     "ROW_COLUMNS",
     "Comparison",
+    "analysis_labels",
     "compare",
     "default_labels",
     "load_analyses",
@@ -93,31 +94,44 @@ def _difference(value: Any, reference: Any) -> float | None:
     return float(value) - float(reference)
 
 
-def default_labels(names: Sequence[str]) -> list[str]:
+def default_labels(names: Sequence[str], adapters: Sequence[str | None] | None = None) -> list[str]:
     """Short, unique labels for checkpoint paths: the last path component, more when names collide.
 
     Args:
         names: checkpoint paths (as strings).
+        adapters: per name, the non-default adapter analysed (or None); it is appended as
+            ``/NAME``, so ``multi`` with adapter ``code`` is labelled ``multi/code``.
 
     Returns:
-        One label per name, in order; ``#2``, ``#3``... is appended to identical names.
+        One label per name, in order; ``#2``, ``#3``... is appended to identical labels.
     """
-    paths = [Path(os.path.normpath(name or "checkpoint")) for name in names]
+    adapters = list(adapters) if adapters is not None else [None] * len(names)
+    if len(adapters) != len(names):
+        raise ValueError(f"got {len(adapters)} adapters for {len(names)} checkpoints")
+    distinct = list(dict.fromkeys(os.path.normpath(name or "checkpoint") for name in names))
+    paths = [Path(name) for name in distinct]
     parts = [p.parts[len(p.anchor and [p.anchor]) :] or ("checkpoint",) for p in paths]
-    labels: list[str] = []
-    for p in parts:
+    short: dict[str, str] = {}
+    for name, p in zip(distinct, parts):
         depth = 1
         while depth < len(p) and sum(1 for q in parts if q[-depth:] == p[-depth:]) > 1:
             depth += 1
-        if sum(1 for q in parts if q[-depth:] == p[-depth:]) > 1:
-            depth = 1  # the same path twice: numbered below
-        labels.append("/".join(p[-depth:]))
+        short[name] = "/".join(p[-depth:])
+    labels = [
+        short[os.path.normpath(name or "checkpoint")] + (f"/{adapter}" if adapter else "")
+        for name, adapter in zip(names, adapters)
+    ]
     seen: dict[str, int] = {}
     unique = []
     for label in labels:
         seen[label] = seen.get(label, 0) + 1
         unique.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
     return unique
+
+
+def analysis_labels(analyses: Sequence[Analysis]) -> list[str]:
+    """:func:`default_labels` of analyses: their checkpoint paths, with ``/ADAPTER`` for non-default adapters."""
+    return default_labels([a.checkpoint for a in analyses], [getattr(a, "adapter", None) for a in analyses])
 
 
 def load_analyses(path: "str | os.PathLike[str]", **analyze_options: Any) -> list[Analysis]:
@@ -233,8 +247,8 @@ class Comparison(PlotMethods):
             {
                 "reference": self.reference,
                 "checkpoints": [
-                    {"label": label, "checkpoint": a.checkpoint, "format": a.format, "method": a.method,
-                     "layers": len(a.records)}
+                    {"label": label, "checkpoint": a.checkpoint, "adapter": a.adapter, "format": a.format,
+                     "method": a.method, "layers": len(a.records)}
                     for label, a in zip(self.labels, self.analyses)
                 ],
                 "metrics": list(COMPARED_METRICS),
@@ -340,7 +354,8 @@ def compare(
     Args:
         paths_or_analyses: checkpoints (anything :func:`~nora_spectra.analysis.analyze` reads), analysis
             JSON files, or :class:`~nora_spectra.analysis.Analysis` objects; the first is the reference.
-        labels: one unique label per checkpoint; default: short names derived from the paths.
+        labels: one unique label per checkpoint; default: short names derived from the paths
+            (:func:`analysis_labels`: ``multi/code`` for adapter ``code`` of ``multi``).
         **analyze_options: passed to :func:`~nora_spectra.analysis.analyze` for paths (``adapter``,
             ``collapse_threshold``, ``progress``, ``emit_warnings``).
 
@@ -362,7 +377,7 @@ def compare(
         found = "none" if not analyses else f"only {analyses[0].checkpoint}"
         raise UsageError(f"compare needs at least two checkpoints (got {found})")
     if labels is None:
-        labels = default_labels([a.checkpoint for a in analyses])
+        labels = analysis_labels(analyses)
     labels = [str(label) for label in labels]
     if len(labels) != len(analyses):
         raise UsageError(f"got {len(labels)} labels for {len(analyses)} checkpoints")

@@ -65,7 +65,8 @@ def series_of(data: Data, labels: Sequence[str] | None = None) -> list[tuple[str
     Args:
         data: an Analysis, a Comparison (its labels are used), or a sequence of analyses or
             ``(label, analysis)`` pairs.
-        labels: labels overriding the defaults (the checkpoint paths' last components).
+        labels: labels overriding the defaults (the checkpoint paths' last components, with
+            ``/ADAPTER`` for a non-default adapter).
 
     Raises:
         ValueError: when ``labels`` and ``data`` differ in length.
@@ -82,9 +83,9 @@ def series_of(data: Data, labels: Sequence[str] | None = None) -> list[tuple[str
             raise ValueError(f"got {len(labels)} labels for {len(pairs)} checkpoints")
         pairs = [(label, a) for label, (_, a) in zip(labels, pairs)]
     if any(label is None for label, _ in pairs):
-        from nora_spectra.comparison import default_labels
+        from nora_spectra.comparison import analysis_labels
 
-        names = default_labels([a.checkpoint for _, a in pairs])
+        names = analysis_labels([a for _, a in pairs])
         pairs = [(label if label is not None else name, a) for name, (label, a) in zip(names, pairs)]
     return [(str(label), a) for label, a in pairs]
 

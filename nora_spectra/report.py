@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nora_spectra.analysis import Analysis
-from nora_spectra.comparison import Comparison, compare, default_labels, load_analyses
+from nora_spectra.comparison import Comparison, analysis_labels, compare, load_analyses
 from nora_spectra.errors import CheckpointError, UsageError
 
 __all__ = [
@@ -222,7 +222,7 @@ def summary_rows(data: ReportData) -> list[dict[str, Any]]:
         rows.append(
             {
                 "label": label,
-                "checkpoint": analysis.checkpoint,
+                "checkpoint": analysis.display_name,
                 "method": analysis.method,
                 "format": analysis.format,
                 "layers": s["layers"],
@@ -355,7 +355,7 @@ def build_report(
             given.extend([label] * len(found))
         else:
             given.extend(f"{label}[{j}]" for j in range(1, len(found) + 1))
-    defaults = default_labels([a.checkpoint for a in analyses])
+    defaults = analysis_labels(analyses)
     final = [g if g is not None else d for g, d in zip(given, defaults)]
     if len(set(final)) != len(final):
         final = [f"{name}#{i + 1}" if final.count(name) > 1 else name for i, name in enumerate(final)]

@@ -95,7 +95,7 @@ def command(
         )
         if not quiet:
             for message in analysis.warnings:
-                click.echo(f"spectra: warning: {analysis.checkpoint}: {message}", err=True)
+                click.echo(f"spectra: warning: {analysis.display_name}: {message}", err=True)
         analyses.append(analysis)
     result = analyses[0] if len(analyses) == 1 else analyses
     write_result(render(result, fmt, effective_rank=effective_rank, by_layer=by_layer), output, quiet=quiet)

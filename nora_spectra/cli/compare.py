@@ -71,7 +71,7 @@ def _header_lines(comparison: "Comparison") -> list[str]:
     lines = []
     for i, (label, a) in enumerate(zip(comparison.labels, comparison.analyses)):
         ref = " (reference)" if i == 0 else ""
-        lines.append(f"{label}{ref}: {a.checkpoint}  (format {a.format}, method {a.method}, {len(a.records)} layers)")
+        lines.append(f"{label}{ref}: {a.display_name}  (format {a.format}, method {a.method}, {len(a.records)} layers)")
     return lines
 
 
@@ -193,7 +193,7 @@ def command(
         if not quiet:
             for analysis in found:
                 for message in analysis.warnings:
-                    click.echo(f"spectra: warning: {analysis.checkpoint}: {message}", err=True)
+                    click.echo(f"spectra: warning: {analysis.display_name}: {message}", err=True)
         analyses.extend(found)
     if len(analyses) < 2:
         raise UsageError("compare needs at least two checkpoints")

@@ -154,7 +154,7 @@ def analysis_html(analysis: "Analysis") -> str:
     """An HTML fragment for Jupyter: header, summary line, module-type table and the layer table."""
     return (
         f'<div class="ns"><style>{CSS}</style>'
-        f"<p><b><code>{_e(analysis.checkpoint)}</code></b> (format {_e(analysis.format)}, method {_e(analysis.method)})<br>"
+        f"<p><b><code>{_e(analysis.display_name)}</code></b> (format {_e(analysis.format)}, method {_e(analysis.method)})<br>"
         f"{_summary_line(analysis)}</p>"
         f"{group_table(analysis)}{module_table(analysis)}</div>"
     )
@@ -219,7 +219,7 @@ def comparison_group_table(comparison: "Comparison", key: str = "by_module_type"
 def comparison_html(comparison: "Comparison") -> str:
     """An HTML fragment for Jupyter: checkpoints, per-type summary, module table and partial modules."""
     items = "".join(
-        f"<li><b>{_e(lab)}</b>{' (reference)' if i == 0 else ''}: <code>{_e(a.checkpoint)}</code>, {_e(a.method)}, "
+        f"<li><b>{_e(lab)}</b>{' (reference)' if i == 0 else ''}: <code>{_e(a.display_name)}</code>, {_e(a.method)}, "
         f"{len(a.records)} layers</li>"
         for i, (lab, a) in enumerate(zip(comparison.labels, comparison.analyses))
     )
@@ -309,7 +309,7 @@ def _modules_section(data: "ReportData") -> str:
     parts = ['<section id="modules"><h2>Per-module metrics</h2>']
     for label, analysis in data.checkpoints:
         parts.append(
-            f'<h3 data-label="{_e(label)}">{_e(label)} <span class="meta"><code>{_e(analysis.checkpoint)}</code>, '
+            f'<h3 data-label="{_e(label)}">{_e(label)} <span class="meta"><code>{_e(analysis.display_name)}</code>, '
             f"format {_e(analysis.format)}, method {_e(analysis.method)}</span></h3>"
         )
         parts.append(f'<p class="meta">{_summary_line(analysis)}</p>')

@@ -94,7 +94,7 @@ def render_table(analysis: "Analysis", *, effective_rank: bool = False, by_layer
         A header line, the per-layer table and the summary block, newline-terminated.
     """
     columns = COLUMN_SETS["effective_rank" if effective_rank else "full"]
-    header = f"{analysis.checkpoint}  (format {analysis.format}, method {analysis.method}, {len(analysis)} layers)"
+    header = f"{analysis.display_name}  (format {analysis.format}, method {analysis.method}, {len(analysis)} layers)"
     parts = [header]
     if analysis.records:
         parts.append(

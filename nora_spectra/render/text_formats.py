@@ -2,7 +2,8 @@
 
 * JSON: one checkpoint -> the object of :meth:`Analysis.to_dict`; several -> ``{"checkpoints": [...]}``.
   Strict JSON (NaN/Inf never appear; missing metrics are ``null``).
-* CSV: one row per layer, columns ``checkpoint`` + :data:`~nora_spectra.analysis.LAYER_COLUMNS`.
+* CSV: one row per layer, columns ``checkpoint``, ``adapter`` (empty for the default adapter) +
+  :data:`~nora_spectra.analysis.LAYER_COLUMNS`.
   Floats are written with ``repr`` (they read back bit-exactly), list cells (``shape``,
   ``singular_values``) as JSON arrays, booleans as ``true``/``false``, missing values as empty cells.
 * Markdown: per checkpoint a heading, the summary (by module type, optionally by layer index) and the
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["CSV_COLUMNS", "render_csv", "render_json", "render_markdown"]
 
 #: header of the CSV rendering.
-CSV_COLUMNS: tuple[str, ...] = ("checkpoint",) + LAYER_COLUMNS
+CSV_COLUMNS: tuple[str, ...] = ("checkpoint", "adapter") + LAYER_COLUMNS
 
 Analyses = Union["Analysis", Sequence["Analysis"]]
 
@@ -66,7 +67,7 @@ def render_csv(analyses: Analyses) -> str:
     writer.writerow(CSV_COLUMNS)
     for analysis in _as_list(analyses):
         for rec in analysis.records:
-            row = [analysis.checkpoint] + [_csv_cell(to_jsonable(rec.get(key))) for key in LAYER_COLUMNS]
+            row = [analysis.checkpoint, _csv_cell(analysis.adapter)] + [_csv_cell(to_jsonable(rec.get(key))) for key in LAYER_COLUMNS]
             writer.writerow(row)
     return buffer.getvalue()
 
@@ -86,7 +87,7 @@ def _md_one(analysis: "Analysis", effective_rank: bool, by_layer: bool = False) 
     util = s["metrics"]["utilization"]
     erank = s["metrics"]["effective_rank"]
     parts = [
-        f"## `{analysis.checkpoint}`",
+        f"## `{analysis.checkpoint}`" + (f" (adapter `{analysis.adapter}`)" if analysis.adapter else ""),
         "\n".join(
             [
                 f"- format: {analysis.format}, method: {analysis.method}",

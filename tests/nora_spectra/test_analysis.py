@@ -271,9 +271,10 @@ def test_json_is_strict_with_nulls_for_non_finite(tmp_path):
         raise AssertionError(f"non-strict JSON constant {constant}")
 
     data = json.loads(text, parse_constant=reject)
-    assert list(data)[:5] == ["checkpoint", "format", "method", "layers", "summary"]
-    assert set(data) == {"checkpoint", "format", "method", "layers", "summary", "collapse_threshold", "config",
-                         "warnings", "skipped", "nora_spectra_version"}
+    assert list(data)[:6] == ["checkpoint", "adapter", "format", "method", "layers", "summary"]
+    assert set(data) == {"checkpoint", "adapter", "format", "method", "layers", "summary", "collapse_threshold",
+                         "config", "warnings", "skipped", "nora_spectra_version"}
+    assert data["adapter"] is None  # the default adapter
     bad = next(layer for layer in data["layers"] if layer["status"] == "non_finite")
     assert bad["effective_rank"] is None and bad["singular_values"] is None
     for layer in data["layers"]:

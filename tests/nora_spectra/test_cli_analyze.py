@@ -63,7 +63,7 @@ def test_json_one_path_is_one_object(ck, capsys):
     code, out, err = run(["analyze", str(ck), "--format", "json"], capsys)
     assert code == 0 and err == ""
     data = json.loads(out)
-    assert list(data)[:5] == ["checkpoint", "format", "method", "layers", "summary"]
+    assert list(data)[:6] == ["checkpoint", "adapter", "format", "method", "layers", "summary"]
     assert data["checkpoint"] == str(ck) and len(data["layers"]) == 4
 
 
@@ -123,6 +123,33 @@ def test_adapter_option_selects_sub_directory(ck, tmp_path, capsys):
     code, out, _ = run(["analyze", str(ck), "--adapter", "other", "--format", "json", "-q"], capsys)
     assert code == 0
     assert [layer["module"] for layer in json.loads(out)["layers"]] == ["model.layers.5.self_attn.v_proj"]
+
+
+@pytest.fixture()
+def multi(tmp_path) -> Path:
+    """A directory holding two named adapters and no top-level one (PEFT's layout for extra adapters)."""
+    for seed, name in enumerate(("code", "math")):
+        factors = random_factors(np.random.default_rng(10 + seed), 4, SHAPES, decay=0.5 * seed)
+        write_peft_dir(tmp_path / "multi" / name, factors, r=4, alpha=8)
+    return tmp_path / "multi"
+
+
+def test_chosen_adapter_is_in_every_output(multi, capsys):
+    from nora_spectra.analysis import Analysis
+
+    code, out, err = run(["analyze", str(multi)], capsys)
+    assert code == 2 and "--adapter NAME (adapter=NAME in Python): code, math" in err
+    code, out, _ = run(["analyze", str(multi), "--adapter", "code", "--format", "json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["checkpoint"] == str(multi) and data["adapter"] == "code"
+    assert Analysis.from_json(out).adapter == "code" and Analysis.from_json(out).to_dict()["adapter"] == "code"
+    _, out, _ = run(["analyze", str(multi), "--adapter", "code"], capsys)
+    assert out.startswith(f"{multi} (adapter code)  (format peft")
+    _, out, _ = run(["analyze", str(multi), "--adapter", "code", "--format", "markdown"], capsys)
+    assert out.startswith(f"## `{multi}` (adapter `code`)")
+    _, out, _ = run(["analyze", str(multi), "--adapter", "code", "--format", "csv"], capsys)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert {row["adapter"] for row in rows} == {"code"}
 
 
 # --------------------------------------------------------------------------- NaN / zero: exit 0 with a warning

@@ -73,3 +73,21 @@ def test_bad_input_exits_2_with_one_line(paths: list[str], capsys, args: list[st
     code, out, err = run(["compare"] + [arg.format(a=paths[0], b=paths[1]) for arg in args], capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("spectra: error:")
+
+
+def test_adapter_names_are_in_labels_and_headers(tmp_path: Path, capsys) -> None:
+    from nora_spectra.analysis import analyze
+    from nora_spectra.comparison import compare
+
+    multi = tmp_path / "multi"
+    random_checkpoint(multi / "code", kind="lora", r=8, decay=3.0, seed=1)
+    random_checkpoint(multi / "math", kind="lora", r=8, decay=0.5, seed=2)
+    code, out, _ = run(["compare", str(multi), str(multi), "--adapter", "code", "--format", "json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and [c["label"] for c in data["checkpoints"]] == ["multi/code", "multi/code#2"]
+    assert [c["adapter"] for c in data["checkpoints"]] == ["code", "code"]
+    code, out, _ = run(["compare", str(multi), str(multi), "--adapter", "code"], capsys)
+    assert f"multi/code (reference): {multi} (adapter code)  (format peft" in out
+    # two adapters of one directory: labelled by their names, not multi / multi#2
+    cmp = compare([analyze(multi, adapter=name, emit_warnings=False) for name in ("code", "math")])
+    assert cmp.labels == ["multi/code", "multi/math"]
