@@ -158,6 +158,17 @@ class Analysis(PlotMethods):
     def __len__(self) -> int:
         return len(self.records)
 
+    def __repr__(self) -> str:
+        """One short line (the dataclass default printed every record with its singular values)."""
+        summary = self.summary or {}
+        mean_util = (((summary.get("metrics") or {}).get("utilization") or {}).get("mean"))
+        util = "None" if mean_util is None else f"{float(mean_util):.3f}"
+        adapter = "" if self.adapter is None else f", adapter={self.adapter!r}"
+        return (
+            f"Analysis(checkpoint={self.checkpoint!r}{adapter}, format={self.format!r}, method={self.method!r}, "
+            f"layers={len(self.records)}, mean_utilization={util}, collapsed={summary.get('collapsed')})"
+        )
+
     @property
     def display_name(self) -> str:
         """The checkpoint path, followed by `` (adapter NAME)`` when a non-default adapter was analysed."""

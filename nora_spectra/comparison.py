@@ -197,6 +197,13 @@ class Comparison(PlotMethods):
     def __len__(self) -> int:
         return len(self.analyses)
 
+    def __repr__(self) -> str:
+        """One short line (the dataclass default printed every row and every analysis's records)."""
+        return (
+            f"Comparison(labels={self.labels!r}, reference={self.reference!r}, modules={len(self.modules)}, "
+            f"partial_modules={len(self.partial_modules)})"
+        )
+
     @property
     def table(self) -> "pd.DataFrame":
         """:attr:`rows` as a pandas DataFrame, columns :data:`ROW_COLUMNS` (pandas imported on first use)."""

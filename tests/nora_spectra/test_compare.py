@@ -237,3 +237,20 @@ def test_package_level_compare_is_the_function_whatever_the_import_order(pair: t
 
     assert nora_spectra.compare is module.compare
     assert nora_spectra.compare(pair, labels=["a", "b"], emit_warnings=False).labels == ["a", "b"]
+
+
+def test_short_reprs(pair: tuple[Path, Path]) -> None:
+    cmp = compare(pair, emit_warnings=False)
+    text = repr(cmp)
+    assert text == f"Comparison(labels=['a', 'b'], reference='a', modules={len(cmp.modules)}, "
+                    f"partial_modules={len(cmp.partial_modules)})"
+    assert str(cmp) == text and "singular_values" not in text
+    analysis = cmp.analyses[0]
+    mean_util = analysis.summary["metrics"]["utilization"]["mean"]
+    assert repr(analysis) == (
+        f"Analysis(checkpoint={analysis.checkpoint!r}, format='peft', method='lora', layers={len(analysis)}, "
+        f"mean_utilization={mean_util:.3f}, collapsed={analysis.summary['collapsed']})"
+    )
+    analysis.adapter = "code"
+    assert f"checkpoint={analysis.checkpoint!r}, adapter='code', format=" in repr(analysis)
+    assert len(repr(analysis)) < 300
