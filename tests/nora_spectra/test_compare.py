@@ -242,8 +242,10 @@ def test_package_level_compare_is_the_function_whatever_the_import_order(pair: t
 def test_short_reprs(pair: tuple[Path, Path]) -> None:
     cmp = compare(pair, emit_warnings=False)
     text = repr(cmp)
-    assert text == f"Comparison(labels=['a', 'b'], reference='a', modules={len(cmp.modules)}, "
-                    f"partial_modules={len(cmp.partial_modules)})"
+    assert text == (
+        f"Comparison(labels=['a', 'b'], reference='a', modules={len(cmp.modules)}, "
+        f"partial_modules={len(cmp.partial_modules)})"
+    )
     assert str(cmp) == text and "singular_values" not in text
     analysis = cmp.analyses[0]
     mean_util = analysis.summary["metrics"]["utilization"]["mean"]
