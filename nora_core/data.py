@@ -17,6 +17,9 @@ Each record becomes a :class:`Sample` (``prompt``, ``response``); the prompt is 
 answer (``"Question: q\\nAnswer: "``), empty for plain text. Tokenised samples form a
 :class:`TokenDataset`: ``input_ids`` and next-token ``labels`` of shape (N, T), right-padded, with
 ``-100`` wherever the loss must not look (padding, and the prompt when ``response_only=True``).
+A sample left with no label token (with ``response_only``, a prompt that fills ``max_length`` truncates
+the whole response away) would train on nothing, so it is dropped, counted and logged; if no sample
+keeps a label token, :meth:`TokenDataset.from_samples` raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -263,12 +266,14 @@ class TokenDataset:
             ``IGNORE_INDEX`` where the loss must not look.
         lengths: shape (N,), number of real (non-padding) input positions of each row.
         skipped: malformed lines skipped when the data was read.
+        dropped: samples :meth:`from_samples` dropped because no label token was left after truncation.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     lengths: torch.Tensor
     skipped: int = 0
+    dropped: int = 0
     label_counts: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -315,8 +320,14 @@ class TokenDataset:
         max_length: int = 256,
         response_only: bool = False,
         skipped: int = 0,
+        source: str | None = None,
     ) -> "TokenDataset":
         """Tokenise samples as ``[BOS] prompt response [EOS]`` (BOS/EOS when the tokenizer has them).
+
+        A sample that has no label token after truncation (with ``response_only``, a prompt of
+        ``max_length`` tokens or more leaves no response token to learn; or a sample of fewer than two
+        tokens) would contribute nothing to the loss: it is dropped, counted in :attr:`dropped` and
+        logged as a warning with ``max_length`` and the number kept.
 
         Args:
             samples: prompt/response pairs.
@@ -324,9 +335,14 @@ class TokenDataset:
             max_length: longest input length T; longer sequences are truncated on the right.
             response_only: mask prompt tokens out of the loss (train on the answer only).
             skipped: carried into :attr:`skipped`.
+            source: where the samples came from (a file name), for the warning and the error.
 
         Returns:
-            The dataset (padded to the longest sample, at most ``max_length``).
+            The dataset (padded to the longest kept sample, at most ``max_length``).
+
+        Raises:
+            ValueError: no sample keeps a label token (``"<source>: no sample has a response token
+                within max_length=N; ..."``), or ``max_length < 1``.
         """
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -336,19 +352,36 @@ class TokenDataset:
         pad = _special(tok, "pad_id", "pad_token_id")
         pad = pad if pad is not None else (eos if eos is not None else 0)
         rows: list[tuple[list[int], list[int]]] = []
+        too_short = masked = 0  # samples dropped: fewer than two tokens / every label masked
         for sample in samples:
             prompt = ([bos] if bos is not None else []) + _encode(tok, sample.prompt)
             ids = prompt + _encode(tok, sample.response) + ([eos] if eos is not None else [])
             ids = ids[: max_length + 1]
             if len(ids) < 2:
+                too_short += 1
                 continue
             inputs, targets = ids[:-1], ids[1:]
             if response_only:  # target position t predicts token t + 1: masked while it is in the prompt
                 first = max(len(prompt) - 1, 0)
                 targets = [IGNORE_INDEX] * min(first, len(targets)) + targets[first:]
+                if first >= len(targets):  # truncation cut every response token: nothing to learn
+                    masked += 1
+                    continue
             rows.append((inputs, targets))
+        where = f"{source}: " if source else ""
         if not rows:
-            raise ValueError("no sample has at least two tokens")
+            if masked:
+                raise ValueError(
+                    f"{where}no sample has a response token within max_length={max_length}; "
+                    "raise --block-size (and --max-length) or use --full-sequence"
+                )
+            raise ValueError(f"{where}no sample has at least two tokens")
+        dropped = too_short + masked
+        if dropped:
+            logger.warning(
+                "%sdropped %d of %d sample(s) with no response token within max_length=%d; %d kept",
+                where, dropped, len(samples), max_length, len(rows),
+            )
         width = max(len(r[0]) for r in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -356,7 +389,7 @@ class TokenDataset:
             input_ids[i, : len(inputs)] = torch.tensor(inputs)
             labels[i, : len(targets)] = torch.tensor(targets)
         lengths = torch.tensor([len(r[0]) for r in rows])
-        return cls(input_ids, labels, lengths, skipped=skipped)
+        return cls(input_ids, labels, lengths, skipped=skipped, dropped=dropped)
 
     @classmethod
     def from_token_stream(cls, ids: Sequence[int] | torch.Tensor, block_size: int) -> "TokenDataset":
@@ -387,8 +420,13 @@ def load_dataset(
     response_only: bool = False,
     skip_malformed: bool = False,
 ) -> TokenDataset:
-    """Read a JSONL file and tokenise it: :func:`read_jsonl` then :meth:`TokenDataset.from_samples`."""
+    """Read a JSONL file and tokenise it: :func:`read_jsonl` then :meth:`TokenDataset.from_samples`.
+
+    Samples left without a label token by ``max_length`` are dropped (see ``from_samples``); a
+    ``ValueError`` starting with the file name is raised when none is left.
+    """
     result = read_jsonl(path, format=format, skip_malformed=skip_malformed)
     return TokenDataset.from_samples(
-        result.samples, tokenizer, max_length=max_length, response_only=response_only, skipped=result.skipped
+        result.samples, tokenizer, max_length=max_length, response_only=response_only, skipped=result.skipped,
+        source=result.path,
     )

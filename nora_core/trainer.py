@@ -14,7 +14,9 @@ Batching (global, independent of the number of processes)::
     grad_accum_steps * world_size micro-batches; process `rank` runs micro-batch m * world_size + rank.
 
 The loss is the mean cross entropy over every non-ignored label of the *global* batch, so one process
-and N processes (or any accumulation) optimise the same objective.
+and N processes (or any accumulation) optimise the same objective. A mean over zero labels is never
+reported as 0: training data with a row that has no label token is refused before the first step (so
+every batch has one), and :func:`evaluate` raises when the rows it evaluates hold none.
 
 Run directory layout (``TrainConfig.run_dir``)::
 
@@ -437,6 +439,10 @@ def evaluate(
 
     Returns:
         ``{"loss", "ppl", "tokens"}`` (``ppl = exp(loss)``, inf on overflow).
+
+    Raises:
+        ValueError: the evaluated rows hold no label token (every label is ``IGNORE_INDEX``): the mean
+            loss over no token is undefined, and reporting 0 (ppl 1) would pass for a perfect model.
     """
     ctx = _ctx or _Dist()
     device = next(model.parameters()).device
@@ -457,7 +463,12 @@ def evaluate(
             totals[1] += (labels != IGNORE_INDEX).sum()
     model.train(was_training)
     _all_reduce_sum(totals, ctx)
-    loss = float(totals[0] / totals[1].clamp(min=1))
+    if totals[1] == 0:  # the same on every process after the all-reduce: all raise together
+        raise ValueError(
+            f"evaluation data: the {rows} evaluated row(s) hold no label token (every label is {IGNORE_INDEX}); "
+            "the loss is undefined"
+        )
+    loss = float(totals[0] / totals[1])
     ppl = math.exp(loss) if loss < 700 else math.inf
     return {"loss": loss, "ppl": ppl, "tokens": int(totals[1])}
 
@@ -568,6 +579,29 @@ def _clean_partial(run_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------- train
 
 
+def _check_labels(data: TokenDataset, eval_data: TokenDataset | None, config: TrainConfig) -> None:
+    """Refuse data whose loss would be a mean over no label token, before the first step.
+
+    Every training row must have a label token: a row without one trains on nothing, and a batch of
+    such rows would report a loss of 0. The evaluated part of ``eval_data`` must hold at least one.
+    """
+    empty = int((data.label_counts == 0).sum())
+    if empty:
+        raise ValueError(
+            f"train_data: {empty} of {len(data)} row(s) have no label token (every label is {IGNORE_INDEX}), "
+            "so they would train on nothing; drop them (TokenDataset.from_samples and load_dataset do), "
+            "or raise max_length when response_only truncated their response away"
+        )
+    if eval_data is not None:
+        size = config.eval_batch_size or config.batch_size
+        rows = len(eval_data) if config.eval_batches is None else min(len(eval_data), config.eval_batches * size)
+        if int(eval_data.label_counts[:rows].sum()) == 0:
+            raise ValueError(
+                f"eval_data: the {rows} evaluated row(s) hold no label token (every label is {IGNORE_INDEX}); "
+                "the validation loss would be undefined"
+            )
+
+
 class _Trainer:
     """The state of one :func:`train` call (kept private; the public surface is :func:`train`)."""
 
@@ -578,6 +612,7 @@ class _Trainer:
         self.model = model.to(self.device)
         self.data = _as_dataset(train_data, "train_data")
         self.eval_data = None if eval_data is None else _as_dataset(eval_data, "eval_data")
+        _check_labels(self.data, self.eval_data, config)
         self.run_dir = None if config.run_dir is None else Path(config.run_dir)
         world = self.ctx.world
         if config.batch_size % (config.grad_accum_steps * world):
@@ -767,7 +802,9 @@ class _Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 chunks = self.order.take(self.step * cfg.batch_size, cfg.batch_size).view(n_chunks, self.micro)
-                n_labels = int(self.data.label_counts[chunks].sum().clamp(min=1))
+                n_labels = int(self.data.label_counts[chunks].sum())
+                if n_labels == 0:  # _check_labels rules this out; never divide to a loss of 0
+                    raise ValueError(f"the batch of step {self.step + 1} has no label token")
                 step_tokens = int(self.data.lengths[chunks].max(dim=1).values.sum()) * self.micro
                 loss_local = torch.zeros((), device=self.device)
                 for m in range(cfg.grad_accum_steps):
@@ -919,7 +956,8 @@ def train(
 
     Raises:
         ValueError: inconsistent settings, no trainable parameters, a run directory that already holds
-            a run without ``resume``, or a checkpoint that does not fit the data.
+            a run without ``resume``, a checkpoint that does not fit the data, a training row without a
+            label token, or evaluated rows without any.
         NonFiniteLossError: the loss or gradient norm became NaN/Inf (the weights are left as they were
             before that step; checkpoints already written stay intact).
     """

@@ -91,6 +91,26 @@ def test_user_errors_are_one_line_with_exit_code_2(setup: dict, tmp_path: Path, 
     assert code == 2 and err.startswith("nora: error:") and "r" in err
 
 
+def test_prompts_that_fill_max_length_are_dropped_or_an_error(setup: dict, tmp_path: Path, capsys, caplog) -> None:
+    base = ["train", "--model", str(setup["base"]), "--steps", "1", "--batch-size", "2", "--save-every", "0",
+            "--track-every", "0", "--no-progress"]
+    # every arithmetic prompt is longer than 16 bytes: nothing to learn was a silent loss of 0
+    code, out, err = run(base + ["--data", str(setup["train"]), "--max-length", "16", "--run-dir",
+                                 str(tmp_path / "a")], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"nora: error: {setup['train']}: no sample has a response token within max_length=16")
+    assert not (tmp_path / "a").exists()
+    # some short prompts: the long ones are dropped, counted and logged, and training goes on
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"question": "1", "answer": "2"}] * 3  # BOS + 20-byte prompt
+                        + [{"question": "q" * 30, "answer": "a"}] * 2)
+    with caplog.at_level("WARNING", logger="nora_core.data"):
+        code, out, err = run(base + ["--data", str(mixed), "--max-length", "24", "--run-dir", str(tmp_path / "b")],
+                             capsys)
+    assert code == 0, err
+    assert "mixed.jsonl: dropped 2 of 5 sample(s)" in caplog.text and "max_length=24" in caplog.text
+    assert "3 kept" in caplog.text and "train_loss: 0.0000" not in out
+
+
 def test_demo_in_miniature_writes_analyses_and_caches_the_base(tmp_path: Path, capsys) -> None:
     argv = ["demo", "--out", str(tmp_path / "demo"), "--pretrain-steps", "2", "--finetune-steps", "2",
             "--ranks", "2", "--no-progress"]

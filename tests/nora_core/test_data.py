@@ -116,6 +116,35 @@ def test_padding_and_prompt_are_masked_and_batches_are_trimmed() -> None:
     assert short.seq_len == 8 and short.input_ids[1].tolist() == [tok.bos_id] + list(b"a longe")
 
 
+def test_samples_whose_prompt_fills_max_length_are_dropped_and_counted(caplog) -> None:
+    # BOS + prompt is P tokens; with max_length L the response keeps a token only while P <= L
+    L = 8
+    samples = [
+        Sample("x" * (L - 1), "yz"),  # P = L: exactly one label left (the first response byte)
+        Sample("x" * L, "yz"),  # P = L + 1: every response token truncated away
+        Sample("Q ", "A"),
+        Sample("Question: a very long question\nAnswer: ", "4"),
+    ]
+    with caplog.at_level("WARNING", logger="nora_core.data"):
+        ds = TokenDataset.from_samples(samples, max_length=L, response_only=True)
+    assert len(ds) == 2 and ds.dropped == 2
+    assert (ds.label_counts > 0).all()
+    assert ds.labels[0].tolist() == [IGNORE_INDEX] * (L - 1) + [ord("y")]
+    assert ds.labels[1, :4].tolist() == [IGNORE_INDEX, IGNORE_INDEX, ord("A"), ByteTokenizer.eos_id]
+    assert "dropped 2 of 4 sample(s)" in caplog.text and "max_length=8" in caplog.text and "2 kept" in caplog.text
+    # the full sequence keeps every sample: the prompt itself is learned
+    full = TokenDataset.from_samples(samples, max_length=L)
+    assert len(full) == 4 and full.dropped == 0
+
+
+def test_no_sample_with_a_response_token_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path / "long.jsonl", [{"question": "q" * 40, "answer": "a"}] * 3)
+    with pytest.raises(ValueError, match=r"long\.jsonl: no sample has a response token within max_length=16; "
+                                         r"raise --block-size .*--full-sequence"):
+        load_dataset(path, max_length=16, response_only=True)
+    assert len(load_dataset(path, max_length=16)) == 3  # --full-sequence trains on the prompt
+
+
 def test_any_tokenizer_with_encode_is_accepted(tmp_path: Path) -> None:
     class WordTokenizer:  # HuggingFace-like: encode(text, add_special_tokens=...) and *_token_id
         eos_token_id = 1

@@ -180,6 +180,28 @@ def test_a_model_without_trainable_parameters_is_refused() -> None:
         train(model, TrainConfig(steps=1), tiny_data(n=4)[0])
 
 
+def test_a_loss_over_zero_label_tokens_is_an_error_not_zero() -> None:
+    model = tiny_model()
+    data, val = tiny_data(n=4)
+    masked = TokenDataset(data.input_ids.clone(), torch.full_like(data.labels, IGNORE_INDEX), data.lengths.clone())
+    with pytest.raises(ValueError, match="no label token"):  # was {"loss": 0.0, "ppl": 1.0}
+        evaluate(model, masked, batch_size=2)
+    # evaluating only masked rows (max_batches) is the same error
+    mixed = TokenDataset(data.input_ids.clone(), data.labels.clone(), data.lengths.clone())
+    mixed.labels[:2] = IGNORE_INDEX
+    mixed = TokenDataset(mixed.input_ids, mixed.labels, mixed.lengths)
+    with pytest.raises(ValueError, match="no label token"):
+        evaluate(model, mixed, batch_size=2, max_batches=1)
+    assert evaluate(model, mixed, batch_size=2)["tokens"] == int(data.label_counts[2:].sum())
+    # training refuses a row without labels (a batch of them would report loss 0) before any step
+    before = adapter_weights(model)
+    with pytest.raises(ValueError, match=r"train_data: 2 of 4 row\(s\) have no label token"):
+        train(model, TrainConfig(steps=2, batch_size=2), mixed, val)
+    with pytest.raises(ValueError, match=r"eval_data: the 2 evaluated row\(s\) hold no label token"):
+        train(model, TrainConfig(steps=2, batch_size=2, eval_batches=1), data, mixed)
+    assert all(torch.equal(before[k], v) for k, v in adapter_weights(model).items())
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 
 
