@@ -217,9 +217,13 @@ def effective_rank_vs_rank(
 ) -> "Figure":
     """Mean effective rank against the rank budget ``r``, one line per method, with the line ``y = r``.
 
-    Each checkpoint gives one point per rank it uses (read from its records): the mean effective rank of
-    its analysable modules of that rank (:func:`nora_spectra.summary.mean`). Points of one series are
-    joined in order of ``r``.
+    Each checkpoint gives one marker per rank it uses (read from its records): the mean effective rank
+    of its analysable modules of that rank (:func:`nora_spectra.summary.mean`). Every checkpoint keeps
+    its own marker. Each series' line joins, in order of ``r``, the mean of its checkpoints' values at
+    each ``r``: with one checkpoint per rank it goes through the markers; when several checkpoints of
+    one series share a rank, the line passes through their mean (legend ``NAME: mean per r``) and the
+    markers show the spread, so no checkpoint is hidden and no vertical segment joins two of them.
+    Lines are labelled by series; the markers' artists carry labels starting with ``_``.
 
     Args:
         data: analyses to draw (see :func:`series_of`).
@@ -249,14 +253,31 @@ def effective_rank_vs_rank(
     ranks = sorted({r for pts in points.values() for r, _, _ in pts})
     if annotate is None:
         annotate = sum(len(p) for p in points.values()) <= 4
+    from matplotlib.lines import Line2D
+
+    handles = []
     for i, (name, pts) in enumerate(points.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color(i), label=name, linewidth=1.6)
+        by_r: dict[int, list[float]] = {}
+        for r, value, _ in pts:
+            by_r.setdefault(r, []).append(value)
+        xs = sorted(by_r)
+        means = [math.fsum(by_r[r]) / len(by_r[r]) for r in xs]
+        shared = any(len(values) > 1 for values in by_r.values())
+        line_label = f"{name}: mean per r" if shared else name
+        # a shared rank's mean is a horizontal tick, so it shows even where the line is one point
+        style = {"marker": "_", "markersize": 16, "markeredgewidth": 2} if shared else {}
+        ax.plot(xs, means, color=color(i), label=line_label, linewidth=1.6, **style)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", marker="o", color=color(i),
+                label=f"_{name} checkpoints")
+        handles.append(Line2D([], [], color=color(i), linewidth=1.6, label=line_label, **(style or {"marker": "o"})))
         if annotate:
             for r, value, label in pts:
                 if label == name:
                     continue
                 ax.annotate(label, (r, value), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    if any(handle.get_marker() == "_" for handle in handles):
+        handles.append(Line2D([], [], color="#555555", marker="o", linestyle="none", label="one checkpoint"))
     if ranks:
         low, high = ranks[0], ranks[-1]
         if high / low >= 4:
@@ -266,14 +287,19 @@ def effective_rank_vs_rank(
             ax.set_yscale("log", base=2)
             ax.yaxis.set_major_formatter(ScalarFormatter())
         span = [low / 1.3, high * 1.3] if high / low >= 4 else [max(low - 0.25 * high, 0.5), high * 1.25]
-        ax.plot(span, span, linestyle="--", color="#888888", linewidth=1, label="y = r (every direction used)")
+        (diagonal,) = ax.plot(span, span, linestyle="--", color="#888888", linewidth=1,
+                              label="y = r (every direction used)")
+        handles.append(diagonal)
         ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_xlabel("rank budget r")
     ax.set_ylabel("mean effective rank (Roy & Vetterli)")
     scope = f"{module_type} modules" if module_type else "all modules"
     ax.set_title(title or f"Effective rank against rank budget, {scope}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    if handles:
+        ax.legend(handles=handles, fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no analysable module", transform=ax.transAxes, ha="center", va="center")
     return fig
 
 
@@ -342,7 +368,7 @@ def utilization_heatmap(
     n_rows = max((len(p[1]) for p in panels), default=1)
     n_cols = max((len(p[2]) for p in panels), default=1)
     width = min(3.2 + 0.75 * n_cols * len(panels) + 1.0, 16.0)
-    height = min(1.6 + 0.32 * n_rows, 14.0)
+    height = min(max(1.6 + 0.32 * n_rows, 2.6), 14.0)
     fig = _figure(width, height)
     axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
     cmap = colormaps["viridis"].with_extremes(bad="#d9d9d9")
@@ -368,7 +394,9 @@ def utilization_heatmap(
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     if image is not None:
-        fig.colorbar(image, ax=list(axes), label="utilization = effective rank / r", shrink=0.9)
+        bar = fig.colorbar(image, ax=list(axes), shrink=0.9)
+        # two short lines: one long vertical line ran past the figure edge on short (few-layer) figures
+        bar.set_label("utilization\n= effective rank / r", fontsize="small")
     fig.suptitle(title or "Rank utilization by layer and module type")
     return fig
 

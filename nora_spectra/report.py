@@ -260,8 +260,9 @@ def _figures(labels: Sequence[str], analyses: Sequence[Analysis], runs: Sequence
         add(
             "effective_rank_vs_rank",
             "Effective rank against rank budget",
-            "Mean effective rank of each checkpoint's modules at its rank r. Points on the dashed line y = r "
-            "use every direction they paid for; a flat line means extra rank buys nothing.",
+            "Mean effective rank of each checkpoint's modules at its rank r (one marker per checkpoint; one "
+            "line per method through its mean at each r). Points on the dashed line y = r use every "
+            "direction they paid for; a flat line means extra rank buys nothing.",
             plots.effective_rank_vs_rank(pairs),
         )
         add(

@@ -66,7 +66,7 @@ def test_spectrum_decay_of_one_module(comparison) -> None:
 
 def test_effective_rank_vs_rank_has_one_line_per_method_and_y_equals_r(comparison) -> None:
     fig = plots.effective_rank_vs_rank(comparison)
-    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    lines = {line.get_label(): line for line in _curves(fig)}
     assert set(lines) == {"lora", "nora", "y = r (every direction used)"}
     lora = lines["lora"]
     assert list(lora.get_xdata()) == [4, 8]
@@ -169,3 +169,46 @@ def test_unknown_module_is_an_error_naming_it_and_some_available_ones(comparison
     assert comparison.analyses[0].records[0]["module"] in message
     # a module that only some checkpoints have is fine (those draw no line)
     plot(comparison, module="model.layers.0.self_attn.o_proj")
+
+
+def _inside_figure(fig, artist, margin: float = 3.0) -> bool:
+    """The artist is drawn at least ``margin`` pixels inside the figure and uses under 85% of its height."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = artist.get_window_extent(canvas.get_renderer())
+    width, height = fig.bbox.width, fig.bbox.height
+    inside = box.x0 >= margin and box.y0 >= margin and box.x1 <= width - margin and box.y1 <= height - margin
+    return inside and box.height < 0.85 * height
+
+
+@pytest.mark.parametrize("panels", [1, 3])
+def test_utilization_colour_bar_label_is_inside_the_figure(comparison, panels) -> None:
+    fig = plots.utilization_heatmap(comparison.analyses[:panels])
+    bar = next(ax for ax in fig.axes if not ax.get_images())  # the colour-bar axes holds no image
+    label = bar.yaxis.label
+    assert "utilization" in label.get_text() and "effective rank / r" in label.get_text()
+    assert _inside_figure(fig, label)
+
+
+def test_effective_rank_vs_rank_keeps_every_checkpoint_of_a_shared_rank(comparison) -> None:
+    # two LoRA checkpoints at r = 8 (and one at r = 4): one line through the per-r means, one marker each
+    analyses = [comparison.analyses[0], comparison.analyses[2], comparison.analyses[0]]
+    fig = plots.effective_rank_vs_rank(analyses, labels=["a8", "b4", "c8"], series=["lora", "lora", "lora"])
+    ax = fig.axes[0]
+    (line,) = [line for line in _curves(fig) if line.get_label().startswith("lora")]
+    assert line.get_label() == "lora: mean per r"
+    assert list(line.get_xdata()) == [4, 8]  # no vertical segment: one point per r
+    means = {a.checkpoint: a.summary["metrics"]["effective_rank"]["mean"] for a in analyses}
+    assert line.get_ydata()[1] == pytest.approx(means[analyses[0].checkpoint])
+    markers = [line for line in ax.get_lines() if line.get_label() == "_lora checkpoints"]
+    assert len(markers) == 1 and sorted(markers[0].get_xdata()) == [4, 8, 8]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == ["lora: mean per r", "one checkpoint", "y = r (every direction used)"]
+    # different values at one r: the mean sits between the two markers
+    other = [comparison.analyses[0], comparison.analyses[1]]
+    fig = plots.effective_rank_vs_rank(other, series=["m", "m"])
+    (line,) = [line for line in _curves(fig) if line.get_label() == "m: mean per r"]
+    values = sorted(a.summary["metrics"]["effective_rank"]["mean"] for a in other)
+    assert values[0] < line.get_ydata()[0] < values[1]
