@@ -210,7 +210,8 @@ def match_baseline(analyses: Sequence[Analysis], baselines: Sequence[Analysis]) 
     """Pair each analysis with its baseline.
 
     Rules, in order: a baseline with one checkpoint serves every analysis; otherwise the baseline entry
-    with the same ``checkpoint`` path (compared after :func:`os.path.normpath`); otherwise, when both
+    with the same ``checkpoint`` path (compared after :func:`os.path.normpath`) and the same ``adapter``
+    (None, the default adapter, for baselines written before the field existed); otherwise, when both
     lists have the same length, the entry at the same position.
 
     Raises:
@@ -218,18 +219,27 @@ def match_baseline(analyses: Sequence[Analysis], baselines: Sequence[Analysis]) 
     """
     if len(baselines) == 1:
         return [baselines[0]] * len(analyses)
-    by_path = {os.path.normpath(b.checkpoint): b for b in baselines}
+    by_key = {_baseline_key(b): b for b in baselines}
     matched = []
     for i, analysis in enumerate(analyses):
-        key = os.path.normpath(analysis.checkpoint)
-        if key in by_path:
-            matched.append(by_path[key])
+        key = _baseline_key(analysis)
+        if key in by_key:
+            matched.append(by_key[key])
         elif len(analyses) == len(baselines):
             matched.append(baselines[i])
         else:
-            known = ", ".join(b.checkpoint for b in baselines)
-            raise UsageError(f"baseline has no entry for checkpoint {analysis.checkpoint!r} (it holds: {known})")
+            known = ", ".join(_describe(b) for b in baselines)
+            raise UsageError(f"baseline has no entry for checkpoint {_describe(analysis)} (it holds: {known})")
     return matched
+
+
+def _baseline_key(analysis: Analysis) -> tuple[str, str | None]:
+    return os.path.normpath(analysis.checkpoint), getattr(analysis, "adapter", None)
+
+
+def _describe(analysis: Analysis) -> str:
+    adapter = getattr(analysis, "adapter", None)
+    return repr(analysis.checkpoint) + (f" (adapter {adapter})" if adapter else "")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,12 +50,12 @@ def load_checkpoint(path: str | os.PathLike[str], adapter: str | None = None) ->
     name = os.path.basename(path)
     if name in (SAFETENSORS_NAME, BIN_NAME) and os.path.isfile(os.path.join(parent, CONFIG_NAME)):
         if adapter is not None:
-            raise CheckpointError(path, "adapter=NAME needs the adapter directory, not a weights file")
+            raise CheckpointError(path, "--adapter NAME (adapter=NAME) needs the adapter directory, not a weights file")
         checkpoint = load_adapter_directory(parent)
         checkpoint.path = path
         return checkpoint
     if adapter is not None:
-        raise CheckpointError(path, "adapter=NAME needs an adapter directory, not a file")
+        raise CheckpointError(path, "--adapter NAME (adapter=NAME) needs an adapter directory, not a file")
     if name.endswith(".safetensors") or _looks_like_safetensors(path):
         return assemble_checkpoint(path, "safetensors", SafetensorsFile(path), None)
     if name.endswith((".bin", ".pt", ".pth")):

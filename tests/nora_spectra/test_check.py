@@ -266,6 +266,17 @@ def test_match_baseline_by_normalised_path_then_position(tmp_path: Path) -> None
         match_baseline([c], [a, b])
 
 
+def test_match_baseline_tells_adapters_of_one_directory_apart(tmp_path: Path) -> None:
+    import dataclasses
+
+    base = analyze(write_checkpoint(tmp_path / "multi", {Q: FLAT}), emit_warnings=False)
+    code, math_ = (dataclasses.replace(base, adapter=name) for name in ("code", "math"))
+    # same path, different adapters: each finds its own entry, whatever the order
+    assert [m.adapter for m in match_baseline([math_, code], [code, math_])] == ["math", "code"]
+    with pytest.raises(UsageError, match=r"checkpoint '.*multi' \(adapter math\)"):
+        match_baseline([math_], [code, base])
+
+
 @pytest.mark.parametrize(
     "content, match",
     [(None, "baseline not found"), ("{not json", "not valid JSON"), ('{"x": 1}', "not a spectra analysis")],
