@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import click
 
+from nora_spectra.cli._space_options import add_space_options, run_space
 from nora_spectra.errors import UsageError
 
 __all__ = ["command", "write_result"]
@@ -63,6 +65,7 @@ def write_result(text: str, output: str | None, *, quiet: bool) -> None:
 )
 @click.option("--by-layer", is_flag=True, help="Also summarise by layer index (table and markdown).")
 @click.option("-q", "--quiet", is_flag=True, help="No warnings, messages or progress bar on stderr.")
+@add_space_options
 def command(
     paths: tuple[str, ...],
     effective_rank: bool,
@@ -72,26 +75,29 @@ def command(
     collapse_threshold: float,
     by_layer: bool,
     quiet: bool,
+    **space_opts: Any,
 ) -> None:
     """Per-layer singular-value spectra and rank utilization of adapter checkpoints.
 
     PATH is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors or .bin) or a
-    bare .safetensors file. With one PATH, --format json prints one object; with several,
+    bare .safetensors file. --space activation measures the adapter branch's outputs on real inputs
+    (needs --model and --data), --space probe its response to Gaussian inputs (docs/activation.md).
+    With one PATH, --format json prints one object; with several,
     {"checkpoints": [...]}. Layers with NaN/Inf factors or an all-zero update are reported with their
     status and a warning; the exit code stays 0. Bad input exits with code 2 and one line on stderr.
     """
-    from nora_spectra.analysis import analyze
     from nora_spectra.render import render
 
     show_progress = not quiet and sys.stderr.isatty()
     analyses = []
     for path in paths:
-        analysis = analyze(
-            path,
+        analysis = run_space(
+            path=path,
             adapter=adapter,
             collapse_threshold=collapse_threshold,
             progress=show_progress,
             emit_warnings=False,
+            **space_opts,
         )
         if not quiet:
             for message in analysis.warnings:

@@ -94,7 +94,13 @@ def render_table(analysis: "Analysis", *, effective_rank: bool = False, by_layer
         A header line, the per-layer table and the summary block, newline-terminated.
     """
     columns = COLUMN_SETS["effective_rank" if effective_rank else "full"]
-    header = f"{analysis.display_name}  (format {analysis.format}, method {analysis.method}, {len(analysis)} layers)"
+    header = f"{analysis.display_name}  (format {analysis.format}, method {analysis.method}, {len(analysis)} layers"
+    space = getattr(analysis, "space", "weight")
+    if space != "weight":  # activation and probe spectra must not pass for weight-space ones
+        tokens = getattr(analysis, "tokens", None)
+        unit = "Gaussian inputs per layer" if space == "probe" else "tokens"
+        header += f"; {space} space" + (f", {tokens} {unit}" if tokens else "")
+    header += ")"
     parts = [header]
     if analysis.records:
         parts.append(

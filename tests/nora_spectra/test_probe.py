@@ -129,27 +129,19 @@ def test_probe_options_are_validated(tmp_path):
         probe_spectra(path, samples=1)
 
 
-# ----------------------------------------------------------------------------- CLI options (wired into analyze)
-def _space_command():
-    import click
+# ----------------------------------------------------------------------------- CLI options of `spectra analyze`
+def _analyze(args):
+    """Run the real `spectra analyze` command with JSON output."""
+    from click.testing import CliRunner
 
-    from nora_spectra.cli._space_options import add_space_options, run_space
+    from nora_spectra.cli.analyze import command
 
-    @click.command()
-    @click.argument("path")
-    @add_space_options
-    def command(path, **space_opts):
-        click.echo(run_space(path=path, **space_opts).to_json())
-
-    return command
+    return CliRunner().invoke(command, [*args, "--format", "json", "-q"])
 
 
 def test_space_options_drive_probe_and_activation(tmp_path):
-    from click.testing import CliRunner
-
     path = _checkpoint(tmp_path, AdapterConfig(method="nora", r=3, target_modules=["q_proj", "v_proj"]))
-    runner = CliRunner()
-    out = runner.invoke(_space_command(), [str(path), "--space", "probe", "--probe-scale", "0.5", "--probe-samples", "300", "--layers", "q_proj"])
+    out = _analyze([str(path), "--space", "probe", "--probe-scale", "0.5", "--probe-samples", "300", "--layers", "q_proj"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert data["space"] == "probe" and data["probe_scale"] == 0.5 and len(data["layers"]) == 2
@@ -158,12 +150,18 @@ def test_space_options_drive_probe_and_activation(tmp_path):
     base = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)).save_pretrained(tmp_path / "base")
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"text": "hello world, adapters"}\n{"text": "spectra"}\n')
-    out = runner.invoke(_space_command(), [str(path), "--space", "activation", "--model", str(base), "--data", str(jsonl), "--samples", "2"])
+    out = _analyze([str(path), "--space", "activation", "--model", str(base), "--data", str(jsonl), "--samples", "2"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert data["space"] == "activation" and data["tokens"] == 16 + len("spectra") + 1  # BOS + text, the first cut at block_size 16
 
-    weight = json.loads(runner.invoke(_space_command(), [str(path)]).output)
+    from click.testing import CliRunner
+
+    from nora_spectra.cli.analyze import command
+
+    table = CliRunner().invoke(command, [str(path), "--space", "probe", "-q"]).output
+    assert table.splitlines()[0].endswith("; probe space, 4096 Gaussian inputs per layer)")
+    weight = json.loads(_analyze([str(path)]).output)
     assert "space" not in weight  # weight space is analyze()'s plain result
 
 
@@ -181,9 +179,7 @@ def test_space_options_refuse_misfits(tmp_path, args, message):
     path = _checkpoint(tmp_path, AdapterConfig(method="lora", r=2, target_modules=["q_proj"]))
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "x"}\n')
-    from click.testing import CliRunner
-
-    out = CliRunner().invoke(_space_command(), [str(path)] + [a.format(data=data) for a in args])
+    out = _analyze([str(path)] + [a.format(data=data) for a in args])
     assert out.exit_code != 0 and isinstance(out.exception, UsageError) and message in str(out.exception)
     with pytest.raises(UsageError, match="--space must be"):
         run_space("dense", path)
