@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Union
 
@@ -381,6 +382,8 @@ def analyze(
         checkpoint = load_checkpoint(path, adapter=adapter)
 
     total = len(checkpoint)
+    log.debug("%s: format %s, method %s, %d adapter modules", checkpoint.path, checkpoint.format, checkpoint.method, total)
+    started = time.perf_counter()
     callback, bar = _progress_callback(progress, total)
     records = []
     try:
@@ -392,6 +395,7 @@ def analyze(
         if bar is not None:
             bar.close()
 
+    log.debug("%s: %d spectra in %.3f s", checkpoint.path, len(records), time.perf_counter() - started)
     messages = list(getattr(checkpoint, "warnings", None) or [])
     skipped = [(str(name), str(reason)) for name, reason in (getattr(checkpoint, "skipped", None) or [])]
     if skipped and not any(message.startswith("skipped ") for message in messages):

@@ -346,3 +346,25 @@ def test_real_process_json_round_trip(ck):
     proc = subprocess.run([SPECTRA, "analyze", str(ck), "--format", "json"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == ""
     assert len(json.loads(proc.stdout)["layers"]) == 4
+
+
+def test_verbose_logs_debug_messages_to_stderr_only(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    save_file(
+        {
+            "base_model.model.m.q_proj.lora_A.weight": rng.standard_normal((2, 6)).astype(np.float32),
+            "base_model.model.m.q_proj.lora_B.weight": rng.standard_normal((5, 2)).astype(np.float32),
+        },
+        str(good / "adapter_model.safetensors"),
+    )
+    (good / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    proc = subprocess.run([SPECTRA, "-v", "analyze", str(good), "--format", "json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["layers"][0]["module"] == "m.q_proj"
+    assert f"spectra: {good}: format peft, method lora, 1 adapter modules" in proc.stderr
+    assert "1 spectra in" in proc.stderr
