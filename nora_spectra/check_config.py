@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from nora_spectra.errors import UsageError
+from nora_spectra.metrics import METRIC_FIELDS
 
 __all__ = [
     "GATED_METRICS",
@@ -51,20 +52,8 @@ __all__ = [
     "resolve_settings",
 ]
 
-#: metrics a baseline regression gate may compare (numeric fields of a layer record).
-GATED_METRICS: tuple[str, ...] = (
-    "effective_rank",
-    "utilization",
-    "stable_rank",
-    "energy_rank_90",
-    "energy_rank_99",
-    "numerical_rank",
-    "spectral_entropy",
-    "participation_ratio",
-    "tail_energy",
-    "sigma_max",
-    "frobenius_norm",
-)
+#: metrics a baseline regression gate may compare: the numeric fields of a layer record.
+GATED_METRICS: tuple[str, ...] = tuple(name for name in METRIC_FIELDS if name not in ("collapsed", "status"))
 
 #: keys an override table may hold besides ``pattern``.
 OVERRIDE_KEYS: tuple[str, ...] = ("min_utilization", "min_effective_rank", "max_drop", "skip")
