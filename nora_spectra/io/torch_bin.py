@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from nora_spectra.errors import CheckpointError
+from nora_spectra.io.pickle_scan import forbidden_globals
 from nora_spectra.io.safetensors_file import DTYPES, TensorInfo
 
 __all__ = ["TorchBinFile"]
@@ -50,6 +51,11 @@ class TorchBinFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.metadata: dict[str, str] = {}
+        forbidden = forbidden_globals(self.path)  # fast refusal, before importing torch (about 1 s)
+        if forbidden:
+            raise CheckpointError(
+                self.path, f"refused to unpickle: it refers to {', '.join(forbidden)}, which could run code"
+            )
         try:
             import torch
         except ImportError as exc:

@@ -220,7 +220,8 @@ def test_malicious_pickle_never_runs(tmp_path, use_torch_save):
         load_checkpoint(tmp_path / "ckpt")
     assert not marker.exists()
     message = str(info.value)
-    assert message.startswith(f"{bin_path}: refused to unpickle: the file could run code") and "\n" not in message
+    assert message.startswith(f"{bin_path}: refused to unpickle: ") and "could run code" in message
+    assert "\n" not in message
     assert "weights_only" not in message  # never relay torch's advice to turn the safety off
 
 
