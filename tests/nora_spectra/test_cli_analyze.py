@@ -368,3 +368,19 @@ def test_verbose_logs_debug_messages_to_stderr_only(tmp_path):
     assert json.loads(proc.stdout)["layers"][0]["module"] == "m.q_proj"
     assert f"spectra: {good}: format peft, method lora, 1 adapter modules" in proc.stderr
     assert "1 spectra in" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["analyze"], "Missing argument 'PATH...'"),
+        (["analyze", "{ck}", "--format", "foo"], "Invalid value for '--format'"),
+        (["analyze", "{ck}", "--space", "activation", "--model", "{missing}", "--data", "{missing}"], "does not exist"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_usage_errors_are_one_line_too(ck, tmp_path, capsys, argv, message):
+    code, out, err = run([a.format(ck=ck, missing=tmp_path / "missing") for a in argv], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("spectra: error: ") and err.count("\n") == 1 and message in err, err
+    assert "--help" in err
