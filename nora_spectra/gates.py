@@ -181,6 +181,13 @@ def load_baseline(path: str | os.PathLike[str]) -> list[Analysis]:
     items = data.get("checkpoints") if isinstance(data, dict) and "checkpoints" in data else [data]
     if not isinstance(items, list) or not items:
         raise UsageError(f"{path}: baseline 'checkpoints' must be a non-empty list")
+    for item in items:
+        space = item.get("space", "weight") if isinstance(item, dict) else "weight"
+        if space != "weight":
+            raise UsageError(
+                f"{path}: baseline holds {space}-space spectra; spectra check gates weight-space analyses "
+                "(write the baseline with plain 'spectra analyze --format json' or --update-baseline)"
+            )
     try:
         return [Analysis.from_dict(item) for item in items]
     except UsageError as exc:
@@ -206,13 +213,16 @@ def write_baseline(path: str | os.PathLike[str], analyses: Sequence[Analysis]) -
         raise UsageError(f"{os.fspath(path)}: cannot write baseline: {exc.strerror or exc}") from None
 
 
-def match_baseline(analyses: Sequence[Analysis], baselines: Sequence[Analysis]) -> list[Analysis]:
+def match_baseline(
+    analyses: Sequence[Analysis], baselines: Sequence[Analysis], notes: list[tuple[str, str]] | None = None
+) -> list[Analysis]:
     """Pair each analysis with its baseline.
 
     Rules, in order: a baseline with one checkpoint serves every analysis; otherwise the baseline entry
-    with the same ``checkpoint`` path (compared after :func:`os.path.normpath`) and the same ``adapter``
-    (None, the default adapter, for baselines written before the field existed); otherwise, when both
-    lists have the same length, the entry at the same position.
+    with the same ``checkpoint`` path (both resolved with :func:`os.path.realpath` against the current
+    directory, so ``runs/a`` and ``$PWD/runs/a`` pair up) and the same ``adapter`` (None, the default
+    adapter, for baselines written before the field existed); otherwise, when both lists have the same
+    length, the entry at the same position, with a note in ``notes`` saying so.
 
     Raises:
         UsageError: an analysis has no baseline entry.
@@ -227,6 +237,12 @@ def match_baseline(analyses: Sequence[Analysis], baselines: Sequence[Analysis]) 
             matched.append(by_key[key])
         elif len(analyses) == len(baselines):
             matched.append(baselines[i])
+            if notes is not None:
+                notes.append((
+                    analysis.checkpoint,
+                    f"no baseline entry with this path; compared by position with entry {i + 1}, "
+                    f"{_describe(baselines[i])}",
+                ))
         else:
             known = ", ".join(_describe(b) for b in baselines)
             raise UsageError(f"baseline has no entry for checkpoint {_describe(analysis)} (it holds: {known})")
@@ -234,7 +250,7 @@ def match_baseline(analyses: Sequence[Analysis], baselines: Sequence[Analysis]) 
 
 
 def _baseline_key(analysis: Analysis) -> tuple[str, str | None]:
-    return os.path.normpath(analysis.checkpoint), getattr(analysis, "adapter", None)
+    return os.path.realpath(analysis.checkpoint), getattr(analysis, "adapter", None)
 
 
 def _describe(analysis: Analysis) -> str:
@@ -387,7 +403,7 @@ def evaluate(
         UsageError: a checkpoint has no baseline entry.
     """
     result = CheckResult(checkpoints=[a.checkpoint for a in analyses], outcomes=[], settings=settings)
-    paired = match_baseline(analyses, baselines) if baselines else [None] * len(analyses)
+    paired = match_baseline(analyses, baselines, result.notes) if baselines else [None] * len(analyses)
     for analysis, baseline in zip(analyses, paired):
         gates = _Gates(analysis, settings, result)
         for message in analysis.warnings:

@@ -45,7 +45,8 @@ def render_text(result: "CheckResult", *, quiet: bool = False) -> str:
 
     Args:
         result: the check result.
-        quiet: print only failed gates and the verdict when something failed, nothing when all passed.
+        quiet: print only failed gates and the verdict when something failed, nothing when all passed;
+            with several checkpoints each failure line starts with its checkpoint.
 
     Returns:
         Newline-terminated text (empty when ``quiet`` and every gate passed).
@@ -59,8 +60,9 @@ def render_text(result: "CheckResult", *, quiet: bool = False) -> str:
         if not quiet:
             state = f"{len(failed)} failed" if failed else "all passed"
             lines.append(f"{checkpoint}: {_plural(len(outcomes), 'gate')}, {state}")
+        prefix = f"{checkpoint}: " if quiet and len(result.checkpoints) > 1 else ""
         for outcome in failed:
-            lines.append(f"  FAIL [{outcome.gate}] {outcome.message}")
+            lines.append(f"  FAIL [{outcome.gate}] {prefix}{outcome.message}")
         if not quiet:
             lines.extend(f"  note: {message}" for cp, message in result.notes if cp == checkpoint)
     total, failures = len(result.outcomes), len(result.failures)

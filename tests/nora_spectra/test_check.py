@@ -260,8 +260,15 @@ def test_match_baseline_by_normalised_path_then_position(tmp_path: Path) -> None
     (tmp_path / "x").mkdir()
     b_dotted = analyze(str(tmp_path / "x" / ".." / "b"), emit_warnings=False)
     assert [id(m) for m in match_baseline([b_dotted, a], [a, b])] == [id(b), id(a)]
-    # c is not in the baseline and the lists have the same length: matched by position
-    assert [id(m) for m in match_baseline([c, a], [b, a])] == [id(b), id(a)]
+    # c is not in the baseline and the lists have the same length: matched by position, with a note
+    notes: list = []
+    assert [id(m) for m in match_baseline([c, a], [b, a], notes)] == [id(b), id(a)]
+    assert notes == [(c.checkpoint, f"no baseline entry with this path; compared by position with entry 1, {b.checkpoint!r}")]
+    # relative and absolute spellings of one path pair up
+    import dataclasses, os
+
+    relative = dataclasses.replace(b, checkpoint=os.path.relpath(b.checkpoint))
+    assert [id(m) for m in match_baseline([a, relative], [b, a])] == [id(a), id(b)]
     with pytest.raises(UsageError, match="baseline has no entry for checkpoint"):
         match_baseline([c], [a, b])
 
@@ -279,7 +286,12 @@ def test_match_baseline_tells_adapters_of_one_directory_apart(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     "content, match",
-    [(None, "baseline not found"), ("{not json", "not valid JSON"), ('{"x": 1}', "not a spectra analysis")],
+    [
+        (None, "baseline not found"),
+        ("{not json", "not valid JSON"),
+        ('{"x": 1}', "not a spectra analysis"),
+        ('{"space": "activation", "checkpoint": "x", "layers": []}', "baseline holds activation-space spectra"),
+    ],
 )
 def test_bad_baseline_files_name_the_file(tmp_path: Path, mixed: Path, content: str | None, match: str) -> None:
     path = tmp_path / "base.json"

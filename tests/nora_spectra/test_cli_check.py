@@ -69,6 +69,18 @@ def test_quiet(capsys, ckpt: Path) -> None:
     assert code == 1 and out.splitlines()[0].startswith(f"  FAIL [min_effective_rank] {V}")
 
 
+def test_quiet_with_several_checkpoints_names_each_failure_s_checkpoint(capsys, ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(ckpt, twin)
+    code, out, _ = run(capsys, ckpt, twin, "--min-effective-rank", ERANK_SKEW + EPS, "-q")
+    failures = [line for line in out.splitlines() if "FAIL [" in line]
+    assert code == 1 and len(failures) == 2
+    assert failures[0].startswith(f"  FAIL [min_effective_rank] {ckpt}: {V}")
+    assert failures[1].startswith(f"  FAIL [min_effective_rank] {twin}: {V}")
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
