@@ -27,6 +27,7 @@ ACTIVATIONS = ("silu", "relu", "gelu", "identity")
 INITS = ("default", "kaiming_uniform", "kaiming_normal")
 
 _DEFAULT_DROPOUT = {"lora": 0.0, "nora": 0.1}
+_DEFAULT_ACTIVATION = "silu"
 _PEFT_TYPES = {"LORA": "lora", "NORA": "nora"}
 
 
@@ -52,7 +53,8 @@ class AdapterConfig:
         dropout: LoRA: dropout on the input ``x`` (default 0.0, as PEFT). NoRA: dropout on the
             r-dimensional hidden after the activation (default 0.1). ``None`` picks the default.
         activation: NoRA's activation: ``"silu"`` (default), ``"relu"``, ``"gelu"``, ``"identity"``.
-            Ignored by LoRA.
+            With ``method="lora"`` only the default is accepted (LoRA has no activation; another value
+            raises ``ValueError``).
         init: ``"default"`` (LoRA: A Kaiming-uniform ``a=sqrt(5)``; NoRA: A Kaiming-normal for relu),
             or force ``"kaiming_uniform"`` / ``"kaiming_normal"``. B is always zero.
         fan_in_fan_out: the targets store their weight as ``(d_in, d_out)`` (GPT-2's ``Conv1D``).
@@ -75,7 +77,7 @@ class AdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     dropout: float | None = None
-    activation: str = "silu"
+    activation: str = _DEFAULT_ACTIVATION
     init: str = "default"
     fan_in_fan_out: bool = False
     task_type: str | None = None
@@ -104,6 +106,12 @@ class AdapterConfig:
         self.dropout = float(self.dropout)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.method == "lora" and self.activation != _DEFAULT_ACTIVATION:
+            # LoRA has no activation: accepting one would train a linear adapter the user thinks is not
+            raise ValueError(
+                f"activation={self.activation!r} is NoRA-only; LoRA has no activation (use method='nora' "
+                f"or leave activation at its default {_DEFAULT_ACTIVATION!r})"
+            )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("task_type", "base_model_name_or_path"):

@@ -51,6 +51,15 @@ def test_invalid_values_name_the_field(kwargs: dict, field: str) -> None:
         AdapterConfig(**kwargs)
 
 
+def test_activation_is_nora_only_and_lora_keeps_the_default() -> None:
+    for activation in ("relu", "gelu", "identity"):
+        with pytest.raises(ValueError, match=r"activation='\w+' is NoRA-only"):
+            AdapterConfig(method="lora", activation=activation)
+    lora = AdapterConfig(method="lora", alpha=8, activation="silu")  # the default: what every LoRA config holds
+    assert AdapterConfig.from_dict(lora.to_dict()) == lora
+    assert AdapterConfig(method="nora", activation="relu").activation == "relu"
+
+
 def test_normalisation() -> None:
     config = AdapterConfig(target_modules=("q_proj",), layers_to_transform=2)
     assert config.target_modules == ["q_proj"] and config.layers_to_transform == [2]
