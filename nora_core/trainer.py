@@ -656,8 +656,8 @@ class _Trainer:
             _clean_partial(self.run_dir)
         if not self.config.resume and (latest_checkpoint(self.run_dir) or (self.run_dir / METRICS_NAME).exists()):
             raise ValueError(
-                f"{self.run_dir}: already holds a run (metrics.jsonl or checkpoints); pass resume=True "
-                "to continue it or choose a new run_dir"
+                f"{self.run_dir}: already holds a run (metrics.jsonl or checkpoints); pass --resume "
+                "(resume=True in Python) to continue it or choose a new run_dir"
             )
 
     def maybe_resume(self) -> dict[str, Any] | None:
@@ -821,7 +821,12 @@ class _Trainer:
                 norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf))
                 if not (math.isfinite(step_loss) and math.isfinite(norm)):
                     self.optimizer.zero_grad(set_to_none=True)
-                    where = self.last_checkpoint or "none (set save_every to keep checkpoints)"
+                    if self.last_checkpoint is not None:
+                        where = str(self.last_checkpoint)
+                    elif cfg.save_every:  # the first checkpoint comes at save_every, or at the end if sooner
+                        where = f"none yet (the first is written at step {min(cfg.save_every, cfg.steps)})"
+                    else:
+                        where = "none (set save_every to keep checkpoints)"
                     raise NonFiniteLossError(
                         f"non-finite training loss ({step_loss}) or gradient norm ({norm}) at step "
                         f"{self.step + 1}; stopped before the optimizer step. Last good checkpoint: {where}. "

@@ -286,6 +286,39 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
     assert any(v.abs().sum() > 0 for k, v in adapter_weights(restored).items() if "lora_B" in k)
 
 
+@pytest.mark.parametrize(
+    ("save_every", "steps", "where"),
+    [(5, 20, "none yet (the first is written at step 5)"), (50, 20, "none yet (the first is written at step 20)"),
+     (0, 20, "none (set save_every to keep checkpoints)")],
+)
+def test_a_nan_loss_before_the_first_checkpoint_says_when_it_comes(
+    tmp_path: Path, save_every: int, steps: int, where: str
+) -> None:
+    class PoisonAfter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.calls = tiny_model(), 0
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            logits = self.inner(input_ids)
+            return logits * float("nan") if self.calls > 2 else logits
+
+    data, _ = tiny_data(n=16)
+    cfg = TrainConfig(run_dir=str(tmp_path), steps=steps, batch_size=4, save_every=save_every, track_spectra_every=0)
+    with pytest.raises(NonFiniteLossError) as info:
+        train(PoisonAfter(), cfg, data)
+    assert f"step 3; stopped before the optimizer step. Last good checkpoint: {where}." in str(info.value)
+
+
+def test_an_existing_run_dir_names_the_cli_flag_and_the_python_argument(tmp_path: Path) -> None:
+    data, _ = tiny_data(n=16)
+    cfg = TrainConfig(run_dir=str(tmp_path), steps=1, batch_size=4, track_spectra_every=0)
+    train(tiny_model(), cfg, data)
+    with pytest.raises(ValueError, match=r"pass --resume \(resume=True in Python\)"):
+        train(tiny_model(), cfg, data)
+
+
 # ------------------------------------------------------------------------------ spectral tracking
 
 
