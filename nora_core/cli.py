@@ -5,7 +5,7 @@ malformed file, a non-finite loss) is one line on stderr and exit code 2.
 
 ``nora train`` takes flags or a TOML file (``--config run.toml``) whose keys are the option names
 (``steps = 200``, ``method = "nora"``, ``targets = ["q_proj", "v_proj"]``); flags given on the command
-line override the file.
+line override the file. Relative paths in the file are relative to the file's directory.
 """
 
 from __future__ import annotations
@@ -60,10 +60,13 @@ def _load_toml(ctx: click.Context, param: click.Parameter, value: str | None) ->
     except tomllib.TOMLDecodeError as exc:
         raise _UserError(f"{value}: invalid TOML ({exc})") from None
     known: dict[str, str] = {}  # "model", "model_dir" -> "model_dir"; "r", "rank" -> "rank"
+    paths: set[str] = set()  # options whose value is a path: relative ones are relative to the file
     for p in ctx.command.params:
         if p.name and p.name != "config":
             for alias in [p.name, *getattr(p, "opts", [])]:
                 known[alias.lstrip("-").replace("-", "_")] = p.name
+            if isinstance(p.type, (click.Path, _ExistingPath)):
+                paths.add(p.name)
     defaults = {}
     for key, item in data.items():
         name = known.get(key.replace("-", "_"))
@@ -71,9 +74,40 @@ def _load_toml(ctx: click.Context, param: click.Parameter, value: str | None) ->
             raise _UserError(f"{value}: unknown key {key!r} (use the option names of `nora train --help`)")
         if isinstance(item, list):
             item = ",".join(str(v) for v in item)
+        if name in paths and isinstance(item, str):
+            # as `spectra check` configs: a path in the file means the same wherever the command runs
+            item = os.path.join(os.path.dirname(value), os.path.expanduser(item))
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["nora.config"] = value
     return value
+
+
+class _ExistingPath(click.ParamType):
+    """An existing file or directory; otherwise the one-line user error ``PATH: problem (--option)``."""
+
+    name = "path"
+
+    def __init__(self, *, directory: bool) -> None:
+        self.directory = directory
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        path = os.fspath(value)
+        kind = "directory" if self.directory else "file"
+        if not os.path.exists(path):
+            problem = f"no such {kind}"
+        elif self.directory and not os.path.isdir(path):
+            problem = "not a directory"
+        elif not self.directory and os.path.isdir(path):
+            problem = "is a directory, not a file"
+        else:
+            return path
+        option = (getattr(param, "opts", None) or ["path"])[0]
+        where = option
+        if ctx is not None and param is not None and param.name:
+            if ctx.get_parameter_source(param.name) is click.core.ParameterSource.DEFAULT_MAP:
+                where = f"{option.lstrip('-')} in {ctx.meta.get('nora.config', 'the config')}"
+        raise _UserError(f"{path}: {problem} ({where})")
 
 
 def _csv(value: str) -> list[str]:
@@ -97,15 +131,24 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="nora", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:  # plain `nora`: the help, as click prints it
         exc.show()
-        sys.exit(exc.exit_code if isinstance(exc, _UserError) else 2)
+        sys.exit(2)
+    except click.ClickException as exc:
+        # click's usage errors (missing option, bad value, unknown option) print usage, a hint and the
+        # error on four lines; a user error of `nora` is one line
+        click.echo(f"nora: error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("Aborted!", err=True)
         sys.exit(130)
     except _user_errors() as exc:
         click.echo(f"nora: error: {exc}", err=True)
         sys.exit(2)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def _run_or_fail(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -124,10 +167,10 @@ def _run_or_fail(fn: Any, *args: Any, **kwargs: Any) -> Any:
 @cli.command("train")
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=_load_toml, help="TOML file of option values (flags override it).")
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), required=True,
+@click.option("--model", "model_dir", type=_ExistingPath(directory=True), required=True,
               help="Base model directory written by `nora pretrain` (config.json + model.safetensors).")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), required=True, help="Training JSONL.")
-@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="Validation JSONL.")
+@click.option("--data", type=_ExistingPath(directory=False), required=True, help="Training JSONL.")
+@click.option("--eval-data", type=_ExistingPath(directory=False), help="Validation JSONL.")
 @click.option("--format", "data_format", type=click.Choice(["auto", "text", "qa", "mathinstruct", "conversations"]),
               default="auto", show_default=True, help="Record format of the JSONL files.")
 @click.option("--max-length", type=int, default=256, show_default=True,
@@ -177,18 +220,17 @@ def _train_from_options(opts: dict[str, Any]) -> Any:
     from nora_core.models import GPT
     from nora_core.trainer import TrainConfig, train
 
+    _seed_everything(opts["seed"])  # before the adapters' random A: --seed N must give the same run twice
     model = _run_or_fail(GPT.from_pretrained, opts["model_dir"])
     max_length = min(opts["max_length"], model.config.block_size)
     read = dict(format=opts["data_format"], max_length=max_length, response_only=opts["response_only"],
                 skip_malformed=opts["skip_malformed"])
     train_data = _run_or_fail(load_dataset, opts["data"], **read)
     eval_data = _run_or_fail(load_dataset, opts["eval_data"], **read) if opts["eval_data"] else None
-    for name, data in (("train", train_data), ("eval", eval_data)):
-        if data is not None and data.skipped:
-            click.echo(f"nora: {name} data: skipped {data.skipped} malformed line(s)", err=True)
     adapter = _run_or_fail(
         AdapterConfig, method=opts["method"], r=opts["rank"], alpha=opts["alpha"], use_rslora=opts["rslora"],
         target_modules=_csv(opts["targets"]), dropout=opts["dropout"], activation=opts["activation"],
+        base_model_name_or_path=opts["model_dir"],
     )
     _run_or_fail(inject_adapters, model, adapter)
     config = _run_or_fail(
@@ -201,6 +243,18 @@ def _train_from_options(opts: dict[str, Any]) -> Any:
         resume=opts["resume"], progress=opts["progress"],
     )
     return _run_or_fail(train, model, config, train_data, eval_data)
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs (what the model build and ``inject_adapters`` draw from)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _echo_result(result: Any) -> None:
@@ -389,6 +443,7 @@ def run_demo(
         return TokenDataset.from_samples([parse_record(r) for r in rows], max_length=block, response_only=True)
 
     train_data, val_data = dataset(train_rows), dataset(val_rows)
+    seed = 0
     summary = []
     run_dirs = []
     for method in methods:
@@ -397,13 +452,15 @@ def run_demo(
             run_dir = root / "runs" / name
             if run_dir.exists():
                 shutil.rmtree(run_dir)
+            _seed_everything(seed)  # each run's A init depends on its seed only, not on what ran before
             model = GPT.from_pretrained(base)
-            inject_adapters(model, AdapterConfig(method=method, r=r, alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+            inject_adapters(model, AdapterConfig(method=method, r=r, alpha=2 * r, target_modules=["q_proj", "v_proj"],
+                                                 base_model_name_or_path=str(base)))
             config = TrainConfig(
                 run_dir=str(run_dir), steps=finetune_steps, batch_size=DEMO_DEFAULTS["batch_size"],
                 lr=DEMO_DEFAULTS["lr"], warmup_steps=min(10, finetune_steps),
                 eval_every=max(1, finetune_steps // 2), track_spectra_every=DEMO_DEFAULTS["track_every"],
-                log_every=10, seed=0, progress=progress,
+                log_every=10, seed=seed, progress=progress,
             )
             logger.info("fine-tuning %s", name)
             result = train(model, config, train_data, val_data)

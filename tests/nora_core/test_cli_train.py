@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from nora_core.arithmetic import ArithmeticTask, arithmetic_splits
 from nora_core.cli import main
@@ -47,6 +51,7 @@ def test_train_with_flags_writes_adapter_metrics_and_checkpoints(setup: dict, ca
     assert f"run_dir: {setup['run']}" in out and "steps: 4" in out and "val_ppl" in out
     config = json.loads((setup["run"] / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 2 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == str(setup["base"])  # --model as given
     records = [json.loads(line) for line in (setup["run"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4] and all(len(r["spectra"]) == 2 for r in records)
     assert sorted(p.name for p in (setup["run"] / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
@@ -54,7 +59,7 @@ def test_train_with_flags_writes_adapter_metrics_and_checkpoints(setup: dict, ca
     again = ["train", "--model", str(setup["base"]), "--data", str(setup["train"]), "--run-dir",
              str(setup["run"]), "--steps", "4", "--batch-size", "4", "--r", "2", "--no-progress"]
     code, _, err = run(again, capsys)
-    assert code == 2 and err.startswith("nora: error:") and "resume" in err
+    assert code == 2 and err.startswith("nora: error:") and "pass --resume (resume=True in Python)" in err
     code, out, err = run(again + ["--resume"], capsys)
     assert code == 0 and "steps: 4" in out
 
@@ -78,6 +83,34 @@ def test_train_reads_a_toml_config_and_flags_override_it(setup: dict, tmp_path: 
     assert code == 2 and "unknown key 'stepz'" in err
 
 
+def test_paths_in_a_toml_config_are_relative_to_the_file(setup: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    setup["base"].rename(project / "base")
+    setup["train"].rename(project / "data" / "train.jsonl")
+    setup["val"].rename(project / "data" / "val.jsonl")
+    toml = project / "run.toml"
+    toml.write_text(
+        'model = "base"\ndata = "data/train.jsonl"\neval-data = "data/val.jsonl"\nrun-dir = "runs/a"\n'
+        "steps = 1\nbatch_size = 4\nsave_every = 0\ntrack_every = 0\nprogress = false\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run(["train", "--config", "../project/run.toml"], capsys)
+    assert code == 0, err
+    assert (project / "runs" / "a" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(elsewhere.iterdir())
+    # a flag stays relative to the current directory
+    code, _, err = run(["train", "--config", str(toml), "--run-dir", "b"], capsys)
+    assert code == 0, err
+    assert (elsewhere / "b" / "metrics.jsonl").is_file()
+    # a missing path names the file's key and the resolved path
+    toml.write_text('model = "nothere"\ndata = "data/train.jsonl"\nrun-dir = "runs/c"\n')
+    code, _, err = run(["train", "--config", str(toml)], capsys)
+    assert code == 2 and err == f"nora: error: {project / 'nothere'}: no such directory (model in {toml})\n"
+
+
 def test_user_errors_are_one_line_with_exit_code_2(setup: dict, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(setup["train"].read_text() + '{"question": "no answer"}\n')
@@ -85,10 +118,74 @@ def test_user_errors_are_one_line_with_exit_code_2(setup: dict, tmp_path: Path, 
             "--no-progress"]
     code, _, err = run(base + ["--run-dir", str(tmp_path / "a")], capsys)
     assert code == 2 and err.count("\n") == 1 and f"{bad}:17:" in err
-    code, _, err = run(base + ["--run-dir", str(tmp_path / "b"), "--skip-malformed"], capsys)
-    assert code == 0 and "skipped 1 malformed line" in err
-    code, _, err = run(base + ["--run-dir", str(tmp_path / "c"), "--r", "0"], capsys)
-    assert code == 2 and err.startswith("nora: error:") and "r" in err
+    good = ["train", "--model", str(setup["base"]), "--data", str(setup["train"]), "--steps", "1", "--batch-size", "4",
+            "--no-progress"]
+    code, _, err = run(good + ["--run-dir", str(tmp_path / "c"), "--r", "0"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("nora: error: r must be a positive int")
+    code, _, err = run(good + ["--run-dir", str(tmp_path / "d"), "--method", "lora", "--activation", "relu"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "activation='relu' is NoRA-only" in err
+
+
+def test_skip_malformed_reports_the_count_once(setup: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(setup["train"].read_text() + '{"question": "no answer"}\n')
+    # a real process: the CLI's logging setup decides what reaches stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "nora_core.cli", "train", "--model", str(setup["base"]), "--data", str(bad),
+         "--run-dir", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4", "--save-every", "0",
+         "--track-every", "0", "--no-progress", "--skip-malformed"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "skipped" in line]
+    assert lines == [f"nora: {bad}: skipped 1 malformed line(s)"]
+
+
+def test_usage_errors_and_missing_paths_are_one_line_with_exit_code_2(setup: dict, tmp_path: Path, capsys) -> None:
+    model, data, run_dir = str(setup["base"]), str(setup["train"]), str(tmp_path / "run")
+    missing = str(tmp_path / "missing")
+    cases = [
+        (["--model", missing, "--data", data, "--run-dir", run_dir], f"{missing}: no such directory (--model)"),
+        (["--model", data, "--data", data, "--run-dir", run_dir], f"{data}: not a directory (--model)"),
+        (["--model", model, "--data", missing, "--run-dir", run_dir], f"{missing}: no such file (--data)"),
+        (["--model", model, "--data", model, "--run-dir", run_dir], f"{model}: is a directory, not a file (--data)"),
+        (["--model", model, "--data", data, "--eval-data", missing, "--run-dir", run_dir],
+         f"{missing}: no such file (--eval-data)"),
+        (["--config", missing + ".toml"], f"{missing}.toml: cannot read ("),
+        (["--model", model, "--data", data, "--run-dir", run_dir, "--steps", "abc"],
+         "Invalid value for '--steps': 'abc' is not a valid integer."),
+        (["--model", model, "--data", data, "--run-dir", run_dir, "--method", "dora"], "Invalid value for '--method'"),
+        (["--data", data, "--run-dir", run_dir], "Missing option '--model'."),
+        (["--model", model, "--data", data, "--run-dir", run_dir, "--bogus"], "No such option"),
+    ]
+    for argv, message in cases:
+        code, out, err = run(["train", *argv], capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1, (argv, err)
+        assert err.startswith(f"nora: error: {message}"), (argv, err)
+    assert not (tmp_path / "run").exists()
+
+
+def _adapter_and_losses(run_dir: Path) -> tuple[dict[str, torch.Tensor], list[float]]:
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    losses = [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return weights, losses
+
+
+def test_the_same_seed_gives_the_same_run(setup: dict, tmp_path: Path, capsys) -> None:
+    def train_run(name: str, seed: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+        code, _, err = run(
+            ["train", "--model", str(setup["base"]), "--data", str(setup["train"]), "--run-dir", str(tmp_path / name),
+             "--steps", "3", "--batch-size", "4", "--log-every", "1", "--save-every", "0", "--track-every", "0",
+             "--seed", str(seed), "--no-progress"],
+            capsys,
+        )
+        assert code == 0, err
+        return _adapter_and_losses(tmp_path / name)
+
+    (w1, l1), (w2, l2), (w3, l3) = train_run("a", 7), train_run("b", 7), train_run("c", 8)
+    assert len(l1) == 3 and l1 == l2
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert l3 != l1 and any(not torch.equal(w1[k], w3[k]) for k in w1)
 
 
 def test_prompts_that_fill_max_length_are_dropped_or_an_error(setup: dict, tmp_path: Path, capsys, caplog) -> None:
@@ -123,5 +220,9 @@ def test_demo_in_miniature_writes_analyses_and_caches_the_base(tmp_path: Path, c
         assert (tmp_path / "demo" / "runs" / name / "metrics.jsonl").is_file()
     assert (tmp_path / "demo" / "report.html").stat().st_size > 0
     stamp = (tmp_path / "demo" / "base" / "model.safetensors").stat().st_mtime_ns
+    first = _adapter_and_losses(tmp_path / "demo" / "runs" / "lora-r2")
     code, _, _ = run(argv + ["--methods", "lora"], capsys)
     assert code == 0 and (tmp_path / "demo" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    # with the base cached (nothing pretrained first), the run is the same: seeded before the adapters
+    again = _adapter_and_losses(tmp_path / "demo" / "runs" / "lora-r2")
+    assert again[1] == first[1] and all(torch.equal(again[0][k], first[0][k]) for k in first[0])
