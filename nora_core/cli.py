@@ -125,6 +125,11 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="nora: %(message)s", stream=sys.stderr)
 
 
+def _progress_wanted(flag: bool | None) -> bool:
+    """``--progress``/``--no-progress`` as given, else a bar only when stderr is a terminal."""
+    return sys.stderr.isatty() if flag is None else bool(flag)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors exit with code 2 and one line on stderr."""
     try:
@@ -206,7 +211,7 @@ def _run_or_fail(fn: Any, *args: Any, **kwargs: Any) -> Any:
 @click.option("--track-every", type=int, default=25, show_default=True, help="Spectral tracking interval (0: off).")
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --run-dir.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only when stderr is a terminal, never in CI logs).")
 def train_command(**opts: Any) -> None:
     """Fine-tune LoRA or NoRA adapters on a JSONL dataset."""
     result = _train_from_options(opts)
@@ -240,7 +245,7 @@ def _train_from_options(opts: dict[str, Any]) -> Any:
         grad_clip=opts["grad_clip"] or None, bf16=opts["bf16"], seed=opts["seed"], device=opts["device"],
         eval_every=opts["eval_every"], eval_batches=opts["eval_batches"], save_every=opts["save_every"],
         keep_last=opts["keep_last"], track_spectra_every=opts["track_every"], log_every=opts["log_every"],
-        resume=opts["resume"], progress=opts["progress"],
+        resume=opts["resume"], progress=_progress_wanted(opts["progress"]),
     )
     return _run_or_fail(train, model, config, train_data, eval_data)
 
@@ -314,9 +319,10 @@ def pretrain_base(
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--corpus-bytes", type=int, default=1_000_000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only when stderr is a terminal, never in CI logs).")
 def pretrain_command(out: str, **opts: Any) -> None:
     """Pretrain the small built-in GPT on Python's own docstrings (offline)."""
+    opts["progress"] = _progress_wanted(opts["progress"])
     result = _run_or_fail(pretrain_base, Path(out), **opts)
     click.echo(f"base model: {out}")
     click.echo(f"steps: {result.steps}  train_loss: {result.train_loss:.4f}  tokens/s: {result.tokens_per_s:.0f}")
@@ -377,7 +383,7 @@ def _spectra_report_hook(out: Path, run_dirs: list[Path]) -> str:
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch CPU threads (0: torch's default). One thread keeps the small model fast even on a "
                    "machine busy with other work, where competing OpenMP threads slow it down many times.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only when stderr is a terminal, never in CI logs).")
 def demo_command(
     out: str, methods: str, ranks: str, pretrain_steps: int, finetune_steps: int, threads: int, progress: bool
 ) -> None:
@@ -390,7 +396,7 @@ def demo_command(
     root = Path(out)
     summary = _run_or_fail(
         run_demo, root, methods=_csv(methods), ranks=[int(r) for r in _csv(ranks)],
-        pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, progress=progress,
+        pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, progress=_progress_wanted(progress),
     )
     click.echo(f"{'run':<10} {'val_loss':>9} {'val_ppl':>8} {'erank':>7} {'util':>6}  analysis")
     for row in summary:

@@ -133,12 +133,14 @@ def test_skip_malformed_reports_the_count_once(setup: dict, tmp_path: Path) -> N
     proc = subprocess.run(
         [sys.executable, "-m", "nora_core.cli", "train", "--model", str(setup["base"]), "--data", str(bad),
          "--run-dir", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4", "--save-every", "0",
-         "--track-every", "0", "--no-progress", "--skip-malformed"],
+         "--track-every", "0", "--skip-malformed"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "skipped" in line]
     assert lines == [f"nora: {bad}: skipped 1 malformed line(s)"]
+    # stderr is a pipe here, not a terminal: no progress bar unless --progress asks for one
+    assert "step/s" not in proc.stderr and "\r" not in proc.stderr
 
 
 def test_usage_errors_and_missing_paths_are_one_line_with_exit_code_2(setup: dict, tmp_path: Path, capsys) -> None:
