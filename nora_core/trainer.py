@@ -26,32 +26,52 @@ Run directory layout (``TrainConfig.run_dir``)::
                                        model_state.pt when the model has no adapters), trainer_state.pt
     best/                              the adapter with the lowest validation loss, plus best.json
     adapter/                           the final adapter
+
+This module holds the loop; its parts live in :mod:`nora_core.train_config` (TrainConfig, TrainResult,
+get_lr), :mod:`nora_core.evaluation` (the loss, :func:`evaluate`), :mod:`nora_core.run_state` (checkpoint
+directories, weights, RNG state), :mod:`nora_core.distributed` and :mod:`nora_core.tracking`
+(:func:`adapter_spectra`). The public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import os
-import random
-import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nora_core.atomic import atomic_write, atomic_write_text
 from nora_core.data import IGNORE_INDEX, TokenDataset
+from nora_core.distributed import all_reduce_sum, resolve_device, setup_distributed
+from nora_core.evaluation import bf16_autocast, evaluate, forward_logits, loss_sum
+from nora_core.run_state import (
+    METRICS_NAME,
+    MODEL_STATE_NAME,  # noqa: F401  (re-exported: it was defined here)
+    STATE_NAME,
+    STATE_VERSION,
+    adapter_root,
+    clean_partial,
+    latest_checkpoint,
+    list_checkpoints,
+    load_weights,
+    replace_dir,
+    rng_state,
+    rng_state_to_cpu,
+    save_weights,
+    set_rng_state,
+)
+from nora_core.tracking import adapter_spectra, list_adapter_layers
+from nora_core.train_config import NonFiniteLossError, TrainConfig, TrainResult, get_lr
 
 __all__ = [
     "TrainConfig",
@@ -68,211 +88,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.jsonl"
-STATE_NAME = "trainer_state.pt"
-MODEL_STATE_NAME = "model_state.pt"
-_CKPT_RE = re.compile(r"^step-(\d+)$")
-_STATE_VERSION = 1
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss or gradient norm became NaN/Inf; the run stopped before updating the weights."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything :func:`train` needs besides the model and the data.
-
-    Attributes:
-        run_dir: where checkpoints, ``metrics.jsonl`` and the final adapter go; None writes nothing.
-        steps: optimizer steps to run in total (a resumed run continues up to this number).
-        batch_size: sequences per optimizer step, across all processes and accumulation steps
-            (the global batch). Must be divisible by ``grad_accum_steps * world_size``.
-        grad_accum_steps: micro-batches accumulated per optimizer step (per process).
-        lr: peak learning rate.
-        min_lr_ratio: the cosine decays to ``lr * min_lr_ratio``.
-        warmup_steps: linear warmup steps (0 to ``steps``).
-        weight_decay: AdamW's decoupled weight decay.
-        betas: AdamW's betas.
-        adam_eps: AdamW's epsilon.
-        grad_clip: maximum global grad norm; None disables clipping.
-        bf16: run forward and loss under ``torch.autocast(dtype=torch.bfloat16)``.
-        seed: seeds the data order and the torch RNG (``seed + rank``) used by dropout.
-        shuffle: permute the data each epoch (False: file order).
-        device: ``"auto"`` (the local CUDA device if there is one, else CPU), ``"cpu"``, ``"cuda"``...
-        eval_every: evaluate on ``eval_data`` every N steps and at the end (0: only at the end).
-        eval_batch_size: sequences per evaluation batch (global); default ``batch_size``.
-        eval_batches: evaluate on at most this many batches (None: the whole set).
-        save_every: checkpoint every N steps and at the end (0: never); needs ``run_dir``.
-        keep_last: how many of the latest checkpoints to keep (the best adapter is kept separately).
-        track_spectra_every: record adapter spectra every N steps and at the end (0: never).
-        log_every: write a metrics record every N steps (also at eval/tracking/last steps).
-        resume: continue from the latest checkpoint in ``run_dir`` (start fresh if there is none).
-        progress: show a tqdm progress bar on stderr (rank 0).
-    """
-
-    run_dir: str | None = None
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 1.0
-    bf16: bool = False
-    seed: int = 0
-    shuffle: bool = True
-    device: str = "auto"
-    eval_every: int = 0
-    eval_batch_size: int | None = None
-    eval_batches: int | None = None
-    save_every: int = 0
-    keep_last: int = 2
-    track_spectra_every: int = 0
-    log_every: int = 10
-    resume: bool = False
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum_steps", "keep_last", "log_every"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "eval_every", "save_every", "track_spectra_every", "seed"):
-            _check_int(name, getattr(self, name), minimum=0)
-        for name in ("eval_batch_size", "eval_batches"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"TrainConfig.batch_size ({self.batch_size}) must be divisible by grad_accum_steps "
-                f"({self.grad_accum_steps})"
-            )
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
-        if self.run_dir is None and (self.save_every or self.resume):
-            raise ValueError("TrainConfig.save_every and resume need a run_dir")
-        if self.run_dir is not None:
-            self.run_dir = os.fspath(self.run_dir)
-
-    @property
-    def min_lr(self) -> float:
-        """The floor of the cosine decay."""
-        return self.lr * self.min_lr_ratio
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``betas`` as a list)."""
-        data = dataclasses.asdict(self)
-        data["betas"] = list(self.betas)
-        return data
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}")
-
-
-@dataclass
-class TrainResult:
-    """What a run did.
-
-    Attributes:
-        steps: optimizer steps completed (including those before a resume).
-        train_loss: training loss of the last logged window (mean per-step loss).
-        val_loss: validation loss at the end (None without eval data).
-        val_ppl: ``exp(val_loss)``.
-        best_val_loss: lowest validation loss seen, and ``best_step`` where.
-        best_step: step of ``best_val_loss``.
-        tokens: input tokens processed in this call (all processes).
-        elapsed_s: seconds spent in training steps in this call (evaluation, tracking and checkpoint
-            writing excluded).
-        tokens_per_s: ``tokens / elapsed_s``.
-        resumed_from: the checkpoint step the run resumed from, or None.
-        run_dir: the run directory, or None.
-        history: every metrics record of this call (the lines added to ``metrics.jsonl``).
-    """
-
-    steps: int
-    train_loss: float | None
-    val_loss: float | None
-    val_ppl: float | None
-    best_val_loss: float | None
-    best_step: int | None
-    tokens: int
-    elapsed_s: float
-    tokens_per_s: float
-    resumed_from: int | None
-    run_dir: Path | None
-    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-
-def get_lr(step: int, config: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine decay.
-
-    .. math::
-        \\mathrm{lr}(s) = \\mathrm{lr} \\cdot \\frac{s + 1}{w} \\quad (s < w), \\qquad
-        \\mathrm{lr}(s) = m + \\tfrac12 (1 + \\cos(\\pi p)) (\\mathrm{lr} - m), \\;
-        p = \\min(1, \\tfrac{s - w}{\\max(1, S - w)})
-
-    with warmup ``w``, total ``S`` steps and floor ``m = lr * min_lr_ratio``.
-
-    Args:
-        step: the step index, ``0 <= step``.
-        config: supplies ``lr``, ``warmup_steps``, ``steps``, ``min_lr_ratio``.
-
-    Returns:
-        The learning rate.
-    """
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
-
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """``model(input_ids)`` as a logits tensor (B, T, V); accepts ``.logits`` objects and tuples."""
-    out = model(input_ids)
-    if hasattr(out, "logits"):
-        out = out.logits
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
-
-
-def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross entropy over non-ignored labels.
-
-    Args:
-        logits: (B, T, V).
-        labels: (B, T), ``IGNORE_INDEX`` where masked.
-
-    Returns:
-        A 0-d float32 tensor.
-    """
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _as_dataset(data: Any, name: str) -> TokenDataset:
@@ -298,97 +115,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def _adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from nora_core.inject import adapter_layers
-
-    return list(adapter_layers(model))
-
-
-def adapter_spectra(model: nn.Module) -> list[dict[str, Any]]:
-    """Weight-space spectra of every adapter of ``model``, one record per module.
-
-    The singular values of ``scaling * B @ A`` come from
-    :func:`nora_spectra.spectrum.adapter_singular_values` and every metric from
-    :func:`nora_spectra.metrics.spectrum_metrics` (nothing is computed here). For NoRA the branch is
-    non-linear; these are the spectra of its linear factors (``docs/training.md``).
-
-    Returns:
-        ``[{"module", "module_type", "rank", "effective_rank", "utilization", "stable_rank",
-        "sigma_max", "status"}, ...]`` in module order; metrics of a NaN/Inf factor are None.
-    """
-    from nora_spectra.metrics import non_finite_metrics, spectrum_metrics
-    from nora_spectra.spectrum import NonFiniteFactorsError, adapter_singular_values
-
-    records = []
-    for name, layer in _adapter_layers(model):
-        A = layer.lora_A.weight.detach().to("cpu", torch.float64).numpy()  # (r, d_in)
-        B = layer.lora_B.weight.detach().to("cpu", torch.float64).numpy()  # (d_out, r)
-        shape = (layer.in_features, layer.out_features) if layer.fan_in_fan_out else (layer.out_features, layer.in_features)
-        try:
-            sigma = adapter_singular_values(A, B, layer.scaling)
-            metrics = spectrum_metrics(sigma, rank=layer.r, shape=shape)
-        except NonFiniteFactorsError:
-            metrics = non_finite_metrics()
-        records.append(
-            {
-                "module": name,
-                "module_type": name.rsplit(".", 1)[-1],
-                "rank": layer.r,
-                "effective_rank": metrics["effective_rank"],
-                "utilization": metrics["utilization"],
-                "stable_rank": metrics["stable_rank"],
-                "sigma_max": metrics["sigma_max"],
-                "status": metrics["status"],
-            }
-        )
-    return records
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    created: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device_pref: str) -> _Dist:
-    import torch.distributed as dist
-
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not dist.is_available() or (env_world <= 1 and not dist.is_initialized()):
-        return _Dist()
-    created = False
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_pref != "cpu"
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        created = True
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), created)
-
-
-def _resolve_device(pref: str, ctx: _Dist) -> torch.device:
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(pref)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", ctx.local_rank if ctx.world > 1 else torch.cuda.current_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
-def _all_reduce_sum(values: torch.Tensor, ctx: _Dist) -> torch.Tensor:
-    if ctx.world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
 
 
 class _Order:
@@ -417,163 +143,6 @@ class _Order:
             out.append(self._permutation(epoch)[offset : offset + chunk])
             pos += chunk
         return torch.cat(out)
-
-
-def evaluate(
-    model: nn.Module,
-    data: TokenDataset,
-    *,
-    batch_size: int = 8,
-    max_batches: int | None = None,
-    bf16: bool = False,
-    _ctx: _Dist | None = None,
-) -> dict[str, float]:
-    """Mean next-token loss over every non-ignored label of ``data``, and its perplexity.
-
-    Args:
-        model: maps (B, T) ids to (B, T, V) logits (or an object with ``.logits``).
-        data: the evaluation set.
-        batch_size: sequences per batch (across processes under DDP).
-        max_batches: evaluate on the first ``max_batches * batch_size`` rows only.
-        bf16: evaluate under bf16 autocast.
-
-    Returns:
-        ``{"loss", "ppl", "tokens"}`` (``ppl = exp(loss)``, inf on overflow).
-
-    Raises:
-        ValueError: the evaluated rows hold no label token (every label is ``IGNORE_INDEX``): the mean
-            loss over no token is undefined, and reporting 0 (ppl 1) would pass for a perfect model.
-    """
-    ctx = _ctx or _Dist()
-    device = next(model.parameters()).device
-    rows = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for start in range(0, rows, batch_size):
-            idx = torch.arange(start, min(start + batch_size, rows))[ctx.rank :: ctx.world]
-            if idx.numel() == 0:
-                continue
-            input_ids, labels = data.batch(idx)
-            input_ids, labels = input_ids.to(device), labels.to(device)
-            with _autocast(device, bf16):
-                loss = _loss_sum(_logits(model, input_ids), labels)
-            totals[0] += loss.double()
-            totals[1] += (labels != IGNORE_INDEX).sum()
-    model.train(was_training)
-    _all_reduce_sum(totals, ctx)
-    if totals[1] == 0:  # the same on every process after the all-reduce: all raise together
-        raise ValueError(
-            f"evaluation data: the {rows} evaluated row(s) hold no label token (every label is {IGNORE_INDEX}); "
-            "the loss is undefined"
-        )
-    loss = float(totals[0] / totals[1])
-    ppl = math.exp(loss) if loss < 700 else math.inf
-    return {"loss": loss, "ppl": ppl, "tokens": int(totals[1])}
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The complete checkpoint with the highest step in ``run_dir/checkpoints``, or None."""
-    root = Path(run_dir) / "checkpoints"
-    best: tuple[int, Path] | None = None
-    if root.is_dir():
-        for child in root.iterdir():
-            match = _CKPT_RE.match(child.name)
-            if match and (child / STATE_NAME).is_file() and (best is None or int(match.group(1)) > best[0]):
-                best = (int(match.group(1)), child)
-    return None if best is None else best[1]
-
-
-def _list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), c) for c in root.iterdir() if (m := _CKPT_RE.match(c.name))]
-    return sorted(found)
-
-
-def _rng_state() -> dict[str, Any]:
-    """RNG states in a form ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": {
-            "key": np_state[0],
-            "state": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    npst = state["numpy"]
-    np.random.set_state(
-        (npst["key"], npst["state"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
-    )
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _adapter_root(model: nn.Module) -> nn.Module:
-    """The module ``inject_adapters`` was applied to: ``model`` itself or a wrapped sub-module."""
-    from nora_core.inject import adapter_config
-
-    for module in model.modules():
-        if adapter_config(module) is not None:
-            return module
-    raise ValueError("the model holds adapter layers but no adapter config (use inject_adapters or load_adapter)")
-
-
-def _save_weights(model: nn.Module, directory: Path, has_adapters: bool) -> None:
-    if has_adapters:
-        from nora_core.checkpoint import save_adapter
-
-        save_adapter(_adapter_root(model), directory)
-    else:
-        with atomic_write(directory / MODEL_STATE_NAME) as handle:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, handle)
-
-
-def _load_weights(model: nn.Module, directory: Path, has_adapters: bool) -> None:
-    if has_adapters:
-        from nora_core.checkpoint import load_adapter
-
-        load_adapter(_adapter_root(model), directory)
-    else:
-        state = torch.load(directory / MODEL_STATE_NAME, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished directory ``tmp`` onto ``final`` (a rename: readers never see it half-written)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _clean_partial(run_dir: Path) -> None:
-    """Remove temporary directories a killed run may have left behind."""
-    for parent in (run_dir, run_dir / "checkpoints"):
-        if parent.is_dir():
-            for child in parent.iterdir():
-                if child.name.startswith((".tmp-", ".old-")) and child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -607,8 +176,8 @@ class _Trainer:
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: Any, eval_data: Any | None) -> None:
         self.config = config
-        self.ctx = _setup_distributed(config.device)
-        self.device = _resolve_device(config.device, self.ctx)
+        self.ctx = setup_distributed(config.device)
+        self.device = resolve_device(config.device, self.ctx)
         self.model = model.to(self.device)
         self.data = _as_dataset(train_data, "train_data")
         self.eval_data = None if eval_data is None else _as_dataset(eval_data, "eval_data")
@@ -624,14 +193,14 @@ class _Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (call inject_adapters first)")
-        self.has_adapters = bool(_adapter_layers(model))
+        self.has_adapters = bool(list_adapter_layers(model))
         if self.has_adapters:
-            adapter_ids = {id(p) for _, layer in _adapter_layers(model) for p in layer.parameters()}
+            adapter_ids = {id(p) for _, layer in list_adapter_layers(model) for p in layer.parameters()}
             extra = sum(1 for p in self.params if id(p) not in adapter_ids)
             if extra:
                 logger.warning("%d trainable tensors are not adapter factors; they are trained too", extra)
         if self.has_adapters and config.run_dir is not None:
-            _adapter_root(model)  # fail before training, not at the first checkpoint
+            adapter_root(model)  # fail before training, not at the first checkpoint
         if config.track_spectra_every and not self.has_adapters:
             raise ValueError("track_spectra_every needs a model with adapters (inject_adapters)")
         self.optimizer = torch.optim.AdamW(
@@ -653,7 +222,7 @@ class _Trainer:
             return
         if self.ctx.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _clean_partial(self.run_dir)
+            clean_partial(self.run_dir)
         if not self.config.resume and (latest_checkpoint(self.run_dir) or (self.run_dir / METRICS_NAME).exists()):
             raise ValueError(
                 f"{self.run_dir}: already holds a run (metrics.jsonl or checkpoints); pass --resume "
@@ -669,7 +238,7 @@ class _Trainer:
             self._truncate_metrics(0)
             return None
         state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=True)
-        if state.get("version") != _STATE_VERSION:
+        if state.get("version") != STATE_VERSION:
             raise ValueError(f"{ckpt / STATE_NAME}: unsupported trainer state version {state.get('version')!r}")
         data = state["data"]
         if data["dataset_size"] != len(self.data) or data["batch_size"] != self.config.batch_size:
@@ -677,7 +246,7 @@ class _Trainer:
                 f"{ckpt}: saved with {data['dataset_size']} training rows and batch_size {data['batch_size']}, "
                 f"now {len(self.data)} and {self.config.batch_size}; resuming would change the data order"
             )
-        _load_weights(self.model, ckpt, self.has_adapters)
+        load_weights(self.model, ckpt, self.has_adapters)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.best_val, self.best_step = state["best_val_loss"], state["best_step"]
@@ -715,7 +284,7 @@ class _Trainer:
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/step-N`` as a whole (temporary directory, then rename); prune old ones."""
-        rng = _rng_state()
+        rng = rng_state()
         rngs = [rng]
         if self.ctx.world > 1:
             import torch.distributed as dist
@@ -730,17 +299,17 @@ class _Trainer:
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _save_weights(self._unwrapped, tmp, self.has_adapters)
+        save_weights(self._unwrapped, tmp, self.has_adapters)
         cfg = self.config
         state = {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {
                 "name": "warmup_cosine", "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                 "steps": cfg.steps, "min_lr_ratio": cfg.min_lr_ratio, "last_lr": get_lr(self.step - 1, cfg),
             },
-            "rng": [_to_cpu(r) for r in rngs],
+            "rng": [rng_state_to_cpu(r) for r in rngs],
             "data": {
                 "samples_seen": self.step * cfg.batch_size, "epoch": self.step * cfg.batch_size // len(self.data),
                 "dataset_size": len(self.data), "batch_size": cfg.batch_size, "seed": cfg.seed, "shuffle": cfg.shuffle,
@@ -752,9 +321,9 @@ class _Trainer:
         }
         with atomic_write(tmp / STATE_NAME) as handle:
             torch.save(state, handle)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         self.last_checkpoint = final
-        for _, old in _list_checkpoints(self.run_dir)[: -cfg.keep_last]:
+        for _, old in list_checkpoints(self.run_dir)[: -cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     def save_best(self, val: dict[str, float]) -> None:
@@ -764,10 +333,10 @@ class _Trainer:
         tmp = self.run_dir / f".tmp-best-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _save_weights(self._unwrapped, tmp, self.has_adapters)
+        save_weights(self._unwrapped, tmp, self.has_adapters)
         info = {"step": self.step, "val_loss": val["loss"], "val_ppl": val["ppl"]}
         atomic_write_text(tmp / "best.json", json.dumps(_json_safe(info), indent=2) + "\n")
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -785,7 +354,7 @@ class _Trainer:
             model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         torch.manual_seed(cfg.seed + ctx.rank)
         if rng is not None:
-            _set_rng_state(rng)
+            set_rng_state(rng)
         was_training = self.model.training
         self.model.train()
         bar = _progress(cfg, self.step, enabled=cfg.progress and ctx.main)
@@ -812,12 +381,12 @@ class _Trainer:
                     input_ids = input_ids.to(self.device, non_blocking=True)
                     labels = labels.to(self.device, non_blocking=True)
                     sync = ctx.world == 1 or m == cfg.grad_accum_steps - 1
-                    with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(self.device, cfg.bf16):
-                        loss = _loss_sum(_logits(model, input_ids), labels) / n_labels
+                    with (contextlib.nullcontext() if sync else model.no_sync()), bf16_autocast(self.device, cfg.bf16):
+                        loss = loss_sum(forward_logits(model, input_ids), labels) / n_labels
                     # DDP averages gradients over processes; scale so the sum over the global batch results
                     (loss * ctx.world).backward()
                     loss_local += loss.detach()
-                step_loss = float(_all_reduce_sum(loss_local, ctx))
+                step_loss = float(all_reduce_sum(loss_local, ctx))
                 norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf))
                 if not (math.isfinite(step_loss) and math.isfinite(norm)):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -878,8 +447,8 @@ class _Trainer:
                 tmp = self.run_dir / f".tmp-final-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
-                _save_weights(self.model, tmp, self.has_adapters)
-                _replace_dir(tmp, final)
+                save_weights(self.model, tmp, self.has_adapters)
+                replace_dir(tmp, final)
         finally:
             bar.close()
             if self._metrics_file is not None:
@@ -910,11 +479,6 @@ def _record_step(line: str) -> int:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return sys.maxsize  # an unreadable (half-written) line is dropped
-
-
-def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
-    cuda = state.get("cuda")
-    return {**state, "cuda": None if cuda is None else [s.cpu() for s in cuda]}
 
 
 def _log_record(record: dict[str, Any], total: int) -> None:
