@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Un
 
 import numpy as np
 
-from nora_spectra.analysis import LAYER_COLUMNS, Analysis, layer_index, module_type, to_jsonable
+from nora_spectra.analysis import LAYER_COLUMNS, Analysis, layer_index, layer_record, module_type, to_jsonable
 from nora_spectra.errors import CheckpointError, UsageError
-from nora_spectra.metrics import non_finite_metrics, spectrum_metrics
 from nora_spectra.spectrum import NonFiniteFactorsError, adapter_singular_values
 from nora_spectra.summary import summarize
 
@@ -62,8 +61,6 @@ log = logging.getLogger(__name__)
 #: keys of an activation- or probe-space record: the weight-space columns, then ``space`` and ``tokens``.
 ACTIVATION_COLUMNS: tuple[str, ...] = LAYER_COLUMNS + ("space", "tokens")
 
-#: metric fields copied from :func:`spectrum_metrics` into a record (as ``analysis`` does).
-_METRIC_FIELDS: tuple[str, ...] = LAYER_COLUMNS[LAYER_COLUMNS.index("collapsed") : LAYER_COLUMNS.index("singular_values")]
 
 DataArg = Union[str, "os.PathLike[str]", Any]
 
@@ -183,36 +180,24 @@ def spectrum_record(
         space: ``"activation"`` or ``"probe"``.
         tokens: rows (tokens or probe inputs) the spectrum was measured over.
         dtype: dtype name of the adapter factors.
-        collapse_threshold: see :func:`spectrum_metrics`.
+        collapse_threshold: see :func:`nora_spectra.metrics.spectrum_metrics`.
         layer_type: ``"linear"``.
 
     Returns:
         The record, keys in :data:`ACTIVATION_COLUMNS` order.
     """
-    shape = [int(n) for n in shape]
-    record: dict[str, Any] = {
+    identity = {
         "module": module,
-        "module_type": module_type(module),
-        "layer_index": layer_index(module),
         "kind": kind,
         "layer_type": layer_type,
         "dtype": dtype,
-        "rank": int(rank),
+        "rank": rank,
         "scale": float(scale),
         "shape": shape,
         "space": space,
         "tokens": int(tokens),
     }
-    if sigma is None:
-        metrics = non_finite_metrics()
-        record["singular_values"] = None
-    else:
-        metrics = spectrum_metrics(sigma, rank=int(rank), shape=tuple(shape), collapse_threshold=collapse_threshold)
-        record["singular_values"] = [float(s) for s in sigma]
-    for name in _METRIC_FIELDS:
-        record[name] = metrics.get(name)
-    record["status"] = metrics["status"]
-    return {name: record[name] for name in ACTIVATION_COLUMNS}
+    return layer_record(identity, sigma, collapse_threshold=collapse_threshold, columns=ACTIVATION_COLUMNS)
 
 
 @dataclasses.dataclass

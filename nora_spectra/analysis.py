@@ -39,6 +39,7 @@ __all__ = [
     "analyze",
     "analyze_many",
     "layer_index",
+    "layer_record",
     "module_type",
     "to_jsonable",
 ]
@@ -72,8 +73,6 @@ LAYER_COLUMNS: tuple[str, ...] = (
     "singular_values",
 )
 
-#: metric fields copied from :func:`nora_spectra.metrics.spectrum_metrics` into each record.
-_METRIC_FIELDS: tuple[str, ...] = LAYER_COLUMNS[LAYER_COLUMNS.index("collapsed") : LAYER_COLUMNS.index("singular_values")]
 
 _INTEGER = re.compile(r"^\d+$")
 
@@ -268,38 +267,62 @@ def _version() -> str:
         return "unknown"
 
 
-def _layer_record(layer: Any, collapse_threshold: float) -> dict[str, Any]:
-    """The record of one ``LayerFactors``: identity fields, metrics, status and singular values."""
+def layer_record(
+    identity: Mapping[str, Any],
+    sigma: "Sequence[float] | None",
+    *,
+    collapse_threshold: float,
+    columns: Sequence[str] = LAYER_COLUMNS,
+) -> dict[str, Any]:
+    """One layer record: identity fields plus every metric of ``sigma`` (weight, activation or probe space).
+
+    Args:
+        identity: ``module``, ``kind``, ``layer_type``, ``dtype``, ``rank``, ``scale``, ``shape`` (and any
+            extra field named in ``columns``); ``module_type`` and ``layer_index`` are derived from ``module``.
+        sigma: the scaled singular values, or None when the factors held NaN/Inf (status ``non_finite``,
+            null metrics).
+        collapse_threshold: see :func:`nora_spectra.metrics.spectrum_metrics`.
+        columns: the record's keys, in order.
+
+    Returns:
+        The record, keys exactly ``columns``.
+    """
     from nora_spectra.metrics import non_finite_metrics, spectrum_metrics
+
+    record = dict(identity)
+    record["shape"] = [int(n) for n in record["shape"]]
+    record["module_type"] = module_type(record["module"])
+    record["layer_index"] = layer_index(record["module"])
+    if sigma is None:
+        record.update(non_finite_metrics(), singular_values=None)
+    else:
+        rank, shape = int(record["rank"]), tuple(record["shape"])
+        record.update(spectrum_metrics(sigma, rank=rank, shape=shape, collapse_threshold=collapse_threshold))
+        record["singular_values"] = [float(s) for s in sigma]
+    return {name: record[name] for name in columns}
+
+
+def _layer_record(layer: Any, collapse_threshold: float) -> dict[str, Any]:
+    """The weight-space record of one ``LayerFactors`` (spectrum of ``scale * B @ A``)."""
     from nora_spectra.spectrum import NonFiniteFactorsError, adapter_singular_values
 
-    shape = [int(n) for n in layer.shape]
-    record: dict[str, Any] = {
+    try:
+        sigma = adapter_singular_values(layer.A, layer.B, layer.scale)
+    except NonFiniteFactorsError:
+        sigma = None
+    identity = {
         "module": layer.module,
-        "module_type": module_type(layer.module),
-        "layer_index": layer_index(layer.module),
         "kind": layer.kind,
         "layer_type": layer.layer_type,
         "dtype": layer.dtype,
         "rank": int(layer.rank),
         "scale": float(layer.scale),
-        "shape": shape,
+        "shape": layer.shape,
     }
-    try:
-        sigma = adapter_singular_values(layer.A, layer.B, layer.scale)
-    except NonFiniteFactorsError:
-        metrics = non_finite_metrics()
-        singular_values = None
-    else:
-        metrics = spectrum_metrics(sigma, rank=int(layer.rank), shape=tuple(shape), collapse_threshold=collapse_threshold)
-        singular_values = [float(s) for s in sigma]
-    for name in _METRIC_FIELDS:
-        record[name] = metrics.get(name)
-    record["status"] = metrics["status"]
+    record = layer_record(identity, sigma, collapse_threshold=collapse_threshold)
     if record["status"] == "ok" and getattr(layer, "dora", False):
         record["status"] = "dora_direction_only"
-    record["singular_values"] = singular_values
-    return {name: record[name] for name in LAYER_COLUMNS}
+    return record
 
 
 def _layer_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
