@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ACTIVATIONS", "INITS", "METHODS", "AdapterConfig"]
+__all__ = ["ACTIVATIONS", "INITS", "METHODS", "AdapterConfig", "lora_scale", "match_pattern"]
 
 METHODS = ("lora", "nora")
 ACTIVATIONS = ("silu", "relu", "gelu", "identity")
@@ -146,21 +146,20 @@ class AdapterConfig:
     # ------------------------------------------------------------------ per-module values
     def rank_for(self, module_name: str) -> int:
         """Rank of the adapter at ``module_name``: the first matching ``rank_pattern`` key, else ``r``."""
-        key = _first_match(self.rank_pattern, module_name)
+        key = match_pattern(self.rank_pattern, module_name)
         return self.r if key is None else self.rank_pattern[key]
 
     def alpha_for(self, module_name: str) -> float:
         """Alpha at ``module_name``: the first matching ``alpha_pattern`` key, else ``alpha``,
         else (``alpha=None``) the module's rank."""
-        key = _first_match(self.alpha_pattern, module_name)
+        key = match_pattern(self.alpha_pattern, module_name)
         if key is not None:
             return self.alpha_pattern[key]
         return self.rank_for(module_name) if self.alpha is None else self.alpha
 
     def scale_for(self, module_name: str) -> float:
         """Scale ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) at ``module_name``."""
-        r = self.rank_for(module_name)
-        return self.alpha_for(module_name) / (math.sqrt(r) if self.use_rslora else r)
+        return lora_scale(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     # ------------------------------------------------------------------ JSON (PEFT field names)
     def to_dict(self) -> dict[str, Any]:
@@ -255,12 +254,26 @@ class AdapterConfig:
         return cls(**kwargs)
 
 
-# ---------------------------------------------------------------------- helpers
-def _first_match(patterns: dict[str, Any], module_name: str) -> str | None:
+# ---------------------------------------------------------------------- PEFT's rules (also used by nora_spectra.io)
+def match_pattern(patterns: dict[str, Any], module_name: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first key matching ``module_name`` as ``(.*\\.)?(key)$``, or None.
+
+    Args:
+        patterns: ``rank_pattern`` / ``alpha_pattern``: regex keys, tried in insertion order.
+        module_name: a base-model module name, e.g. ``model.layers.0.self_attn.q_proj``.
+    """
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """The adapter scale ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+# ---------------------------------------------------------------------- helpers
 
 
 def _positive_int(name: str, value: Any) -> int:

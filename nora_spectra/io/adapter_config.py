@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from nora_core.config import lora_scale, match_pattern  # torch-free: PEFT's rules, written once
 from nora_spectra.errors import CheckpointError
 
 __all__ = ["CONFIG_NAME", "AdapterSettings", "read_adapter_config", "match_pattern"]
@@ -68,22 +69,7 @@ class AdapterSettings:
 
     def scale_for(self, module: str) -> float:
         """``alpha / r`` or, with ``use_rslora``, ``alpha / sqrt(r)`` for ``module``."""
-        r = self.rank_for(module)
-        alpha = self.alpha_for(module)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-def match_pattern(patterns: dict[str, Any], module: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first key matching ``module`` as ``(.*\\.)?(key)$``, or None.
-
-    Args:
-        patterns: regex keys, tried in order.
-        module: a base-model module name, e.g. ``model.layers.0.self_attn.q_proj``.
-    """
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+        return lora_scale(self.alpha_for(module), self.rank_for(module), self.use_rslora)
 
 
 def read_adapter_config(path: str | os.PathLike[str]) -> AdapterSettings:
