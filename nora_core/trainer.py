@@ -46,7 +46,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -72,6 +71,7 @@ from nora_core.run_state import (
 )
 from nora_core.tracking import adapter_spectra, list_adapter_layers
 from nora_core.train_config import NonFiniteLossError, TrainConfig, TrainResult, get_lr
+from nora_spectra.analysis import to_jsonable
 
 __all__ = [
     "TrainConfig",
@@ -103,18 +103,6 @@ def _as_dataset(data: Any, name: str) -> TokenDataset:
         f"{name} must be a nora_core.data.TokenDataset or a (N, T+1) LongTensor of token ids, "
         f"got {type(data).__name__}"
     )
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return _json_safe(value.item())
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 class _Order:
@@ -273,7 +261,7 @@ class _Trainer:
     # -- writing -------------------------------------------------------------------------------
 
     def write_record(self, record: dict[str, Any]) -> None:
-        record = _json_safe(record)
+        record = to_jsonable(record)
         self.history.append(record)
         if self.run_dir is None or not self.ctx.main:
             return
@@ -335,7 +323,7 @@ class _Trainer:
         tmp.mkdir()
         save_weights(self._unwrapped, tmp, self.has_adapters)
         info = {"step": self.step, "val_loss": val["loss"], "val_ppl": val["ppl"]}
-        atomic_write_text(tmp / "best.json", json.dumps(_json_safe(info), indent=2) + "\n")
+        atomic_write_text(tmp / "best.json", json.dumps(to_jsonable(info), indent=2) + "\n")
         replace_dir(tmp, final)
 
     # -- the loop ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Union
 
+from nora_spectra._text import name_list, package_version, plural
 from nora_spectra.errors import UsageError
 from nora_spectra.plots import PlotMethods
 from nora_spectra.summary import summarize
@@ -114,15 +115,6 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _name_list(names: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
 @dataclasses.dataclass
 class Analysis(PlotMethods):
     """The spectra of one adapter checkpoint: one record per adapter module, and their summary.
@@ -210,7 +202,7 @@ class Analysis(PlotMethods):
                 "config": self.config,
                 "warnings": self.warnings,
                 "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
-                "nora_spectra_version": _version(),
+                "nora_spectra_version": package_version(),
             }
         )
 
@@ -256,15 +248,6 @@ class Analysis(PlotMethods):
         except json.JSONDecodeError as exc:
             raise UsageError(f"not a spectra analysis: invalid JSON ({exc})") from None
         return cls.from_dict(data)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("nora-spectra")
-    except Exception:  # pragma: no cover - running from a source tree without metadata
-        return "unknown"
 
 
 def layer_record(
@@ -336,11 +319,11 @@ def _layer_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
         by_status.setdefault(rec["status"], []).append(rec["module"])
     if names := by_status.get("non_finite"):
         messages.append(
-            f"{_plural(len(names), 'layer')} with NaN/Inf factors (status non_finite, metrics null): {_name_list(names)}"
+            f"{plural(len(names), 'layer')} with NaN/Inf factors (status non_finite, metrics null): {name_list(names)}"
         )
     if names := by_status.get("zero"):
         messages.append(
-            f"{_plural(len(names), 'layer')} with an all-zero update (status zero, effective rank 0): {_name_list(names)}"
+            f"{plural(len(names), 'layer')} with an all-zero update (status zero, effective rank 0): {name_list(names)}"
         )
     return messages
 
@@ -424,8 +407,8 @@ def analyze(
     if skipped and not any(message.startswith("skipped ") for message in messages):
         # the io reader already words this warning (with the tensor count); other readers may not
         messages.append(
-            f"skipped {_plural(len(skipped), 'module')} that are not low-rank adapter factors: "
-            + _name_list([f"{name} ({reason})" for name, reason in skipped])
+            f"skipped {plural(len(skipped), 'module')} that are not low-rank adapter factors: "
+            + name_list([f"{name} ({reason})" for name, reason in skipped])
         )
     messages.extend(_layer_warnings(records))
 

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from nora_spectra._text import package_version
 from nora_spectra.analysis import Analysis
 from nora_spectra.comparison import Comparison, analysis_labels, compare, load_analyses
 from nora_spectra.errors import CheckpointError, UsageError
@@ -364,7 +365,7 @@ def build_report(
     return ReportData(
         title=title or "Adapter spectra report",
         generated=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
-        version=_version(),
+        version=package_version(),
         labels=final,
         analyses=analyses,
         comparison=comparison,
@@ -372,15 +373,6 @@ def build_report(
         warnings=collapse_warnings(final, analyses, comparison),
         figures=_figures(final, analyses, runs, dpi),
     )
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("nora-spectra")
-    except Exception:  # pragma: no cover - a source tree without metadata
-        return "unknown"
 
 
 def _format_of(output: Path, fmt: str | None) -> str:

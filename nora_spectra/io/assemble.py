@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nora_spectra._text import plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import AdapterSettings
 from nora_spectra.io.checkpoint import Checkpoint, LayerScale, TensorSource
@@ -9,10 +10,6 @@ from nora_spectra.io.keys import PEFT_PREFIX, _dense_module, scan_keys
 from nora_spectra.io.safetensors_file import check_readable
 
 __all__ = ["assemble_checkpoint"]
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _skipped_warning(skipped: list[tuple[str, str]], names: list[str]) -> str:
@@ -28,7 +25,7 @@ def _skipped_warning(skipped: list[tuple[str, str]], names: list[str]) -> str:
     if len(skipped) > 3:
         shown += f"; ... (+{len(skipped) - 3} more)"
     return (
-        f"skipped {_plural(tensors, 'tensor')} of {_plural(len(skipped), 'module')} that are not low-rank "
+        f"skipped {plural(tensors, 'tensor')} of {plural(len(skipped), 'module')} that are not low-rank "
         f"adapter factors: {shown}"
     )
 

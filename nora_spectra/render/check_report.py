@@ -20,6 +20,8 @@ import re
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
+from nora_spectra._text import plural
+
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.gates import CheckResult
 
@@ -34,10 +36,6 @@ __all__ = [
 
 # Characters XML 1.0 cannot hold even escaped (C0 controls other than TAB, LF, CR).
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def render_text(result: "CheckResult", *, quiet: bool = False) -> str:
@@ -59,7 +57,7 @@ def render_text(result: "CheckResult", *, quiet: bool = False) -> str:
         failed = [o for o in outcomes if not o.passed]
         if not quiet:
             state = f"{len(failed)} failed" if failed else "all passed"
-            lines.append(f"{checkpoint}: {_plural(len(outcomes), 'gate')}, {state}")
+            lines.append(f"{checkpoint}: {plural(len(outcomes), 'gate')}, {state}")
         prefix = f"{checkpoint}: " if quiet and len(result.checkpoints) > 1 else ""
         for outcome in failed:
             lines.append(f"  FAIL [{outcome.gate}] {prefix}{outcome.message}")
@@ -67,9 +65,9 @@ def render_text(result: "CheckResult", *, quiet: bool = False) -> str:
             lines.extend(f"  note: {message}" for cp, message in result.notes if cp == checkpoint)
     total, failures = len(result.outcomes), len(result.failures)
     if failures:
-        lines.append(f"FAILED: {failures} of {_plural(total, 'gate')} failed")
+        lines.append(f"FAILED: {failures} of {plural(total, 'gate')} failed")
     else:
-        lines.append(f"PASSED: all {_plural(total, 'gate')} passed")
+        lines.append(f"PASSED: all {plural(total, 'gate')} passed")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,28 @@
+"""Small wording helpers shared by messages and reports (counts, name lists, the package version)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+__all__ = ["name_list", "package_version", "plural"]
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 layer"``, ``"3 layers"``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def name_list(names: Sequence[str], limit: int = 3) -> str:
+    """The first ``limit`` names, then how many more: ``"a, b, c, ... (+4 more)"``."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def package_version() -> str:
+    """The installed nora-spectra version, or ``"unknown"`` in a source tree without metadata."""
+    try:
+        from importlib.metadata import version
+
+        return version("nora-spectra")
+    except Exception:  # pragma: no cover - a source tree without metadata
+        return "unknown"
