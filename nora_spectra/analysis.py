@@ -37,6 +37,8 @@ __all__ = [
     "LAYER_COLUMNS",
     "Analysis",
     "AnalysisWarning",
+    "analyses_from_data",
+    "analysis_items",
     "analyze",
     "analyze_many",
     "layer_index",
@@ -248,6 +250,28 @@ class Analysis(PlotMethods):
         except json.JSONDecodeError as exc:
             raise UsageError(f"not a spectra analysis: invalid JSON ({exc})") from None
         return cls.from_dict(data)
+
+
+def analysis_items(data: Any) -> list[Any]:
+    """The per-checkpoint objects of parsed ``spectra analyze --format json`` output (one, or ``checkpoints``).
+
+    Raises:
+        UsageError: ``{"checkpoints": ...}`` is not a non-empty list.
+    """
+    several = isinstance(data, Mapping) and "checkpoints" in data and "layers" not in data
+    items = data["checkpoints"] if several else [data]
+    if not isinstance(items, list) or not items:
+        raise UsageError("not a spectra analysis: 'checkpoints' must be a non-empty list of analyses")
+    return items
+
+
+def analyses_from_data(data: Any) -> list[Analysis]:
+    """The analyses in parsed ``spectra analyze --format json`` output: one object, or ``{"checkpoints": [...]}``.
+
+    Raises:
+        UsageError: ``data`` holds no analysis (the message starts "not a spectra analysis").
+    """
+    return [Analysis.from_dict(item) for item in analysis_items(data)]
 
 
 def layer_record(

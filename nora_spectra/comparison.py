@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
-from nora_spectra.analysis import Analysis, analyze, layer_index, module_type, to_jsonable
+from nora_spectra.analysis import Analysis, analyses_from_data, analyze, layer_index, module_type, to_jsonable
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.plots import PlotMethods
 
@@ -154,11 +154,8 @@ def load_analyses(path: "str | os.PathLike[str]", **analyze_options: Any) -> lis
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(file, f"not a readable analysis JSON file ({exc})") from None
-        items = data.get("checkpoints") if isinstance(data, dict) and "layers" not in data else [data]
-        if not isinstance(items, list) or not items:
-            raise CheckpointError(file, "not a spectra analysis: expected an object with a 'layers' list")
         try:
-            return [Analysis.from_dict(item) for item in items]
+            return analyses_from_data(data)
         except UsageError as exc:
             raise CheckpointError(file, str(exc)) from None
     return [analyze(file, **analyze_options)]

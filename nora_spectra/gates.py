@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
-from nora_spectra.analysis import Analysis, analyze
+from nora_spectra.analysis import Analysis, analysis_items, analyze
 from nora_spectra.check_config import CheckSettings, Override, parse_overrides
 from nora_spectra.errors import UsageError
 
@@ -178,20 +178,19 @@ def load_baseline(path: str | os.PathLike[str]) -> list[Analysis]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path}: baseline is not valid JSON ({exc})") from None
-    items = data.get("checkpoints") if isinstance(data, dict) and "checkpoints" in data else [data]
-    if not isinstance(items, list) or not items:
-        raise UsageError(f"{path}: baseline 'checkpoints' must be a non-empty list")
+    try:
+        items = analysis_items(data)
+        analyses = [Analysis.from_dict(item) for item in items]
+    except UsageError as exc:
+        raise UsageError(f"{path}: baseline is {exc}") from None
     for item in items:
-        space = item.get("space", "weight") if isinstance(item, dict) else "weight"
+        space = item.get("space", "weight")
         if space != "weight":
             raise UsageError(
                 f"{path}: baseline holds {space}-space spectra; spectra check gates weight-space analyses "
                 "(write the baseline with plain 'spectra analyze --format json' or --update-baseline)"
             )
-    try:
-        return [Analysis.from_dict(item) for item in items]
-    except UsageError as exc:
-        raise UsageError(f"{path}: baseline is {exc}") from None
+    return analyses
 
 
 def write_baseline(path: str | os.PathLike[str], analyses: Sequence[Analysis]) -> None:
