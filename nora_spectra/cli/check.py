@@ -125,5 +125,4 @@ def command(
         # Annotations go with the text on stdout; beside JSON they go to stderr to keep stdout parseable.
         click.echo(check_report.render_github(result), nl=False, err=fmt == "json")
     if not result.passed:
-        # SystemExit, not ctx.exit(1): with standalone_mode=False click would turn Exit into a return value.
-        sys.exit(1)
+        sys.exit(1)  # a gate failed
