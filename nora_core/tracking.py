@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["adapter_spectra", "list_adapter_layers"]
+__all__ = ["adapter_spectra", "list_adapter_layers", "TRACKED_FIELDS"]
 
 
 def list_adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -19,6 +19,10 @@ def list_adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from nora_core.inject import adapter_layers
 
     return list(adapter_layers(model))
+
+
+#: the fields of each tracked record in ``metrics.jsonl`` (a subset of the analysis record).
+TRACKED_FIELDS = ("module", "module_type", "rank", "effective_rank", "utilization", "stable_rank", "sigma_max", "status")
 
 
 def adapter_spectra(model: nn.Module) -> list[dict[str, Any]]:
@@ -33,7 +37,8 @@ def adapter_spectra(model: nn.Module) -> list[dict[str, Any]]:
         ``[{"module", "module_type", "rank", "effective_rank", "utilization", "stable_rank",
         "sigma_max", "status"}, ...]`` in module order; metrics of a NaN/Inf factor are None.
     """
-    from nora_spectra.metrics import non_finite_metrics, spectrum_metrics
+    from nora_spectra.analysis import layer_record
+    from nora_spectra.metrics import DEFAULT_COLLAPSE_THRESHOLD
     from nora_spectra.spectrum import NonFiniteFactorsError, adapter_singular_values
 
     records = []
@@ -43,19 +48,10 @@ def adapter_spectra(model: nn.Module) -> list[dict[str, Any]]:
         shape = (layer.in_features, layer.out_features) if layer.fan_in_fan_out else (layer.out_features, layer.in_features)
         try:
             sigma = adapter_singular_values(A, B, layer.scaling)
-            metrics = spectrum_metrics(sigma, rank=layer.r, shape=shape)
         except NonFiniteFactorsError:
-            metrics = non_finite_metrics()
+            sigma = None
+        identity = {"module": name, "rank": layer.r, "shape": shape}
         records.append(
-            {
-                "module": name,
-                "module_type": name.rsplit(".", 1)[-1],
-                "rank": layer.r,
-                "effective_rank": metrics["effective_rank"],
-                "utilization": metrics["utilization"],
-                "stable_rank": metrics["stable_rank"],
-                "sigma_max": metrics["sigma_max"],
-                "status": metrics["status"],
-            }
+            layer_record(identity, sigma, collapse_threshold=DEFAULT_COLLAPSE_THRESHOLD, columns=TRACKED_FIELDS)
         )
     return records
