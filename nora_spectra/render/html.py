@@ -89,11 +89,15 @@ def _td(text: str, *, key: str | None = None, value: Any = None, numeric: bool =
     return f"<td{' ' + ' '.join(attrs) if attrs else ''}>{_e(text)}</td>"
 
 
-def _table(headers: Sequence[tuple[str, bool]], rows: Iterable[str], cls: str = "") -> str:
+def _table(headers: Sequence[tuple[str, bool]], rows: Iterable[str], cls: str = "", label: str | None = None) -> str:
     """A scrollable table; ``headers`` are ``(title, numeric)``, ``rows`` already-rendered ``<tr>``."""
     head = "".join(f'<th class="{"" if numeric else "t"}">{_e(title)}</th>' for title, numeric in headers)
     body = "\n".join(rows)
-    return f'<div class="scroll"><table class="{_e(cls)}"><thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table></div>'
+    data_label = "" if label is None else f' data-label="{_e(label)}"'
+    return (
+        f'<div class="scroll"><table class="{_e(cls)}"{data_label}><thead><tr>{head}</tr></thead>\n'
+        f"<tbody>\n{body}\n</tbody></table></div>"
+    )
 
 
 def _delta(value: Any, digits: int, signed_colour: bool = True) -> tuple[str, str]:
@@ -105,8 +109,11 @@ def _delta(value: Any, digits: int, signed_colour: bool = True) -> tuple[str, st
     return text, "up" if float(value) > 0 else "down"
 
 
-def module_table(analysis: "Analysis") -> str:
-    """Every layer record of one analysis (the columns of ``spectra analyze``), collapsed rows tinted."""
+def module_table(analysis: "Analysis", label: str | None = None) -> str:
+    """Every layer record of one analysis (the columns of ``spectra analyze``), collapsed rows tinted.
+
+    ``label`` (the checkpoint's label in a report) becomes the table's ``data-label`` attribute.
+    """
     columns = COLUMN_SETS["full"]
     rows = []
     for rec in analysis.records:
@@ -116,7 +123,7 @@ def module_table(analysis: "Analysis") -> str:
             cells.append(_td(text, key=key, value=rec.get(key), numeric=key in NUMERIC_KEYS))
         cls = ' class="collapsed"' if rec.get("collapsed") is True else ""
         rows.append(f'<tr{cls} data-module="{_e(rec["module"])}">{"".join(cells)}</tr>')
-    return _table([(title, key in NUMERIC_KEYS) for key, title, _ in columns], rows, "modules")
+    return _table([(title, key in NUMERIC_KEYS) for key, title, _ in columns], rows, "modules", label)
 
 
 def group_table(analysis: "Analysis", key: str = "by_module_type", title: str = "module type") -> str:
@@ -313,8 +320,7 @@ def _modules_section(data: "ReportData") -> str:
             f"format {_e(analysis.format)}, method {_e(analysis.method)}</span></h3>"
         )
         parts.append(f'<p class="meta">{_summary_line(analysis)}</p>')
-        table = module_table(analysis).replace('<table class="modules">', f'<table class="modules" data-label="{_e(label)}">', 1)
-        parts.append(table)
+        parts.append(module_table(analysis, label))
     parts.append("</section>")
     return "\n".join(parts)
 
