@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, Un
 
 import numpy as np
 
-from nora_spectra.analysis import LAYER_COLUMNS, Analysis, layer_index, layer_record, module_type, to_jsonable
+from nora_spectra.analysis import (
+    LAYER_COLUMNS,
+    Analysis,
+    layer_index,
+    layer_record,
+    module_type,
+    progress_callback,
+    to_jsonable,
+)
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.spectrum import NonFiniteFactorsError, adapter_singular_values
 from nora_spectra.summary import summarize
@@ -532,22 +540,15 @@ def _measure(
     if n_samples < samples:
         warnings_out.append(f"asked for {samples} samples but the data holds {len(dataset)}; used {n_samples}")
 
-    bar = None
-    callback = None
-    if progress is True:
-        from tqdm import tqdm
+    report, bar = progress_callback(progress, n_samples, unit="sample", desc="activations")
+    done = [0]
 
-        bar = tqdm(total=n_samples, unit="sample", desc="activations", leave=False, dynamic_ncols=True)
-        callback = bar.update
-    elif callable(progress):
-        done = [0]
-
-        def callback(k: int) -> None:
-            done[0] += k
-            progress(done[0], n_samples, "samples")
+    def on_batch(k: int) -> None:
+        done[0] += k
+        report(done[0], n_samples, "samples")
 
     try:
-        factors = _capture(loaded, selected, _token_batches(dataset, n_samples, batch_size), callback)
+        factors = _capture(loaded, selected, _token_batches(dataset, n_samples, batch_size), on_batch if report else None)
     finally:
         if bar is not None:
             bar.close()

@@ -44,6 +44,7 @@ __all__ = [
     "layer_index",
     "layer_record",
     "module_type",
+    "progress_callback",
     "to_jsonable",
 ]
 
@@ -352,15 +353,26 @@ def _layer_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return messages
 
 
-def _progress_callback(progress: ProgressArg, total: int) -> tuple[Callable[[int, int, str], None] | None, Any]:
-    """Turn the ``progress`` argument into a per-layer callback (and a tqdm bar to close, if any)."""
+def progress_callback(
+    progress: ProgressArg, total: int, *, unit: str = "layer", desc: str = "analysing"
+) -> tuple[Callable[[int, int, str], None] | None, Any]:
+    """Turn a ``progress`` argument into a callback ``(done, total, item)`` and the tqdm bar to close, if any.
+
+    Args:
+        progress: None/False (nothing), True (a tqdm bar on stderr) or a callable ``(done, total, item)``.
+        total: the number of units of work.
+        unit, desc: the bar's unit and description.
+
+    Raises:
+        UsageError: ``progress`` is of another type.
+    """
     if progress is None or progress is False:
         return None, None
     if progress is True:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="layer", desc="analysing", leave=False, dynamic_ncols=True)
-        return (lambda done, _total, _module: bar.update(1)), bar
+        bar = tqdm(total=total, unit=unit, desc=desc, leave=False, dynamic_ncols=True)
+        return (lambda done, _total, _item: bar.update(done - bar.n)), bar
     if callable(progress):
         return progress, None
     raise UsageError(f"progress must be None, a bool or a callable, got {type(progress).__name__}")
@@ -414,7 +426,7 @@ def analyze(
     total = len(checkpoint)
     log.debug("%s: format %s, method %s, %d adapter modules", checkpoint.path, checkpoint.format, checkpoint.method, total)
     started = time.perf_counter()
-    callback, bar = _progress_callback(progress, total)
+    callback, bar = progress_callback(progress, total)
     records = []
     try:
         for done, layer in enumerate(checkpoint.iter_layers(), start=1):

@@ -40,6 +40,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import erfc, expit
 
+from nora_spectra.analysis import progress_callback
 from nora_spectra.activation import ActivationAnalysis, CentredFactor, centred_spectrum, select_layers, spectrum_record
 from nora_spectra.errors import UsageError
 from nora_spectra.spectrum import NonFiniteFactorsError
@@ -207,12 +208,7 @@ def probe_spectra(
     apply_activation(activation, np.zeros(1))  # validate the name before any work
     names = select_layers(list(ckpt.modules), layers)
     wanted = set(names)
-    bar = None
-    callback = progress if callable(progress) else None
-    if progress is True:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(names), unit="layer", desc="probing", leave=False, dynamic_ncols=True)
+    callback, bar = progress_callback(progress, len(names), desc="probing")
     records = []
     try:
         for layer in ckpt.iter_layers():
@@ -240,8 +236,6 @@ def probe_spectra(
                     layer_type=layer.layer_type,
                 )
             )
-            if bar is not None:
-                bar.update(1)
             if callback is not None:
                 callback(len(records), len(names), layer.module)
     finally:
