@@ -1,9 +1,16 @@
-"""The one function that computes the singular values of a low-rank update ``s * B @ A``.
+"""Singular values of every update kind, from its factors: :func:`spectrum` is the one entry point.
 
 Everything in nora_spectra (``analyze``, reports, ``spectra check``, the trainer's tracking, the
-activation-space measurement) calls :func:`adapter_singular_values`; nothing else computes a spectrum.
+activation-space measurement) gets its singular values here; nothing else computes a spectrum.
+:func:`spectrum` dispatches on the kind of :mod:`nora_spectra.updates`:
 
-Method (see ``docs/metrics.md``): with thin QR factorizations ``B = Q_B R_B`` and ``A^T = Q_A R_A``,
+* low-rank ``s * B @ A``: :func:`adapter_singular_values` (below), exact from the ``r x r`` core;
+* Hadamard ``s * (B1 A1) * (B2 A2)``: the same function on the face-splitting factors (rank ``<= r1 r2``);
+* Kronecker ``s * kron(W1, W2)``: every product ``sigma_i(W1) sigma_j(W2)``, sorted;
+* dense ``delta``: :func:`dense_spectrum`, an exact SVD, or a randomized top-k SVD with a rigorous
+  a-posteriori error bound when only the leading values are asked for.
+
+Low-rank method (see ``docs/metrics.md``): with thin QR factorizations ``B = Q_B R_B`` and ``A^T = Q_A R_A``,
 
 .. math::  s B A = Q_B \\, (s R_B R_A^T) \\, Q_A^T,
 
@@ -19,12 +26,23 @@ factors neither overflow nor underflow in the Gram matrix.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy.linalg import lapack
 
-__all__ = ["NonFiniteFactorsError", "adapter_singular_values", "GRAM_RCOND_LIMIT"]
+from nora_spectra.updates import DenseUpdate, HadamardUpdate, KroneckerUpdate, LowRankUpdate, Update
+
+__all__ = [
+    "GRAM_RCOND_LIMIT",
+    "NonFiniteFactorsError",
+    "Spectrum",
+    "adapter_singular_values",
+    "dense_spectrum",
+    "singular_values",
+    "spectrum",
+]
 
 #: Reciprocal condition number (1-norm estimate of the Cholesky factor) below which a factor is
 #: re-factored with Householder QR. The Gram route's error on a singular value is about
@@ -136,3 +154,161 @@ def adapter_singular_values(A: ArrayLike, B: ArrayLike, scale: float = 1.0) -> n
     core = r_b @ r_a.T  # (k_B, k_A) with min(k_B, k_A) == k; sigma(B A) == sigma(core)
     sigma = np.linalg.svd(core, compute_uv=False)
     return np.ldexp(sigma, exp_a + exp_b) * abs(float(scale))
+
+
+# --------------------------------------------------------------------------------------------------
+# every update kind
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """The singular values of an update, and how exact they are.
+
+    Attributes:
+        values: float64, descending, non-negative, scale applied.
+        exact: True when ``values`` are the exact leading singular values (to rounding); False for a
+            randomized top-k spectrum.
+        error_bound: ``0`` when exact; else ``epsilon`` such that every true singular value lies in
+            ``[values[i], sqrt(values[i]**2 + epsilon**2)]`` (:func:`dense_spectrum`).
+        total_energy: ``||update||_F^2`` when known (dense updates), so that the captured energy
+            ``sum(values**2) / total_energy`` of a truncated spectrum can be reported; else None.
+    """
+
+    values: np.ndarray
+    exact: bool = True
+    error_bound: float = 0.0
+    total_energy: float | None = None
+
+
+#: a dense update is reduced by randomized SVD only when ``top_k + oversampling`` is at most this
+#: share of ``min(d_out, d_in)``; otherwise the exact SVD is about as cheap.
+_RANDOMIZED_MAX_SHARE = 0.5
+#: extra random directions beyond ``top_k`` (Halko, Martinsson & Tropp 2011, Sec. 4.2).
+_OVERSAMPLING = 10
+#: subspace (power) iterations; each one sharpens the leading values on slowly decaying spectra.
+_POWER_ITERATIONS = 2
+
+
+def spectrum(update: Update) -> Spectrum:
+    """The singular values of ``update``, whatever its kind (see the module docstring).
+
+    Args:
+        update: a :class:`~nora_spectra.updates.LowRankUpdate`, ``DenseUpdate``, ``KroneckerUpdate``
+            or ``HadamardUpdate``.
+
+    Returns:
+        The :class:`Spectrum`; ``values`` has length ``update.rank_bound`` (leading values when a
+        dense update asks for ``top_k``).
+
+    Raises:
+        NonFiniteFactorsError: a factor or the scale holds NaN or Inf.
+        TypeError: ``update`` is not an update kind.
+    """
+    if isinstance(update, LowRankUpdate):
+        return Spectrum(adapter_singular_values(update.A, update.B, update.scale))
+    if isinstance(update, HadamardUpdate):
+        return Spectrum(_hadamard_singular_values(update))
+    if isinstance(update, KroneckerUpdate):
+        return Spectrum(_kronecker_singular_values(update))
+    if isinstance(update, DenseUpdate):
+        return dense_spectrum(update.delta, top_k=update.top_k)
+    raise TypeError(f"not an update kind: {type(update).__name__}")
+
+
+def singular_values(update: Update) -> np.ndarray:
+    """``spectrum(update).values``: the singular values alone."""
+    return spectrum(update).values
+
+
+def _check_scale(scale: float) -> None:
+    if not math.isfinite(scale):
+        raise NonFiniteFactorsError(f"scale is {scale}")
+
+
+def _hadamard_singular_values(update: HadamardUpdate) -> np.ndarray:
+    """``sigma(s (B1 A1) * (B2 A2))`` from the face-splitting factors, or densely when that is smaller."""
+    _check_scale(update.scale)
+    k = update.rank_bound
+    r12 = update.first.A.shape[0] * update.second.A.shape[0]
+    if r12 <= min(update.shape):
+        u, v = update.factors()
+        return adapter_singular_values(v, u, update.scale)[:k]
+    first = np.asarray(update.first.B, np.float64) @ np.asarray(update.first.A, np.float64)
+    second = np.asarray(update.second.B, np.float64) @ np.asarray(update.second.A, np.float64)
+    return dense_spectrum(first * second).values[:k] * abs(float(update.scale))
+
+
+def _kronecker_singular_values(update: KroneckerUpdate) -> np.ndarray:
+    """``sigma(s kron(W1, W2)) = |s| * {sigma_i(W1) sigma_j(W2)}``, sorted descending."""
+    _check_scale(update.scale)
+    sides = []
+    for side in (update.left, update.right):
+        if isinstance(side, DenseUpdate) and side.top_k is not None:
+            raise ValueError("kronecker: a dense factor must be exact (top_k None)")
+        sides.append(spectrum(side).values)
+    products = np.multiply.outer(sides[0], sides[1]).ravel()
+    return np.sort(products)[::-1] * abs(float(update.scale))
+
+
+def dense_spectrum(delta: ArrayLike, top_k: int | None = None, *, seed: int = 0) -> Spectrum:
+    """Singular values of a dense matrix: exact, or the leading ``top_k`` by randomized SVD.
+
+    Exact: ``numpy.linalg.svd(compute_uv=False)`` in float64 (LAPACK ``gesdd``), after an exact
+    power-of-two rescaling so nothing overflows. Randomized (Halko, Martinsson & Tropp 2011, Alg. 4.4),
+    used when ``top_k + 10 <= min(d_out, d_in) / 2``: a Gaussian sketch ``Y = M Omega`` with
+    ``top_k + 10`` columns, two subspace iterations, ``Q = orth(Y)`` and the singular values ``s_i``
+    of ``Q^T M``. They come with a rigorous bound: since ``M^T M = (Q^T M)^T (Q^T M) + E^T E`` with
+    ``E = (I - Q Q^T) M``, Weyl's inequality gives, for every ``i``,
+
+    .. math:: s_i \\le \\sigma_i(M) \\le \\sqrt{s_i^2 + \\|E\\|_2^2}, \\qquad
+              \\|E\\|_2^2 \\le \\|E\\|_F^2 = \\|M\\|_F^2 - \\|Q^T M\\|_F^2,
+
+    and ``error_bound`` is ``||E||_F`` (computed exactly from the two Frobenius norms).
+
+    Args:
+        delta: ``(d_out, d_in)`` real matrix.
+        top_k: None for every singular value; else the number of leading values wanted.
+        seed: seed of the Gaussian sketch (results are reproducible).
+
+    Returns:
+        The :class:`Spectrum` (``total_energy`` is ``||delta||_F^2``).
+
+    Raises:
+        NonFiniteFactorsError: ``delta`` holds NaN or Inf.
+        ValueError: ``delta`` is not 2-D or ``top_k < 1``.
+    """
+    m = np.asarray(delta, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"a dense update is 2-D, got shape {m.shape}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    k_full = min(m.shape)
+    if k_full == 0:
+        return Spectrum(np.zeros(0), total_energy=0.0)
+    peak = float(np.max(np.abs(m)))
+    if not math.isfinite(peak):
+        raise NonFiniteFactorsError("the update holds NaN or Inf")
+    if peak == 0.0:
+        return Spectrum(np.zeros(k_full if top_k is None else min(top_k, k_full)), total_energy=0.0)
+    exponent = math.frexp(peak)[1]
+    m = np.ldexp(m, -exponent)
+    total = float(np.sum(m * m))
+    k = k_full if top_k is None else min(top_k, k_full)
+    if top_k is None or k + _OVERSAMPLING > _RANDOMIZED_MAX_SHARE * k_full:
+        values = np.linalg.svd(m, compute_uv=False)[:k]
+        return Spectrum(np.ldexp(values, exponent), total_energy=math.ldexp(total, 2 * exponent))
+    rng = np.random.default_rng(seed)
+    width = k + _OVERSAMPLING
+    q = np.linalg.qr(m @ rng.standard_normal((m.shape[1], width)))[0]
+    for _ in range(_POWER_ITERATIONS):
+        q = np.linalg.qr(m.T @ q)[0]
+        q = np.linalg.qr(m @ q)[0]
+    sketch = q.T @ m  # (width, d_in)
+    values = np.linalg.svd(sketch, compute_uv=False)[:k]
+    residual = max(total - float(np.sum(sketch * sketch)), 0.0)
+    return Spectrum(
+        np.ldexp(values, exponent),
+        exact=False,
+        error_bound=math.ldexp(math.sqrt(residual), exponent),
+        total_energy=math.ldexp(total, 2 * exponent),
+    )
