@@ -151,7 +151,7 @@ while True:
     except StopIteration:
         break
     b = time.perf_counter()
-    s = adapter_singular_values(layer.A, layer.B, layer.scale)
+    s = adapter_singular_values(layer.update.A, layer.update.B, layer.update.scale)
     c = time.perf_counter()
     spectrum_metrics(s, rank=layer.rank, shape=layer.shape)
     d = time.perf_counter()

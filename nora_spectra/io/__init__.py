@@ -1,11 +1,13 @@
-"""Checkpoint loading: PEFT LoRA and NoRA directories and bare safetensors files, torch-free.
+"""Checkpoint loading for every registered format, torch-free on the safetensors path.
 
-``load_checkpoint(path, adapter=None)`` validates a checkpoint eagerly from its config and headers and
-returns a :class:`Checkpoint` whose :meth:`~Checkpoint.iter_layers` yields one :class:`LayerFactors`
-(float64 factors, scale, rank, shape) at a time. See ``docs/formats.md``.
+``load_checkpoint(path, adapter=None, format="auto")`` detects the format (a reader registry, see
+:mod:`nora_spectra.io.registry`), validates the checkpoint eagerly from its configs and headers, and
+returns a :class:`Checkpoint` whose :meth:`~Checkpoint.iter_layers` yields one :class:`ModuleUpdate`
+(the module, its rank and shape, and its update, one of :mod:`nora_spectra.updates`) at a time.
+See ``docs/formats.md``.
 """
 
-from nora_spectra.io.checkpoint import Checkpoint, LayerFactors
-from nora_spectra.io.loader import load_checkpoint
+from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, ModuleUpdate
+from nora_spectra.io.registry import Format, detect_format, formats, load_checkpoint
 
-__all__ = ["Checkpoint", "LayerFactors", "load_checkpoint"]
+__all__ = ["Checkpoint", "Format", "ModuleEntry", "ModuleUpdate", "detect_format", "formats", "load_checkpoint"]

@@ -18,7 +18,7 @@ from typing import Any
 from nora_core.config import lora_scale, match_pattern  # torch-free: PEFT's rules, written once
 from nora_spectra.errors import CheckpointError
 
-__all__ = ["CONFIG_NAME", "AdapterSettings", "read_adapter_config", "match_pattern"]
+__all__ = ["CONFIG_NAME", "AdapterSettings", "match_pattern", "peft_kind", "read_adapter_config"]
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -70,6 +70,14 @@ class AdapterSettings:
     def scale_for(self, module: str) -> float:
         """``alpha / r`` or, with ``use_rslora``, ``alpha / sqrt(r)`` for ``module``."""
         return lora_scale(self.alpha_for(module), self.rank_for(module), self.use_rslora)
+
+
+def peft_kind(raw: object) -> str | None:
+    """The kind (``"lora"``, ``"nora"``) of a parsed config, from ``peft_type`` (absent: LORA); None if none."""
+    if not isinstance(raw, dict):
+        return None
+    peft_type = raw.get("peft_type", "LORA")
+    return _KINDS.get(peft_type.upper()) if isinstance(peft_type, str) else None
 
 
 def read_adapter_config(path: str | os.PathLike[str]) -> AdapterSettings:

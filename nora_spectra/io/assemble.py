@@ -1,15 +1,41 @@
-"""Turn a weights reader and an optional config into a :class:`Checkpoint` (scales, notes, warnings)."""
+"""Turn a PEFT-keyed weights container and an optional config into a :class:`Checkpoint`.
+
+Used by the ``peft``, ``nora`` and ``safetensors`` formats: key pairing and shapes come from
+:mod:`nora_spectra.io.peft_keys`, scales from :mod:`nora_spectra.io.adapter_config`; each module
+becomes a :class:`~nora_spectra.io.checkpoint.ModuleEntry` whose ``read`` returns a
+:class:`~nora_spectra.updates.LowRankUpdate`.
+"""
 
 from __future__ import annotations
+
+from functools import partial
 
 from nora_spectra._text import plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import AdapterSettings
-from nora_spectra.io.checkpoint import Checkpoint, LayerScale, TensorSource
-from nora_spectra.io.keys import PEFT_PREFIX, _dense_module, scan_keys
+from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
+from nora_spectra.io.peft_keys import PEFT_PREFIX, LayerPlan, _dense_module, scan_keys
 from nora_spectra.io.safetensors_file import check_readable
+from nora_spectra.updates import LowRankUpdate
 
-__all__ = ["assemble_checkpoint"]
+__all__ = ["assemble_checkpoint", "read_pair"]
+
+
+def read_pair(source: TensorSource, plan: LayerPlan, scale: float) -> LowRankUpdate:
+    """Read one module's factors (float64) as the update ``scale * B @ A``.
+
+    Embeddings store A (r, num_embeddings) and B (dim, r) and update by ``(B A)^T = A^T B^T``, so the
+    factors are swapped and transposed; conv factors are flattened to (r, d_in*kh*kw) and (d_out, r).
+    """
+    a = source.read(plan.key_a)
+    b = source.read(plan.key_b)
+    if plan.layer_type == "embedding":
+        a, b = b.T.copy(), a.T.copy()
+    elif plan.layer_type == "conv":
+        a = a.reshape(plan.rank, -1)
+        b = b.reshape(b.shape[0], plan.rank)
+    assert a.shape == (plan.rank, plan.shape[1]) and b.shape == (plan.shape[0], plan.rank)
+    return LowRankUpdate(a, b, scale)
 
 
 def _skipped_warning(skipped: list[tuple[str, str]], names: list[str]) -> str:
@@ -66,15 +92,14 @@ def assemble_checkpoint(
             weights,
             f"no LoRA factors found (expected <module>.lora_A.weight / lora_B.weight keys; found {sample})",
         )
-    scales: dict[str, LayerScale] = {}
-    notes: dict[str, tuple[str, ...]] = {}
+    entries: list[ModuleEntry] = []
+    method = settings.kind if settings else "lora"
     for plan in scan.plans:
         for key in (plan.key_a, plan.key_b):
             check_readable(weights, source.info(key))
         layer_notes = []
-        if settings is None:
-            scales[plan.module] = LayerScale(scale=1.0)
-        else:
+        scale = 1.0
+        if settings is not None:
             expected = settings.rank_for(plan.module)
             if expected != plan.rank:
                 raise CheckpointError(
@@ -82,16 +107,27 @@ def assemble_checkpoint(
                     f"module {plan.module!r}: the config gives rank {expected} but the tensors have rank "
                     f"{plan.rank}",
                 )
-            scales[plan.module] = LayerScale(
-                scale=settings.scale_for(plan.module), alpha=settings.alpha_for(plan.module)
-            )
+            scale = settings.scale_for(plan.module)
             if settings.fan_in_fan_out and plan.layer_type == "linear":
                 layer_notes.append("fan_in_fan_out: base weight stored (d_in, d_out); shape given as (d_out, d_in)")
         if plan.has_bias:
             layer_notes.append("lora_B.bias present: not part of the spectrum")
         if plan.dora:
             layer_notes.append("DoRA: spectrum of the direction update B A; the magnitude vector is not included")
-        notes[plan.module] = tuple(layer_notes)
+        entries.append(
+            ModuleEntry(
+                module=plan.module,
+                key=plan.key,
+                kind=method,
+                rank=plan.rank,
+                shape=plan.shape,
+                layer_type=plan.layer_type,
+                dtype=plan.dtype,
+                read=partial(read_pair, source, plan, scale),
+                dora=plan.dora,
+                notes=tuple(layer_notes),
+            )
+        )
     if settings is None:
         warnings.append("no adapter_config.json: scale 1 assumed for every layer (alpha/r unknown)")
     else:
@@ -110,14 +146,12 @@ def assemble_checkpoint(
     return Checkpoint(
         path=path,
         format=fmt,
-        method=settings.kind if settings else "lora",
+        method=method,
         config=dict(settings.raw) if settings else None,
         warnings=warnings,
         skipped=scan.skipped,
         weights_path=weights,
         adapter=adapter,
-        _source=source,
-        _plans=scan.plans,
-        _scales=scales,
-        _notes=notes,
+        metadata=dict(source.metadata),
+        entries=entries,
     )

@@ -1,25 +1,28 @@
-"""``Checkpoint`` (a validated adapter checkpoint) and ``LayerFactors`` (one module's float64 factors).
+"""``Checkpoint`` (a validated checkpoint of any format) and ``ModuleUpdate`` (one module's update).
 
-A :class:`Checkpoint` holds only header information; :meth:`Checkpoint.iter_layers` reads one factor
-pair at a time, so memory stays near the largest pair, not the whole file.
+A reader (a format of :mod:`nora_spectra.io.formats`) validates everything it can from headers and
+configs and describes each adapted module as a :class:`ModuleEntry`: what the module is, and a
+``read`` function that reads its tensors and returns its update (:mod:`nora_spectra.updates`).
+:meth:`Checkpoint.iter_layers` calls them one at a time, so memory stays near the largest module,
+not the whole file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from nora_spectra.io.keys import LayerPlan
 from nora_spectra.io.safetensors_file import TensorInfo
+from nora_spectra.updates import Update
 
-__all__ = ["LayerFactors", "Checkpoint", "TensorSource", "LayerScale"]
+__all__ = ["Checkpoint", "ModuleEntry", "ModuleUpdate", "TensorSource"]
 
 
 class TensorSource(Protocol):
-    """What a weights reader offers (``SafetensorsFile``, ``TorchBinFile``)."""
+    """What a weights container offers (``SafetensorsFile``, ``TorchBinFile``)."""
 
     path: str
     metadata: dict[str, str]
@@ -31,49 +34,51 @@ class TensorSource(Protocol):
     def read(self, name: str) -> np.ndarray: ...
 
 
-@dataclass(frozen=True)
-class LayerScale:
-    """The scale of one module and what it came from.
-
-    Attributes:
-        scale: the factor multiplying ``B @ A``.
-        alpha: the alpha used (None without a config).
-    """
-
-    scale: float
-    alpha: float | None = None
-
-
 @dataclass(frozen=True, eq=False)
-class LayerFactors:
-    """One adapted module's factors, upcast exactly to float64.
-
-    The update whose spectrum is analysed is ``scale * B @ A`` (of shape ``shape``), possibly up to a
-    transpose that leaves singular values unchanged (``fan_in_fan_out``).
+class ModuleEntry:
+    """One adapted module as a reader found it, before any tensor is read.
 
     Attributes:
         module: base-model module name, e.g. ``model.layers.0.self_attn.q_proj``.
-        kind: ``"lora"`` or ``"nora"``.
-        A: (r, n) float64. Conv: the stored (r, d_in, kh, kw) reshaped to (r, d_in*kh*kw). Embedding: the
-            stored ``lora_embedding_B`` transposed, (r, embedding_dim).
-        B: (m, r) float64. Conv: the stored (d_out, r, 1, 1) as (d_out, r). Embedding: the stored
-            ``lora_embedding_A`` transposed, (num_embeddings, r).
-        scale: PEFT's rule (alpha/r, alpha/sqrt(r) with rsLoRA, rank/alpha patterns); 1.0 without config.
-        rank: r of this module.
-        shape: (m, n) = (rows, cols) of the update: (d_out, d_in) for linear layers (also with
-            ``fan_in_fan_out``, whose base weight is stored transposed), (d_out, d_in*kh*kw) for conv,
-            (num_embeddings, embedding_dim) for embeddings.
+        key: the tensor-key prefix exactly as stored in the file (the part before ``.lora_A``,
+            ``.lora_down``, ``.hada_w1_a``, ...), so the module can be traced back to the file.
+        kind: the adapter method, ``"lora"`` or ``"nora"`` (more with other formats).
+        rank: the rank budget ``r`` the module paid for.
+        shape: ``(rows, cols)`` of the update as analysed: ``(d_out, d_in)`` for linear layers (also
+            with ``fan_in_fan_out``, whose base weight is stored transposed), ``(d_out, d_in*kh*kw)``
+            for conv, ``(num_embeddings, embedding_dim)`` for embeddings.
         layer_type: ``"linear"``, ``"embedding"`` or ``"conv"``.
-        dtype: stored dtype name, e.g. ``"bfloat16"``.
-        dora: a DoRA magnitude vector exists: the spectrum is of the direction update ``B A`` only.
-        notes: short remarks about this layer (fan_in_fan_out, lora_B bias, DoRA), for reports.
+        dtype: stored dtype name of the factors, e.g. ``"bfloat16"`` (``"float32/bfloat16"`` if mixed).
+        read: reads the module's tensors (float64) and returns its update.
+        dora: a DoRA magnitude exists: the spectrum is of the direction update only.
+        notes: short remarks about this module (fan_in_fan_out, lora_B bias, DoRA), for reports.
     """
 
     module: str
+    key: str
     kind: str
-    A: np.ndarray
-    B: np.ndarray
-    scale: float
+    rank: int
+    shape: tuple[int, int]
+    layer_type: str
+    dtype: str
+    read: Callable[[], Update] = field(repr=False)
+    dora: bool = False
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleUpdate:
+    """One adapted module with its update read (float64 factors).
+
+    Attributes are those of :class:`ModuleEntry` (without ``read``) plus ``update``, one of the kinds of
+    :mod:`nora_spectra.updates`; for LoRA and NoRA a ``LowRankUpdate`` with ``A`` (r, n), ``B`` (m, r)
+    and the scale of PEFT's rule (``alpha / r``, ``alpha / sqrt(r)``, rank and alpha patterns).
+    """
+
+    module: str
+    key: str
+    kind: str
+    update: Update
     rank: int
     shape: tuple[int, int]
     layer_type: str
@@ -84,17 +89,19 @@ class LayerFactors:
 
 @dataclass
 class Checkpoint:
-    """A validated adapter checkpoint; factors are read lazily.
+    """A validated checkpoint; updates are read lazily.
 
     Attributes:
         path: the path the user gave.
-        format: ``"peft"`` (LoRA directory), ``"nora"`` (NoRA directory) or ``"safetensors"`` (bare file).
-        method: ``"lora"`` or ``"nora"``.
-        config: the ``adapter_config.json`` as read (unknown fields included), or None.
+        format: the registered format that read it (``"peft"``, ``"nora"``, ``"safetensors"``, ...).
+        method: ``"lora"`` or ``"nora"`` (the adapter method the format reports).
+        config: the adapter config as read (unknown fields included), or None.
         warnings: remarks the user should see (no config, chosen adapter, fan_in_fan_out, ...).
-        skipped: (name, reason) for tensors that are not low-rank updates.
+        skipped: (name, reason) for tensors that are not adapter updates.
         weights_path: the weights file actually read.
         adapter: the adapter sub-directory chosen, or None.
+        metadata: the weights file's header metadata (safetensors ``__metadata__``), as read.
+        entries: one :class:`ModuleEntry` per adapted module, in natural order.
     """
 
     path: str
@@ -105,56 +112,45 @@ class Checkpoint:
     skipped: list[tuple[str, str]]
     weights_path: str
     adapter: str | None = None
-    _source: TensorSource | None = field(default=None, repr=False)
-    _plans: list[LayerPlan] = field(default_factory=list, repr=False)
-    _scales: dict[str, LayerScale] = field(default_factory=dict, repr=False)
-    _notes: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    metadata: dict[str, str] = field(default_factory=dict)
+    entries: list[ModuleEntry] = field(default_factory=list, repr=False)
 
     @property
     def modules(self) -> list[str]:
         """Adapted module names in natural order (``layers.2`` before ``layers.10``)."""
-        return [plan.module for plan in self._plans]
+        return [entry.module for entry in self.entries]
 
     def __len__(self) -> int:
-        return len(self._plans)
+        return len(self.entries)
 
-    def iter_layers(self) -> Iterator[LayerFactors]:
-        """Yield each module's :class:`LayerFactors` in :attr:`modules` order, reading one pair at a time."""
-        for plan in self._plans:
-            yield self._materialize(plan)
+    def iter_layers(self) -> Iterator[ModuleUpdate]:
+        """Yield each module's :class:`ModuleUpdate` in :attr:`modules` order, reading one module at a time."""
+        for entry in self.entries:
+            yield materialize(entry)
 
-    def layer(self, module: str) -> LayerFactors:
-        """Read one module's factors.
+    def layer(self, module: str) -> ModuleUpdate:
+        """Read one module's update.
 
         Raises:
             KeyError: ``module`` is not in :attr:`modules`.
         """
-        for plan in self._plans:
-            if plan.module == module:
-                return self._materialize(plan)
+        for entry in self.entries:
+            if entry.module == module:
+                return materialize(entry)
         raise KeyError(module)
 
-    def _materialize(self, plan: LayerPlan) -> LayerFactors:
-        assert self._source is not None
-        a = self._source.read(plan.key_a)
-        b = self._source.read(plan.key_b)
-        if plan.layer_type == "embedding":
-            # Stored A (r, num_embeddings), B (dim, r); the update (B A)^T = A^T B^T.
-            a, b = b.T.copy(), a.T.copy()
-        elif plan.layer_type == "conv":
-            a = a.reshape(plan.rank, -1)
-            b = b.reshape(b.shape[0], plan.rank)
-        assert a.shape == (plan.rank, plan.shape[1]) and b.shape == (plan.shape[0], plan.rank)
-        return LayerFactors(
-            module=plan.module,
-            kind=self.method,
-            A=a,
-            B=b,
-            scale=self._scales[plan.module].scale,
-            rank=plan.rank,
-            shape=plan.shape,
-            layer_type=plan.layer_type,
-            dtype=plan.dtype,
-            dora=plan.dora,
-            notes=self._notes.get(plan.module, ()),
-        )
+
+def materialize(entry: ModuleEntry) -> ModuleUpdate:
+    """Read ``entry``'s tensors and return the :class:`ModuleUpdate`."""
+    return ModuleUpdate(
+        module=entry.module,
+        key=entry.key,
+        kind=entry.kind,
+        update=entry.read(),
+        rank=entry.rank,
+        shape=entry.shape,
+        layer_type=entry.layer_type,
+        dtype=entry.dtype,
+        dora=entry.dora,
+        notes=entry.notes,
+    )

@@ -1,21 +1,35 @@
 """PEFT-layout adapter directories (PEFT LoRA and our NoRA): config, weights file, adapter sub-directories.
 
 Layout: ``<dir>/adapter_config.json`` plus ``<dir>/adapter_model.safetensors`` (or the legacy
-``adapter_model.bin``). PEFT saves a non-default adapter ``NAME`` under ``<dir>/NAME/``.
+``adapter_model.bin``). PEFT saves a non-default adapter ``NAME`` under ``<dir>/NAME/``. The ``peft``
+and ``nora`` formats both read this layout; :func:`config_kind` tells them apart from the config.
 """
 
 from __future__ import annotations
 
 import os
 
+from typing import TYPE_CHECKING
+
 from nora_spectra.errors import CheckpointError
-from nora_spectra.io.adapter_config import CONFIG_NAME, read_adapter_config
+from nora_spectra.io.adapter_config import CONFIG_NAME, peft_kind, read_adapter_config
 from nora_spectra.io.assemble import assemble_checkpoint
 from nora_spectra.io.checkpoint import Checkpoint
-from nora_spectra.io.keys import natural_key
+from nora_spectra.io.peft_keys import natural_key
 from nora_spectra.io.safetensors_file import SafetensorsFile
 
-__all__ = ["SAFETENSORS_NAME", "BIN_NAME", "load_adapter_directory", "resolve_adapter_directory"]
+if TYPE_CHECKING:  # pragma: no cover
+    from nora_spectra.io.registry import Probe
+
+__all__ = [
+    "BIN_NAME",
+    "SAFETENSORS_NAME",
+    "config_kind",
+    "is_adapter_weights_file",
+    "load_adapter_directory",
+    "open_peft_layout",
+    "resolve_adapter_directory",
+]
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -97,3 +111,50 @@ def load_adapter_directory(path: str, adapter: str | None = None) -> Checkpoint:
         raise CheckpointError(directory, f"no weights file ({SAFETENSORS_NAME} or {BIN_NAME})")
     fmt = "nora" if settings.kind == "nora" else "peft"
     return assemble_checkpoint(path, fmt, source, settings, warnings=warnings, adapter=chosen)
+
+
+def is_adapter_weights_file(probe: "Probe") -> bool:
+    """True when ``probe`` is ``adapter_model.safetensors`` / ``.bin`` next to an ``adapter_config.json``."""
+    return probe.is_file and probe.name in (SAFETENSORS_NAME, BIN_NAME) and os.path.isfile(
+        os.path.join(probe.directory, CONFIG_NAME)
+    )
+
+
+def config_kind(probe: "Probe") -> str | None:
+    """``"lora"`` or ``"nora"`` when ``probe`` is a PEFT-layout adapter of that kind, else None.
+
+    Reads only the config that :func:`load_adapter_directory` would read (the top-level one, the chosen
+    adapter's, or that of the only sub-directory adapter; with several sub-directory adapters, their
+    common kind). Never raises.
+    """
+    if is_adapter_weights_file(probe):
+        configs = [os.path.join(probe.directory, CONFIG_NAME)]
+    elif probe.is_dir:
+        top = os.path.join(probe.path, CONFIG_NAME)
+        named = [os.path.join(probe.path, e, CONFIG_NAME) for e in probe.entries]
+        named = [c for c in named if os.path.isfile(c)]
+        if probe.adapter is not None and probe.adapter != "default":
+            configs = [os.path.join(probe.path, probe.adapter, CONFIG_NAME)]
+        elif os.path.isfile(top):
+            configs = [top]
+        else:
+            configs = named
+    else:
+        return None
+    kinds = {peft_kind(probe.json(config)) for config in configs}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def open_peft_layout(probe: "Probe", adapter: str | None) -> Checkpoint:
+    """Load a PEFT-layout directory, or the weights file of one (``adapter_model.*`` beside its config)."""
+    if probe.is_dir:
+        return load_adapter_directory(probe.path, adapter)
+    if not is_adapter_weights_file(probe):
+        raise CheckpointError(
+            probe.path, f"not a PEFT adapter: expected a directory with {CONFIG_NAME}, or its weights file"
+        )
+    if adapter is not None:
+        raise CheckpointError(probe.path, "--adapter NAME (adapter=NAME) needs the adapter directory, not a weights file")
+    checkpoint = load_adapter_directory(probe.directory)
+    checkpoint.path = probe.path
+    return checkpoint

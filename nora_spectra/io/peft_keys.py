@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.safetensors_file import FLOAT_DTYPES, TensorInfo
 
-__all__ = ["PEFT_PREFIX", "LayerPlan", "KeyScan", "scan_keys", "natural_key"]
+__all__ = ["PEFT_PREFIX", "LayerPlan", "KeyScan", "has_factor_keys", "natural_key", "scan_keys"]
 
 PEFT_PREFIX = "base_model.model."
 _FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -36,6 +36,7 @@ class LayerPlan:
 
     Attributes:
         module: base-model module name (no ``base_model.model.`` prefix).
+        key: the tensor-key prefix as stored (``base_model.model.<module>``, or ``<module>``).
         layer_type: ``"linear"``, ``"embedding"`` or ``"conv"``.
         key_a: tensor key of the stored A factor.
         key_b: tensor key of the stored B factor.
@@ -49,6 +50,7 @@ class LayerPlan:
     """
 
     module: str
+    key: str
     layer_type: str
     key_a: str
     key_b: str
@@ -74,6 +76,7 @@ class KeyScan:
 
 @dataclass
 class _Parts:
+    prefix: str  # the tensor-key prefix as stored, e.g. "base_model.model.<module>"
     keys: dict[str, str] = field(default_factory=dict)  # "lora_A.weight" etc. -> tensor key
 
 
@@ -110,7 +113,7 @@ def scan_keys(path: str, infos: list[TensorInfo], modules_to_save: tuple[str, ..
         module, part, adapter = parsed
         if adapter is not None:
             adapter_names.add(adapter)
-        parts = modules.setdefault(module, _Parts())
+        parts = modules.setdefault(module, _Parts(info.name[: len(info.name) - len(name)] + module))
         if part in parts.keys:
             raise CheckpointError(path, f"module {module!r} has two {part} tensors ({parts.keys[part]!r}, {info.name!r})")
         parts.keys[part] = info.name
@@ -120,10 +123,15 @@ def scan_keys(path: str, infos: list[TensorInfo], modules_to_save: tuple[str, ..
         )
     scan = KeyScan()
     for module in sorted(modules, key=natural_key):
-        scan.plans.append(_plan(path, module, modules[module].keys, by_key))
+        scan.plans.append(_plan(path, module, modules[module], by_key))
     for module in sorted(dense, key=natural_key):
         scan.skipped.append((module, _skip_reason(module, dense[module], modules_to_save)))
     return scan
+
+
+def has_factor_keys(names: list[str]) -> bool:
+    """True when any tensor key is a PEFT factor key (``<module>.lora_A.weight``, ``lora_embedding_B``, ...)."""
+    return any(_parse_factor_key(name.removeprefix(PEFT_PREFIX)) is not None for name in names)
 
 
 def _parse_factor_key(name: str) -> tuple[str, str, str | None] | None:
@@ -151,7 +159,8 @@ def _parse_factor_key(name: str) -> tuple[str, str, str | None] | None:
     return module, factor, adapter  # embedding factors and the magnitude vector: no (or an ignored) .weight
 
 
-def _plan(path: str, module: str, parts: dict[str, str], by_key: dict[str, TensorInfo]) -> LayerPlan:
+def _plan(path: str, module: str, found: _Parts, by_key: dict[str, TensorInfo]) -> LayerPlan:
+    parts = found.keys
     has_linear = "lora_A.weight" in parts or "lora_B.weight" in parts
     has_embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     if has_linear and has_embedding:
@@ -204,6 +213,7 @@ def _plan(path: str, module: str, parts: dict[str, str], by_key: dict[str, Tenso
     dtype = a.dtype_name if a.dtype == b.dtype else f"{a.dtype_name}/{b.dtype_name}"
     return LayerPlan(
         module=module,
+        key=found.prefix,
         layer_type=layer_type,
         key_a=key_a,
         key_b=key_b,

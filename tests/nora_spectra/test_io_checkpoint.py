@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from nora_spectra.io import Checkpoint, LayerFactors, load_checkpoint
+from nora_spectra.io import Checkpoint, ModuleUpdate, load_checkpoint
 from nora_spectra.io.safetensors_file import SafetensorsFile
 from tests.nora_spectra.io_builders import PREFIX, lora_tensors, peft_dir, write_config, write_numpy
 
@@ -18,7 +18,7 @@ Q0 = "model.layers.0.self_attn.q_proj"
 V0 = "model.layers.0.self_attn.v_proj"
 
 
-def _layers(ckpt: Checkpoint) -> dict[str, LayerFactors]:
+def _layers(ckpt: Checkpoint) -> dict[str, ModuleUpdate]:
     return {layer.module: layer for layer in ckpt.iter_layers()}
 
 
@@ -32,10 +32,10 @@ def test_linear_factors_exact_and_metadata(tmp_path):
     layers = _layers(ckpt)
     q = layers[Q0]
     assert q.kind == "lora" and q.layer_type == "linear" and q.dtype == "float32" and not q.dora
-    assert q.rank == 8 and q.shape == (12, 10) and q.scale == 2.0
-    assert q.A.dtype == np.float64 and q.B.dtype == np.float64
-    np.testing.assert_array_equal(q.A, tensors[PREFIX + Q0 + ".lora_A.weight"].astype(np.float64))
-    np.testing.assert_array_equal(q.B, tensors[PREFIX + Q0 + ".lora_B.weight"].astype(np.float64))
+    assert q.rank == 8 and q.shape == (12, 10) and q.update.scale == 2.0
+    assert q.update.A.dtype == np.float64 and q.update.B.dtype == np.float64
+    np.testing.assert_array_equal(q.update.A, tensors[PREFIX + Q0 + ".lora_A.weight"].astype(np.float64))
+    np.testing.assert_array_equal(q.update.B, tensors[PREFIX + Q0 + ".lora_B.weight"].astype(np.float64))
     assert layers[V0].shape == (6, 10)
     assert ckpt.layer(V0).shape == (6, 10)
     with pytest.raises(KeyError):
@@ -52,8 +52,8 @@ def test_bf16_and_fp16_factors_exact(tmp_path):
     save_file({PREFIX + Q0 + ".lora_A.weight": a, PREFIX + Q0 + ".lora_B.weight": b}, str(tmp_path / "adapter_model.safetensors"))
     layer = next(load_checkpoint(tmp_path).iter_layers())
     assert layer.dtype == "bfloat16/float16"
-    np.testing.assert_array_equal(layer.A, a.to(torch.float64).numpy())
-    np.testing.assert_array_equal(layer.B, b.to(torch.float64).numpy())
+    np.testing.assert_array_equal(layer.update.A, a.to(torch.float64).numpy())
+    np.testing.assert_array_equal(layer.update.B, b.to(torch.float64).numpy())
 
 
 def test_natural_sort_of_modules(tmp_path):
@@ -84,15 +84,15 @@ def test_natural_sort_of_modules(tmp_path):
 )
 def test_scale_rules(tmp_path, config, rank, expected):
     ckpt = load_checkpoint(peft_dir(tmp_path, lora_tensors({Q0: (5, 5, rank)}), **config))
-    assert next(ckpt.iter_layers()).scale == pytest.approx(expected, rel=1e-15)
+    assert next(ckpt.iter_layers()).update.scale == pytest.approx(expected, rel=1e-15)
 
 
 def test_rank_pattern_sets_rank_and_scale(tmp_path):
     tensors = lora_tensors({Q0: (6, 6, 4), V0: (6, 6, 8)})
     ckpt = load_checkpoint(peft_dir(tmp_path, tensors, r=8, lora_alpha=16, rank_pattern={"q_proj": 4}))
     layers = _layers(ckpt)
-    assert (layers[Q0].rank, layers[Q0].scale) == (4, 4.0)
-    assert (layers[V0].rank, layers[V0].scale) == (8, 2.0)
+    assert (layers[Q0].rank, layers[Q0].update.scale) == (4, 4.0)
+    assert (layers[V0].rank, layers[V0].update.scale) == (8, 2.0)
 
 
 def test_rank_pattern_with_rslora(tmp_path):
@@ -101,7 +101,7 @@ def test_rank_pattern_with_rslora(tmp_path):
         peft_dir(tmp_path, tensors, r=16, lora_alpha=8, use_rslora=True, rank_pattern={"q_proj": 4})
     )
     layers = _layers(ckpt)
-    assert layers[Q0].scale == pytest.approx(8 / math.sqrt(4)) and layers[V0].scale == pytest.approx(8 / 4)
+    assert layers[Q0].update.scale == pytest.approx(8 / math.sqrt(4)) and layers[V0].update.scale == pytest.approx(8 / 4)
 
 
 @pytest.mark.parametrize(
@@ -119,8 +119,8 @@ def test_alpha_pattern_first_match_wins(tmp_path, alpha_pattern, alpha_q0, alpha
         peft_dir(tmp_path, lora_tensors({Q0: (4, 4, 8), q1: (4, 4, 8)}), r=8, lora_alpha=16, alpha_pattern=alpha_pattern)
     )
     layers = _layers(ckpt)
-    assert layers[Q0].scale == alpha_q0 / 8
-    assert layers[q1].scale == alpha_q1 / 8
+    assert layers[Q0].update.scale == alpha_q0 / 8
+    assert layers[q1].update.scale == alpha_q1 / 8
 
 
 def test_pattern_matching_agrees_with_peft():
@@ -143,8 +143,8 @@ def test_fan_in_fan_out_reports_math_orientation(tmp_path):
     tensors = {PREFIX + "transformer.h.0.attn.c_attn.lora_A.weight": a, PREFIX + "transformer.h.0.attn.c_attn.lora_B.weight": b}
     ckpt = load_checkpoint(peft_dir(tmp_path, tensors, r=4, lora_alpha=8, fan_in_fan_out=True))
     layer = next(ckpt.iter_layers())
-    assert layer.shape == (7, 10) and layer.scale == 2.0
-    np.testing.assert_array_equal(layer.A, a) and np.testing.assert_array_equal(layer.B, b)
+    assert layer.shape == (7, 10) and layer.update.scale == 2.0
+    np.testing.assert_array_equal(layer.update.A, a) and np.testing.assert_array_equal(layer.update.B, b)
     assert any("fan_in_fan_out" in note for note in layer.notes)
     assert any("fan_in_fan_out" in w for w in ckpt.warnings)
 
@@ -156,12 +156,12 @@ def test_embedding_lora_is_transposed_update(tmp_path):
     tensors = {PREFIX + "model.embed_tokens.lora_embedding_A": a, PREFIX + "model.embed_tokens.lora_embedding_B": b}
     layer = next(load_checkpoint(peft_dir(tmp_path, tensors, r=4, lora_alpha=8)).iter_layers())
     assert layer.layer_type == "embedding" and layer.module == "model.embed_tokens"
-    assert layer.shape == (30, 6) and layer.rank == 4 and layer.scale == 2.0
-    assert layer.A.shape == (4, 6) and layer.B.shape == (30, 4)
+    assert layer.shape == (30, 6) and layer.rank == 4 and layer.update.scale == 2.0
+    assert layer.update.A.shape == (4, 6) and layer.update.B.shape == (30, 4)
     expected_delta = (b.astype(np.float64) @ a.astype(np.float64)).T  # PEFT's Embedding.get_delta_weight
-    np.testing.assert_allclose(layer.B @ layer.A, expected_delta, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(layer.update.B @ layer.update.A, expected_delta, rtol=1e-12, atol=0)
     np.testing.assert_allclose(
-        np.linalg.svd(layer.scale * layer.B @ layer.A, compute_uv=False),
+        np.linalg.svd(layer.update.scale * layer.update.B @ layer.update.A, compute_uv=False),
         np.linalg.svd(2.0 * expected_delta, compute_uv=False),
         rtol=1e-12,
     )
@@ -175,11 +175,11 @@ def test_conv_lora_flattened(tmp_path):
     tensors = {PREFIX + "unet.conv_in.lora_A.weight": a, PREFIX + "unet.conv_in.lora_B.weight": b}
     layer = next(load_checkpoint(peft_dir(tmp_path, tensors, r=4, lora_alpha=4)).iter_layers())
     assert layer.layer_type == "conv" and layer.shape == (5, 27) and layer.rank == 4
-    assert layer.A.shape == (4, 27) and layer.B.shape == (5, 4)
+    assert layer.update.A.shape == (4, 27) and layer.update.B.shape == (5, 4)
     # PEFT's Conv2d delta for a 1x1 lora_B: conv2d(A^T, B)^T, shape (d_out, d_in, kh, kw)
     ta, tb = torch.from_numpy(a).double(), torch.from_numpy(b).double()
     delta = torch.nn.functional.conv2d(ta.permute(1, 0, 2, 3), tb).permute(1, 0, 2, 3)
-    np.testing.assert_allclose(layer.B @ layer.A, delta.reshape(5, -1).numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(layer.update.B @ layer.update.A, delta.reshape(5, -1).numpy(), rtol=1e-12, atol=1e-14)
 
 
 def test_conv1d_lora(tmp_path):
@@ -236,7 +236,7 @@ def test_key_variants(tmp_path, layout):
         base = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v for k, v in base.items()}
     ckpt = load_checkpoint(peft_dir(tmp_path, base))
     assert ckpt.modules == [Q0]
-    np.testing.assert_array_equal(next(ckpt.iter_layers()).A, next(iter(base.values())))
+    np.testing.assert_array_equal(next(ckpt.iter_layers()).update.A, next(iter(base.values())))
 
 
 def test_unknown_config_fields_ignored(tmp_path):
@@ -244,7 +244,7 @@ def test_unknown_config_fields_ignored(tmp_path):
         peft_dir(tmp_path, lora_tensors({Q0: (3, 3, 8)}), some_future_field={"x": [1]}, peft_version="9.9", lora_ga_config=None)
     )
     assert ckpt.config["some_future_field"] == {"x": [1]}
-    assert next(ckpt.iter_layers()).scale == 2.0
+    assert next(ckpt.iter_layers()).update.scale == 2.0
 
 
 def test_nora_directory(tmp_path):
@@ -254,7 +254,7 @@ def test_nora_directory(tmp_path):
     assert ckpt.format == "nora" and ckpt.method == "nora"
     assert ckpt.config["activation"] == "silu" and ckpt.config["dropout"] == 0.3
     layer = next(ckpt.iter_layers())
-    assert layer.kind == "nora" and layer.scale == 1.0
+    assert layer.kind == "nora" and layer.update.scale == 1.0
 
 
 def test_bare_safetensors_file(tmp_path):
@@ -264,13 +264,13 @@ def test_bare_safetensors_file(tmp_path):
     assert ckpt.modules == [Q0]
     assert any("scale 1" in w for w in ckpt.warnings)
     layer = next(ckpt.iter_layers())
-    assert layer.scale == 1.0 and layer.rank == 4
+    assert layer.update.scale == 1.0 and layer.rank == 4
 
 
 def test_weights_file_inside_adapter_dir_uses_config(tmp_path):
     peft_dir(tmp_path, lora_tensors({Q0: (6, 5, 8)}), lora_alpha=32)
     ckpt = load_checkpoint(tmp_path / "adapter_model.safetensors")
-    assert ckpt.format == "peft" and next(ckpt.iter_layers()).scale == 4.0
+    assert ckpt.format == "peft" and next(ckpt.iter_layers()).update.scale == 4.0
     assert ckpt.path == str(tmp_path / "adapter_model.safetensors")
 
 
@@ -282,7 +282,7 @@ def test_adapter_subdirectories(tmp_path):
     assert default.modules == [Q0] and default.adapter is None
     assert any("chat" in w and "math" in w for w in default.warnings)
     math_ckpt = load_checkpoint(tmp_path, adapter="math")
-    assert math_ckpt.modules == [V0] and math_ckpt.adapter == "math" and next(math_ckpt.iter_layers()).scale == 2.0
+    assert math_ckpt.modules == [V0] and math_ckpt.adapter == "math" and next(math_ckpt.iter_layers()).update.scale == 2.0
     assert load_checkpoint(tmp_path, adapter="default").modules == [Q0]
 
 
@@ -300,9 +300,9 @@ def test_bin_weights_loaded(tmp_path):
     torch.save({PREFIX + Q0 + ".lora_A.weight": a, PREFIX + Q0 + ".lora_B.weight": b}, tmp_path / "adapter_model.bin")
     ckpt = load_checkpoint(tmp_path)
     layer = next(ckpt.iter_layers())
-    assert ckpt.weights_path.endswith("adapter_model.bin") and layer.scale == 0.5 and layer.dtype == "bfloat16/float32"
-    np.testing.assert_array_equal(layer.A, a.double().numpy())
-    np.testing.assert_array_equal(layer.B, b.double().numpy())
+    assert ckpt.weights_path.endswith("adapter_model.bin") and layer.update.scale == 0.5 and layer.dtype == "bfloat16/float32"
+    np.testing.assert_array_equal(layer.update.A, a.double().numpy())
+    np.testing.assert_array_equal(layer.update.B, b.double().numpy())
 
 
 def test_safetensors_preferred_over_bin(tmp_path):
@@ -337,14 +337,14 @@ def test_nan_and_inf_are_not_errors(tmp_path):
     tensors[PREFIX + Q0 + ".lora_A.weight"][0, 0] = np.nan
     tensors[PREFIX + Q0 + ".lora_B.weight"][0, 0] = np.inf
     layer = next(load_checkpoint(peft_dir(tmp_path, tensors)).iter_layers())
-    assert np.isnan(layer.A[0, 0]) and np.isinf(layer.B[0, 0])
+    assert np.isnan(layer.update.A[0, 0]) and np.isinf(layer.update.B[0, 0])
 
 
 def test_safetensors_path_never_imports_torch(tmp_path):
     path = peft_dir(tmp_path, lora_tensors({Q0: (3, 3, 8)}))
     code = (
         "import sys; from nora_spectra.io import load_checkpoint; "
-        f"c = load_checkpoint({json.dumps(str(path))}); [l.A.sum() for l in c.iter_layers()]; "
+        f"c = load_checkpoint({json.dumps(str(path))}); [l.update.A.sum() for l in c.iter_layers()]; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -71,15 +71,15 @@ def test_peft_saved_checkpoint_with_patterns_and_rslora(tmp_path, safe_serializa
         scaling, r, delta = reference[layer.module]
         seen_types.add(layer.layer_type)
         assert layer.rank == r
-        assert layer.scale == pytest.approx(scaling, rel=1e-12)
-        ours = layer.scale * (layer.B @ layer.A)
+        assert layer.update.scale == pytest.approx(scaling, rel=1e-12)
+        ours = layer.update.scale * (layer.update.B @ layer.update.A)
         assert layer.shape == ours.shape
         np.testing.assert_allclose(ours, delta.reshape(ours.shape), rtol=1e-5, atol=1e-6)
     assert seen_types == {"linear", "embedding", "conv"}
     layers = {layer.module: layer for layer in ckpt.iter_layers()}
-    assert layers["layers.1.q_proj"].rank == 4 and layers["layers.1.q_proj"].scale == pytest.approx(3 / 2)
-    assert layers["layers.10.v_proj"].rank == 2 and layers["layers.10.v_proj"].scale == pytest.approx(7 / np.sqrt(2))
-    assert layers["layers.0.v_proj"].scale == pytest.approx(16 / np.sqrt(2))
+    assert layers["layers.1.q_proj"].rank == 4 and layers["layers.1.q_proj"].update.scale == pytest.approx(3 / 2)
+    assert layers["layers.10.v_proj"].rank == 2 and layers["layers.10.v_proj"].update.scale == pytest.approx(7 / np.sqrt(2))
+    assert layers["layers.0.v_proj"].update.scale == pytest.approx(16 / np.sqrt(2))
     assert layers["embed"].shape == (20, 8) and layers["conv"].shape == (5, 27)
 
 
@@ -101,7 +101,7 @@ def test_peft_fan_in_fan_out_conv1d(tmp_path):
     layer = next(load_checkpoint(tmp_path).iter_layers())
     assert layer.module == name == "c_attn"
     assert delta.shape == (4, 12) and layer.shape == (12, 4)  # PEFT's delta is in the stored (d_in, d_out) layout
-    np.testing.assert_allclose(layer.scale * layer.B @ layer.A, delta.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.update.scale * layer.update.B @ layer.update.A, delta.T, rtol=1e-5, atol=1e-6)
 
 
 def test_peft_dora_and_named_adapter(tmp_path):
@@ -112,4 +112,4 @@ def test_peft_dora_and_named_adapter(tmp_path):
     assert (tmp_path / "chat" / "adapter_config.json").is_file()
     ckpt = load_checkpoint(tmp_path, adapter="chat")
     assert ckpt.adapter == "chat" and ckpt.modules == ["layers.0.q_proj", "layers.1.q_proj"]
-    assert all(layer.dora and layer.scale == 2.0 for layer in ckpt.iter_layers())
+    assert all(layer.dora and layer.update.scale == 2.0 for layer in ckpt.iter_layers())
