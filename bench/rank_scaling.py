@@ -14,7 +14,7 @@ Pipeline (every step seeded; nothing is downloaded):
      tokens only;
    * weight-space effective rank: ``spectra analyze`` of the saved adapter (sigma of ``s B A``; for
      NoRA that is the linear skeleton without the activation);
-   * activation-space effective rank: the paper's measurement (``nora_spectra.activation``) over 128
+   * activation-space effective rank: the paper's measurement (``nora_spectra.spaces.activation``) over 128
      training samples, eval mode, every adapted layer (the model has at most 5 blocks, so this is the
      paper's "last 5 layers").
 
@@ -58,7 +58,7 @@ from nora_core.data import ByteTokenizer, TokenDataset, parse_record
 from nora_core.inject import inject_adapters
 from nora_core.models.gpt import GPT, GPTConfig
 from nora_core.trainer import TrainConfig, evaluate, train
-from nora_spectra.activation import activation_spectra
+from nora_spectra.analysis import activation_spectra
 from nora_spectra.analysis import analyze
 from nora_spectra.summary import mean
 

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
+from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD
+
 __all__ = [
     "DEFAULT_COLLAPSE_THRESHOLD",
     "METRIC_FIELDS",
@@ -33,9 +35,6 @@ __all__ = [
     "spectrum_metrics",
     "non_finite_metrics",
 ]
-
-#: A layer whose utilization (effective_rank / r) is below this is flagged ``collapsed``.
-DEFAULT_COLLAPSE_THRESHOLD = 0.25
 
 #: Relative slack in the energy-rank comparison (absorbs rounding in the cumulative sum).
 _ENERGY_RTOL = 1e-12

@@ -21,6 +21,8 @@ import math
 import statistics
 from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
+from nora_spectra.schema import AVERAGED_STATUSES, STATUSES, SUMMARY_METRICS
+
 __all__ = [
     "AVERAGED_STATUSES",
     "STATUSES",
@@ -37,23 +39,6 @@ __all__ = [
 ]
 
 Record = Mapping[str, Any]
-
-#: every status a layer record can carry, in display order.
-STATUSES: tuple[str, ...] = ("ok", "dora_direction_only", "zero", "non_finite")
-
-#: statuses whose metrics enter means, medians and weighted means.
-AVERAGED_STATUSES: frozenset[str] = frozenset({"ok", "dora_direction_only", "zero"})
-
-#: per-layer metrics summarised (in this order).
-SUMMARY_METRICS: tuple[str, ...] = (
-    "effective_rank",
-    "utilization",
-    "stable_rank",
-    "energy_rank_90",
-    "tail_energy",
-    "spectral_entropy",
-)
-
 
 def _finite_pairs(records: Iterable[Record], name: str) -> list[tuple[float, float]]:
     """(value, rank) pairs of ``name`` over averaged records whose value is a finite number."""

@@ -2,25 +2,28 @@
 
 Results go to stdout (or atomically to ``--output``); warnings and the progress bar go to stderr.
 User errors raise :class:`~nora_spectra.errors.SpectraError`, which ``spectra`` prints as one line
-with exit code 2. The JSON/CSV/Markdown/table paths import neither torch nor pandas.
+with exit code 2. The JSON/CSV/Markdown/table paths import neither torch nor pandas. The choice of
+space and its options are the library's (:func:`nora_spectra.analysis.analyze`); this command only
+forwards the flags that were given.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any
 
 import click
 
-from nora_spectra.cli._space_options import add_space_options, run_space
-from nora_spectra.errors import UsageError
+from nora_spectra.schema import (
+    DEFAULT_COLLAPSE_THRESHOLD,
+    DEFAULT_PROBE_SAMPLES,
+    SPACES,
+)
 
 __all__ = ["command", "write_result"]
 
 
 def write_result(text: str, output: str | None, *, quiet: bool) -> None:
-    """Print ``text`` to stdout, or write it atomically to ``output`` (its directory must exist).
+    """Print ``text`` to stdout, or write it atomically to ``output`` (missing directories are created).
 
     Raises:
         UsageError: when ``output`` cannot be written.
@@ -28,19 +31,22 @@ def write_result(text: str, output: str | None, *, quiet: bool) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
-    from nora_core.atomic import atomic_write_text
+    from nora_spectra.outputs import write_output
 
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise UsageError(f"{output}: cannot write the output: directory {parent} does not exist")
-    if os.path.isdir(output):
-        raise UsageError(f"{output}: cannot write the output: it is a directory")
-    try:
-        atomic_write_text(output, text)
-    except OSError as exc:
-        raise UsageError(f"{output}: cannot write the output: {exc.strerror or exc}") from None
+    write_output(output, text)
     if not quiet:
         click.echo(f"spectra: wrote {output}", err=True)
+
+
+def format_in_option(command):  # type: ignore[no-untyped-def]
+    """``--format-in NAME``: force a registered checkpoint format instead of detecting it."""
+    return click.option(
+        "--format-in",
+        "format_in",
+        metavar="NAME",
+        help="Read the checkpoints as this registered format instead of detecting it "
+        "(docs/formats.md lists the names).",
+    )(command)
 
 
 @click.command("analyze")
@@ -56,48 +62,88 @@ def write_result(text: str, output: str | None, *, quiet: bool) -> None:
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result to FILE (atomically).")
 @click.option("--adapter", metavar="NAME", help="Analyse the non-default adapter NAME (its sub-directory).")
+@format_in_option
 @click.option(
     "--collapse-threshold",
     type=float,
-    default=0.25,
+    default=DEFAULT_COLLAPSE_THRESHOLD,
     show_default=True,
     help="Flag a layer collapsed when effective_rank / r is below this.",
 )
 @click.option("--by-layer", is_flag=True, help="Also summarise by layer index (table and markdown).")
 @click.option("-q", "--quiet", is_flag=True, help="No warnings, messages or progress bar on stderr.")
-@add_space_options
+@click.option(
+    "--space",
+    type=click.Choice(SPACES),
+    default="weight",
+    show_default=True,
+    help="weight: sigma(s*B*A) from the factors; activation: SVD of each branch's centred output over "
+    "--data through --model (the NoRA paper's measurement); probe: the branch's response to "
+    "isotropic Gaussian inputs (no model needed).",
+)
+@click.option(
+    "--model",
+    metavar="MODEL",
+    type=click.Path(exists=True, file_okay=False),
+    help="Base model directory for --space activation: a nora small GPT or a local transformers model.",
+)
+@click.option(
+    "--data",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSONL samples for --space activation (text, question/answer, instruction/output, conversations).",
+)
+@click.option("--samples", type=click.IntRange(min=1), help="Sequences of --data to run (the first ones) [default: 128].")
+@click.option(
+    "--layers",
+    metavar="SPEC",
+    help="Comma-separated layer indices (negative from the end), last:N, or module-name globs "
+    "(q_proj, blocks.3.*). Default: every adapter module.",
+)
+@click.option("--probe-scale", type=float, help="Standard deviation of the Gaussian probe inputs [default: 1.0].")
+@click.option(
+    "--probe-samples",
+    type=click.IntRange(min=2),
+    help=f"Gaussian inputs per layer (--space probe); sampling error ~ sqrt(r / N) [default: {DEFAULT_PROBE_SAMPLES}].",
+)
+@click.option("--seed", type=int, help="Random seed of the probe [default: 0].")
 def command(
     paths: tuple[str, ...],
     effective_rank: bool,
     fmt: str,
     output: str | None,
     adapter: str | None,
+    format_in: str | None,
     collapse_threshold: float,
     by_layer: bool,
     quiet: bool,
-    **space_opts: Any,
+    space: str,
+    **space_options: object,
 ) -> None:
     """Per-layer singular-value spectra and rank utilization of adapter checkpoints.
 
-    PATH is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors or .bin) or a
-    bare .safetensors file. --space activation measures the adapter branch's outputs on real inputs
-    (needs --model and --data), --space probe its response to Gaussian inputs (docs/activation.md).
-    With one PATH, --format json prints one object; with several,
-    {"checkpoints": [...]}. Layers with NaN/Inf factors or an all-zero update are reported with their
-    status and a warning; the exit code stays 0. Bad input exits with code 2 and one line on stderr.
+    PATH is a checkpoint of any registered format (a PEFT or NoRA adapter directory, a bare .safetensors
+    file, ...; see docs/formats.md). --space activation measures the adapter branch's outputs on real
+    inputs (needs --model and --data), --space probe its response to Gaussian inputs (docs/activation.md).
+    With one PATH, --format json prints one object; with several, {"checkpoints": [...]}. Layers with
+    NaN/Inf factors or an all-zero update are reported with their status and a warning; the exit code
+    stays 0. Bad input exits with code 2 and one line on stderr.
     """
+    from nora_spectra.analysis import analyze
     from nora_spectra.render import render
 
     show_progress = not quiet and sys.stderr.isatty()
     analyses = []
     for path in paths:
-        analysis = run_space(
-            path=path,
+        analysis = analyze(
+            path,
+            space=space,
             adapter=adapter,
+            format=format_in,
             collapse_threshold=collapse_threshold,
             progress=show_progress,
             emit_warnings=False,
-            **space_opts,
+            **space_options,
         )
         if not quiet:
             for message in analysis.warnings:

@@ -13,15 +13,10 @@ from nora_core.config import AdapterConfig
 from nora_core.data import TokenDataset
 from nora_core.inject import adapter_layers, inject_adapters
 from nora_core.models.gpt import GPT, GPTConfig
-from nora_spectra.activation import (
-    ACTIVATION_COLUMNS,
-    ActivationAnalysis,
-    CentredFactor,
-    activation_spectra,
-    analyze_activation,
-    select_layers,
-)
-from nora_spectra.analysis import LAYER_COLUMNS
+from nora_spectra.analysis import LAYER_COLUMNS, Analysis, activation_spectra, analyze
+from nora_spectra.schema import ACTIVATION_COLUMNS
+from nora_spectra.spaces.centred import CentredFactor
+from nora_spectra.spaces.selection import select_layers
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.model_loading import load_model
 
@@ -186,13 +181,13 @@ def test_records_have_weight_space_fields_and_json_roundtrip():
     model = inject_adapters(tiny_gpt(), AdapterConfig(method="nora", r=4, target_modules=["v_proj"]))
     randomize_adapters(model)
     result = activation_spectra(model, data=padded_dataset(), samples=3)
-    assert isinstance(result, ActivationAnalysis)
+    assert isinstance(result, Analysis) and result.space == "activation"
     assert set(LAYER_COLUMNS) <= set(result.records[0]) and tuple(result.records[0]) == ACTIVATION_COLUMNS
     data = json.loads(result.to_json())
     assert data["space"] == "activation" and data["samples"] == 3
     assert data["tokens"] == 12 + 5 + 9
     assert data["layers"][0]["space"] == "activation"
-    assert list(result.layers.columns) == list(LAYER_COLUMNS)
+    assert list(result.layers.columns) == list(ACTIVATION_COLUMNS)
 
 
 def test_fresh_adapter_is_zero_status_not_an_error():
@@ -252,7 +247,7 @@ def saved(tmp_path):
 
 def test_checkpoint_path_and_model_dir_match_in_memory(saved):
     base_dir, adapter_dir, data, model = saved
-    from_disk = analyze_activation(adapter_dir, model=base_dir, data=data, samples=4)
+    from_disk = analyze(adapter_dir, space="activation", model=base_dir, data=data, samples=4)
     in_memory = activation_spectra(model, data=data, samples=4)
     assert from_disk.format == "nora" and from_disk.method == "nora"
     assert from_disk.checkpoint == str(adapter_dir) and from_disk.model == str(base_dir)
@@ -290,7 +285,7 @@ def test_model_loading_errors(saved, tmp_path):
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model(broken)
     with pytest.raises(CheckpointError):
-        analyze_activation(tmp_path / "no-adapter", model=base_dir, data=data)
+        analyze(tmp_path / "no-adapter", space="activation", model=base_dir, data=data)
 
 
 def test_usage_errors(saved, tmp_path):
@@ -298,11 +293,11 @@ def test_usage_errors(saved, tmp_path):
     with pytest.raises(UsageError, match="--model"):
         activation_spectra(adapter_dir, data=data)
     with pytest.raises(UsageError, match="data file not found"):
-        analyze_activation(adapter_dir, model=base_dir, data=tmp_path / "missing.jsonl")
+        analyze(adapter_dir, space="activation", model=base_dir, data=tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"nothing": 1}\n')
     with pytest.raises(UsageError, match="bad.jsonl"):
-        analyze_activation(adapter_dir, model=base_dir, data=bad)
+        analyze(adapter_dir, space="activation", model=base_dir, data=bad)
     with pytest.raises(UsageError, match="no adapter layers"):
         activation_spectra(tiny_gpt(), data=torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(UsageError, match="already holds adapters"):

@@ -105,8 +105,11 @@ def test_output_file_is_written_and_stdout_stays_empty(ck, tmp_path, capsys):
     assert f"wrote {target}" in err
     assert json.loads(target.read_text())["checkpoint"] == str(ck)
     assert [p.name for p in target.parent.iterdir()] == ["result.json"]  # no temp file left behind
-    code, out, err = run(["analyze", str(ck), "--output", str(tmp_path / "nope" / "x.txt")], capsys)
-    assert code == 2 and out == "" and err.count("\n") == 1 and "does not exist" in err
+    # one rule for every output: a missing directory is created; a directory as the target is an error
+    code, out, err = run(["analyze", str(ck), "--output", str(tmp_path / "new" / "dir" / "x.txt")], capsys)
+    assert code == 0 and out == "" and "(format peft, method lora, 4 layers)" in (tmp_path / "new" / "dir" / "x.txt").read_text()
+    code, out, err = run(["analyze", str(ck), "--output", str(tmp_path / "new")], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "is a directory" in err
 
 
 def test_collapse_threshold_option(ck, capsys):
@@ -168,7 +171,7 @@ def test_nan_and_zero_layers_exit_0_with_warnings(mixed, capsys):
 
 
 def test_modules_to_save_gives_one_skipped_warning_counting_tensors(tmp_path, capsys):
-    from nora_spectra.io.keys import PEFT_PREFIX
+    from nora_spectra.io.peft_keys import PEFT_PREFIX
     from tests.nora_spectra.io_builders import lora_tensors, peft_dir
 
     tensors = lora_tensors({"model.layers.0.self_attn.q_proj": (6, 5, 4)})

@@ -11,9 +11,9 @@ from nora_core.checkpoint import save_adapter
 from nora_core.config import AdapterConfig
 from nora_core.inject import adapter_layers, inject_adapters
 from nora_core.models.gpt import GPT, GPTConfig
-from nora_spectra.analysis import analyze
+from nora_spectra.analysis import analyze, probe_spectra
 from nora_spectra.errors import UsageError
-from nora_spectra.probe import apply_activation, probe_layer, probe_response_singular_values, probe_spectra
+from nora_spectra.spaces.probe import apply_activation, probe_layer, probe_response_singular_values
 from nora_spectra.spectrum import adapter_singular_values
 
 RTOL = 1e-9
@@ -174,12 +174,10 @@ def test_space_options_drive_probe_and_activation(tmp_path):
     ],
 )
 def test_space_options_refuse_misfits(tmp_path, args, message):
-    from nora_spectra.cli._space_options import run_space
-
     path = _checkpoint(tmp_path, AdapterConfig(method="lora", r=2, target_modules=["q_proj"]))
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "x"}\n')
     out = _analyze([str(path)] + [a.format(data=data) for a in args])
     assert out.exit_code != 0 and isinstance(out.exception, UsageError) and message in str(out.exception)
     with pytest.raises(UsageError, match="--space must be"):
-        run_space("dense", path)
+        analyze(path, space="dense")

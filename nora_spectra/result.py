@@ -1,0 +1,222 @@
+"""``Analysis``: the result of :func:`nora_spectra.analysis.analyze`, as plain data.
+
+An Analysis holds one record per module (dicts with the keys of :data:`nora_spectra.schema.LAYER_COLUMNS`),
+their summary, what the reader said (format, config, warnings, skipped tensors) and, for activation and
+probe spectra, how they were measured. It pickles compactly (plain data only, no reader or model) so
+it can come back from a worker process, and turns into strict JSON, a pandas DataFrame, an HTML table
+(in Jupyter) and plots; pandas, the renderers and matplotlib are imported only when those are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+
+from nora_spectra._text import package_version
+from nora_spectra.errors import UsageError
+from nora_spectra.plot_methods import PlotMethods
+from nora_spectra.schema import (
+    ACTIVATION_COLUMNS,
+    DEFAULT_COLLAPSE_THRESHOLD,
+    LAYER_COLUMNS,
+    json_text,
+    to_jsonable,
+)
+from nora_spectra.summary import summarize
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["SPACE_FIELDS", "Analysis", "analyses_from_data", "analyses_to_json", "analysis_items"]
+
+#: the fields that activation- and probe-space analyses add to their JSON, in order.
+SPACE_FIELDS: tuple[str, ...] = ("space", "tokens", "samples", "model", "data", "probe_scale")
+
+
+@dataclasses.dataclass
+class Analysis(PlotMethods):
+    """The spectra of one adapter checkpoint: one record per adapter module, and their summary.
+
+    In Jupyter it renders as an HTML table (``_repr_html_``); ``plot_spectrum``, ``plot_effective_rank``,
+    ``plot_utilization`` and ``plot_energy`` return matplotlib figures (see :mod:`nora_spectra.plots`).
+
+    Attributes:
+        checkpoint: the analysed path, as given.
+        format: checkpoint format detected by the reader (e.g. ``"peft"``).
+        method: ``"lora"``, ``"nora"`` or ``"mixed"``, as the reader reports it.
+        records: one dict per module, keys :data:`LAYER_COLUMNS` (activation and probe: plus ``space``
+            and ``tokens``; JSON field names, see docs/metrics.md).
+        summary: :func:`nora_spectra.summary.summarize` of ``records``.
+        config: the adapter config as read from disk (None for a bare weights file).
+        warnings: human-readable warnings (reader warnings first, then per-layer ones).
+        skipped: ``(tensor or module name, reason)`` for every tensor that is not an adapter pair.
+        collapse_threshold: the utilization below which a layer was flagged ``collapsed``.
+        adapter: the non-default adapter analysed (``--adapter NAME``, the sub-directory), or None for
+            the default one. ``checkpoint`` alone does not tell two adapters of one directory apart.
+        space: ``"weight"`` (the update's spectrum), ``"activation"`` or ``"probe"``.
+        tokens: rows the spectra were measured over (activation: real tokens; probe: Gaussian inputs).
+        samples: sequences run through the model (activation), 0 for the probe.
+        model: the base model's path or class name (activation).
+        data: the data file, or a description of in-memory data (activation).
+        probe_scale: the standard deviation of the Gaussian probe inputs (probe).
+    """
+
+    checkpoint: str
+    format: str
+    method: str
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    config: dict[str, Any] | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    collapse_threshold: float = DEFAULT_COLLAPSE_THRESHOLD
+    adapter: str | None = None
+    space: str = "weight"
+    tokens: int | None = None
+    samples: int | None = None
+    model: str | None = None
+    data: str | None = None
+    probe_scale: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        """One short line (the dataclass default printed every record with its singular values)."""
+        summary = self.summary or {}
+        mean_util = (((summary.get("metrics") or {}).get("utilization") or {}).get("mean"))
+        util = "None" if mean_util is None else f"{float(mean_util):.3f}"
+        adapter = "" if self.adapter is None else f", adapter={self.adapter!r}"
+        space = "" if self.space == "weight" else f", space={self.space!r}"
+        return (
+            f"Analysis(checkpoint={self.checkpoint!r}{adapter}, format={self.format!r}, method={self.method!r}"
+            f"{space}, layers={len(self.records)}, mean_utilization={util}, collapsed={summary.get('collapsed')})"
+        )
+
+    @property
+    def display_name(self) -> str:
+        """The checkpoint path, followed by `` (adapter NAME)`` when a non-default adapter was analysed."""
+        return self.checkpoint if self.adapter is None else f"{self.checkpoint} (adapter {self.adapter})"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The keys of this analysis's records (:data:`LAYER_COLUMNS`, plus ``space``/``tokens`` off weight space)."""
+        return LAYER_COLUMNS if self.space == "weight" else ACTIVATION_COLUMNS
+
+    def _repr_html_(self) -> str:
+        from nora_spectra.render.html import analysis_html
+
+        return analysis_html(self)
+
+    @property
+    def layers(self) -> "pd.DataFrame":
+        """The records as a pandas DataFrame with columns :attr:`columns` (one row per module).
+
+        ``shape`` and ``singular_values`` are list-valued columns; metrics of ``non_finite`` layers are
+        missing values. pandas is imported here, on first use.
+        """
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.records, columns=list(self.columns))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The strict-JSON form: ``checkpoint``, ``adapter``, ``format``, ``method``, ``layers``, ``summary``, extras.
+
+        ``adapter`` is the non-default adapter's name, or None for the default adapter.
+
+        Extras: ``collapse_threshold``, ``config``, ``warnings``, ``skipped`` (list of
+        ``{"name", "reason"}``) and ``nora_spectra_version``; off weight space also :data:`SPACE_FIELDS`.
+        Non-finite floats become None.
+        """
+        out = {
+            "checkpoint": self.checkpoint,
+            "adapter": self.adapter,
+            "format": self.format,
+            "method": self.method,
+            "layers": self.records,
+            "summary": self.summary,
+            "collapse_threshold": self.collapse_threshold,
+            "config": self.config,
+            "warnings": self.warnings,
+            "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
+            "nora_spectra_version": package_version(),
+        }
+        if self.space != "weight":
+            out.update({name: getattr(self, name) for name in SPACE_FIELDS})
+        return to_jsonable(out)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` serialised as strict JSON (``allow_nan=False``)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Analysis":
+        """Rebuild an Analysis from :meth:`to_dict` output (e.g. a stored baseline).
+
+        Raises:
+            UsageError: when ``data`` is not an analysis object (no ``layers`` list).
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("layers"), list):
+            raise UsageError("not a spectra analysis: expected a JSON object with a 'layers' list")
+        records = [dict(rec) for rec in data["layers"]]
+        summary = data.get("summary")
+        skipped = [(item.get("name", ""), item.get("reason", "")) for item in data.get("skipped") or []]
+        adapter = data.get("adapter")  # absent from analyses written before the field existed
+        space = {name: data.get(name) for name in SPACE_FIELDS if data.get(name) is not None}
+        return cls(
+            checkpoint=str(data.get("checkpoint", "")),
+            format=str(data.get("format", "")),
+            method=str(data.get("method", "")),
+            records=records,
+            summary=dict(summary) if isinstance(summary, Mapping) else summarize(records),
+            config=data.get("config"),
+            warnings=list(data.get("warnings") or []),
+            skipped=skipped,
+            collapse_threshold=float(data.get("collapse_threshold", DEFAULT_COLLAPSE_THRESHOLD)),
+            adapter=None if adapter is None else str(adapter),
+            **space,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Analysis":
+        """Rebuild an Analysis from :meth:`to_json` text.
+
+        Raises:
+            UsageError: when ``text`` is not JSON or not an analysis object.
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"not a spectra analysis: invalid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+def analysis_items(data: Any) -> list[Any]:
+    """The per-checkpoint objects of parsed ``spectra analyze --format json`` output (one, or ``checkpoints``).
+
+    Raises:
+        UsageError: ``{"checkpoints": ...}`` is not a non-empty list.
+    """
+    several = isinstance(data, Mapping) and "checkpoints" in data and "layers" not in data
+    items = data["checkpoints"] if several else [data]
+    if not isinstance(items, list) or not items:
+        raise UsageError("not a spectra analysis: 'checkpoints' must be a non-empty list of analyses")
+    return items
+
+
+def analyses_from_data(data: Any) -> list[Analysis]:
+    """The analyses in parsed ``spectra analyze --format json`` output: one object, or ``{"checkpoints": [...]}``.
+
+    Raises:
+        UsageError: ``data`` holds no analysis (the message starts "not a spectra analysis").
+    """
+    return [Analysis.from_dict(item) for item in analysis_items(data)]
+
+
+def analyses_to_json(analyses: Union[Analysis, Sequence[Analysis]], *, indent: int | None = 2) -> str:
+    """The JSON ``spectra analyze --format json`` writes: one analysis's object, or ``{"checkpoints": [...]}``
+    for a list (newline-terminated, strict)."""
+    several = isinstance(analyses, (list, tuple))
+    items = list(analyses) if several else [analyses]
+    return json_text([a.to_dict() for a in items], several=several, indent=indent)

@@ -1,0 +1,159 @@
+"""The shape of nora_spectra's data: record columns, statuses, spaces and shared defaults.
+
+Every layer of the package imports its constants from here (this module imports nothing of the
+package), so a column list or a default such as the collapse threshold is written exactly once.
+Formulas and the meaning of each field: ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from nora_core.jsonable import to_jsonable
+
+__all__ = [
+    "ACTIVATION_COLUMNS",
+    "AVERAGED_STATUSES",
+    "COMPARED_METRICS",
+    "COMPARISON_GROUP_COLUMNS",
+    "COMPARISON_ROW_COLUMNS",
+    "DEFAULT_COLLAPSE_THRESHOLD",
+    "DEFAULT_PROBE_SAMPLES",
+    "LAYER_COLUMNS",
+    "SPACES",
+    "SPACE_COLUMNS",
+    "STATUSES",
+    "SUMMARY_METRICS",
+    "json_text",
+    "layer_index",
+    "module_type",
+    "to_jsonable",
+]
+
+#: A layer whose utilization (effective_rank / r) is below this is flagged ``collapsed``.
+DEFAULT_COLLAPSE_THRESHOLD = 0.25
+
+#: Gaussian inputs per layer of a probe-space spectrum (``--probe-samples``).
+DEFAULT_PROBE_SAMPLES = 4096
+
+#: the spaces a spectrum can be measured in (``analyze(..., space=...)``).
+SPACES: tuple[str, ...] = ("weight", "activation", "probe")
+
+#: keys of every weight-space layer record and columns of ``Analysis.layers``, in order.
+LAYER_COLUMNS: tuple[str, ...] = (
+    "module",
+    "module_type",
+    "layer_index",
+    "kind",
+    "layer_type",
+    "dtype",
+    "rank",
+    "scale",
+    "shape",
+    "status",
+    "collapsed",
+    "effective_rank",
+    "utilization",
+    "stable_rank",
+    "energy_rank_90",
+    "energy_rank_99",
+    "numerical_rank",
+    "spectral_entropy",
+    "participation_ratio",
+    "sigma_max",
+    "frobenius_norm",
+    "tail_energy",
+    "singular_values",
+)
+
+#: the columns activation- and probe-space records add after :data:`LAYER_COLUMNS`.
+SPACE_COLUMNS: tuple[str, ...] = ("space", "tokens")
+
+#: keys of an activation- or probe-space record.
+ACTIVATION_COLUMNS: tuple[str, ...] = LAYER_COLUMNS + SPACE_COLUMNS
+
+#: every status a layer record can carry, in display order.
+STATUSES: tuple[str, ...] = ("ok", "dora_direction_only", "zero", "non_finite")
+
+#: statuses whose metrics enter means, medians and weighted means.
+AVERAGED_STATUSES: frozenset[str] = frozenset({"ok", "dora_direction_only", "zero"})
+
+#: per-layer metrics summarised (in this order).
+SUMMARY_METRICS: tuple[str, ...] = (
+    "effective_rank",
+    "utilization",
+    "stable_rank",
+    "energy_rank_90",
+    "tail_energy",
+    "spectral_entropy",
+)
+
+#: per-module metrics compared (values copied from the records; ``d_<name>`` is the difference).
+COMPARED_METRICS: tuple[str, ...] = ("effective_rank", "utilization", "sigma_max")
+
+#: columns of ``Comparison.table`` (one row per module and checkpoint), in order.
+COMPARISON_ROW_COLUMNS: tuple[str, ...] = (
+    "module",
+    "module_type",
+    "layer_index",
+    "label",
+    "present",
+    "kind",
+    "rank",
+    "rank_differs",
+    "status",
+    "collapsed",
+    "effective_rank",
+    "utilization",
+    "sigma_max",
+    "d_effective_rank",
+    "d_utilization",
+    "d_sigma_max",
+)
+
+#: columns of the group tables (by module type, by layer), in order.
+COMPARISON_GROUP_COLUMNS: tuple[str, ...] = (
+    "group",
+    "label",
+    "layers",
+    "analysed",
+    "collapsed",
+    "mean_effective_rank",
+    "mean_utilization",
+    "weighted_utilization",
+    "d_mean_effective_rank",
+    "d_mean_utilization",
+    "d_weighted_utilization",
+)
+
+_INTEGER = re.compile(r"^\d+$")
+
+
+def module_type(module: str) -> str:
+    """The last dotted component of a module name: ``model.layers.3.self_attn.q_proj`` -> ``q_proj``."""
+    return module.rsplit(".", 1)[-1]
+
+
+def layer_index(module: str) -> int | None:
+    """The first all-digit dotted component of a module name (``model.layers.3.mlp.up_proj`` -> 3), else None."""
+    for part in module.split("."):
+        if _INTEGER.match(part):
+            return int(part)
+    return None
+
+
+def json_text(items: list[dict[str, Any]], *, several: bool, indent: int | None = 2) -> str:
+    """The JSON document of one or several analyses: the object itself, or ``{"checkpoints": [...]}``.
+
+    Args:
+        items: the analyses' ``to_dict()`` forms.
+        several: nest them under ``"checkpoints"`` (also for a list of one).
+        indent: JSON indentation.
+
+    Returns:
+        Strict JSON (``allow_nan=False``), newline-terminated.
+    """
+    data: Any = {"checkpoints": items} if several else items[0]
+    return json.dumps(data, indent=indent, allow_nan=False) + "\n"

@@ -1,0 +1,328 @@
+"""Activation-space spectra: the SVD of an adapter branch's centred outputs over real inputs.
+
+A NoRA branch ``dY = s B act(A x)`` is non-linear and has no single update matrix, so the NoRA paper
+measures its spectrum in *activation space*: run the adapted model in eval mode over ``samples``
+training examples, capture every branch's output ``dY`` (tokens x d_out), centre each column (subtract
+its mean over tokens) and take the singular values. This module does that without ever forming ``dY``:
+
+* With ``H`` (tokens x r) the branch hidden (LoRA ``A x``, NoRA ``act(A x)``; dropout is off in eval
+  mode), ``dY = s H B^T`` and the centred ``dY_c = s H_c B^T`` with ``H_c = H - 1 mean(H)``.
+* ``H_c`` is reduced on the fly to its ``r x r`` triangular factor ``R`` (``H_c = Q R``, Householder QR
+  per batch, batches merged with the exact pooled-scatter update, so memory is ``O(r^2)`` per layer
+  whatever the number of tokens, and the condition number is never squared):
+  :class:`nora_spectra.spaces.centred.CentredFactor`.
+* Then ``sigma(dY_c) = sigma(s B H_c^T) = sigma(s B R^T)``, computed by THE spectrum function
+  :func:`nora_spectra.spectrum.adapter_singular_values` ``(R^T, B, s)``; metrics by
+  :func:`nora_spectra.metrics.spectrum_metrics`.
+
+Records have the weight-space fields (:data:`nora_spectra.schema.LAYER_COLUMNS`) plus ``"space":
+"activation"`` and ``"tokens"``; ``shape`` is ``[d_out, tokens]``, the shape of ``dY_c^T``. Singular
+values are those of the centred ``dY`` as is (they grow like ``sqrt(tokens)``); every rank metric is
+scale-invariant. See ``docs/activation.md``.
+
+torch is imported only when a model is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+
+from nora_spectra.errors import CheckpointError, UsageError
+from nora_spectra.schema import ACTIVATION_COLUMNS
+from nora_spectra.spaces import LayerSpectrum, Report, SourceInfo, source_info
+from nora_spectra.spaces.centred import CentredFactor, centred_spectrum
+from nora_spectra.spaces.selection import select_layers
+from nora_spectra.spectrum import NonFiniteFactorsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from nora_spectra.model_loading import LoadedModel
+
+__all__ = ["OPTIONS", "ActivationRun", "prepare"]
+
+log = logging.getLogger(__name__)
+
+#: keyword options of this space.
+OPTIONS = ("model", "data", "samples", "layers", "batch_size", "tokenizer", "max_length")
+
+DataArg = Union[str, "os.PathLike[str]", Any]
+
+
+# --------------------------------------------------------------------------- running the model
+def _token_batches(dataset: Any, samples: int, batch_size: int) -> Iterable[tuple["torch.Tensor", "torch.Tensor"]]:
+    """``(input_ids (b, L), mask (b, L) bool)`` for the first ``samples`` rows, real tokens masked in."""
+    import torch
+
+    n = min(samples, len(dataset))
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n))
+        ids, _labels = dataset.batch(idx)
+        mask = torch.arange(ids.shape[1])[None, :] < dataset.lengths[idx][:, None]
+        yield ids, mask
+
+
+def _as_dataset(data: DataArg, loaded: "LoadedModel") -> tuple[Any, str]:
+    """A ``TokenDataset`` from a JSONL path, a TokenDataset or an (N, T) id tensor; and its description."""
+    import torch
+
+    from nora_core.data import DataFormatError, TokenDataset, load_dataset
+
+    if isinstance(data, TokenDataset):
+        return data, f"<TokenDataset of {len(data)}>"
+    if isinstance(data, (str, os.PathLike)):
+        if loaded.tokenizer is None:
+            raise UsageError(f"{loaded.source}: the model has no tokenizer; pass tokenizer=... or token ids as data")
+        try:
+            dataset = load_dataset(data, loaded.tokenizer, max_length=loaded.max_length)
+        except FileNotFoundError:
+            raise UsageError(f"{os.fspath(data)}: data file not found") from None
+        except (DataFormatError, ValueError) as exc:
+            message = str(exc)
+            if not message.startswith(os.fspath(data)):
+                message = f"{os.fspath(data)}: {message}"
+            raise UsageError(message) from None
+        return dataset, os.fspath(data)
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        ids = torch.as_tensor(data, dtype=torch.long)
+        if ids.ndim != 2:
+            raise UsageError(f"data ids must be (N, T), got shape {tuple(ids.shape)}")
+        lengths = torch.full((ids.shape[0],), ids.shape[1])
+        return TokenDataset(ids, ids.clone(), lengths), f"<ids {tuple(ids.shape)}>"
+    raise UsageError(f"data must be a JSONL path, a TokenDataset or an (N, T) id tensor, got {type(data).__name__}")
+
+
+def _capture(
+    loaded: "LoadedModel",
+    layers: Mapping[str, Any],
+    batches: Iterable[tuple["torch.Tensor", "torch.Tensor"]],
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, CentredFactor]:
+    """Run the model over ``batches`` in eval mode and stream each selected branch's hidden into a factor."""
+    import torch
+
+    factors = {name: CentredFactor(layer.r) for name, layer in layers.items()}
+    state: dict[str, Any] = {"mask": None, "warned": False}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+            with torch.no_grad():
+                h = module.adapter_hidden(x)  # (..., r)
+            mask = state["mask"]
+            if mask is not None and tuple(h.shape[:-1]) == tuple(mask.shape):
+                h = h[mask.to(h.device)]  # (real tokens, r)
+            elif mask is not None and not state["warned"]:
+                state["warned"] = True
+                log.warning("adapter input of shape %s does not match the token mask; using every row", tuple(h.shape))
+            factors[name].update(h.detach().reshape(-1, h.shape[-1]).to("cpu", torch.float64).numpy())
+
+        return hook
+
+    model = loaded.model
+    was_training = {m: m.training for m in model.modules()}
+    handles = [layer.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, layer in layers.items()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            for ids, mask in batches:
+                state["mask"] = mask
+                loaded.forward(ids, mask)
+                if progress is not None:
+                    progress(int(ids.shape[0]))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in was_training.items():
+            module.training = training
+    return factors
+
+
+def _load_adapter_into(module: "nn.Module", path: "str | os.PathLike[str]") -> bool:
+    """Inject the adapter at ``path`` into the plain ``module``; True when injected (to unload later)."""
+    from nora_core.checkpoint import load_adapter
+    from nora_core.inject import adapter_layers
+
+    if any(True for _ in adapter_layers(module)):
+        raise UsageError("the base model already holds adapters; pass a plain model with a checkpoint path")
+    try:
+        load_adapter(module, path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(path, str(exc)) from None
+    except ValueError as exc:
+        raise CheckpointError(path, f"does not fit the model: {exc}") from None
+    return True
+
+
+class ActivationRun:
+    """The activation-space measurement: a model holding the adapters, data, and the layers to measure."""
+
+    columns = ACTIVATION_COLUMNS
+    unit = "sample"
+    desc = "activations"
+
+    def __init__(
+        self,
+        loaded: "LoadedModel",
+        selected: dict[str, Any],
+        dataset: Any,
+        data_desc: str,
+        samples: int,
+        batch_size: int,
+        info: SourceInfo,
+        injected: bool,
+    ) -> None:
+        self.loaded = loaded
+        self.selected = selected
+        self.dataset = dataset
+        self.data_desc = data_desc
+        self.total = samples
+        self.batch_size = batch_size
+        self.info = info
+        self.injected = injected
+        self.tokens = 0
+
+    def layers(self, report: Report | None) -> Iterator[LayerSpectrum]:
+        done = [0]
+
+        def on_batch(k: int) -> None:
+            done[0] += k
+            report(done[0], self.total, "samples")  # type: ignore[misc]
+
+        batches = _token_batches(self.dataset, self.total, self.batch_size)
+        factors = _capture(self.loaded, self.selected, batches, on_batch if report else None)
+        self.tokens = max((f.n for f in factors.values()), default=0)
+        top_rank = max(layer.r for layer in self.selected.values())
+        if self.tokens < top_rank:
+            self.info.warnings.append(
+                f"only {self.tokens} tokens for rank up to {top_rank}: "
+                "the activation spectrum cannot exceed the token count minus one"
+            )
+        kinds = {layer.method for layer in self.selected.values()}
+        if not self.info.method:
+            self.info.method = kinds.pop() if len(kinds) == 1 else "mixed"
+        for name, layer in self.selected.items():
+            factor = factors[name]
+            B = layer.lora_B.weight.detach().to("cpu").double().numpy()
+            try:
+                sigma = centred_spectrum(factor, B, layer.scaling)
+            except NonFiniteFactorsError:
+                sigma = None
+            identity = {
+                "module": name,
+                "kind": layer.method,
+                "layer_type": "linear",
+                "dtype": str(layer.lora_A.weight.dtype).removeprefix("torch."),
+                "rank": layer.r,
+                "scale": float(layer.scaling),
+                "shape": (layer.out_features, factor.n),
+                "space": "activation",
+                "tokens": int(factor.n),
+            }
+            yield LayerSpectrum(identity, sigma)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "samples": self.total,
+            "model": self.loaded.source,
+            "data": self.data_desc,
+            "probe_scale": None,
+        }
+
+    def close(self) -> None:
+        """Remove the adapters injected from a checkpoint path (the caller's model is left as given)."""
+        if self.injected:
+            from nora_core.inject import unload
+
+            unload(self.loaded.model)
+            self.injected = False
+
+
+def prepare(
+    source: "str | os.PathLike[str] | nn.Module",
+    *,
+    model: "str | os.PathLike[str] | nn.Module | LoadedModel | None" = None,
+    data: DataArg = None,
+    samples: int = 128,
+    layers: Sequence[Any] | str | None = None,
+    batch_size: int = 8,
+    tokenizer: Any | None = None,
+    max_length: int | None = None,
+) -> ActivationRun:
+    """Load the model, inject the adapter, read the data and select the layers.
+
+    Args:
+        source: an adapter checkpoint directory (loaded into ``model`` with :func:`nora_core.load_adapter`,
+            and removed again by :meth:`ActivationRun.close`), or an ``nn.Module`` that already holds
+            ``AdapterLinear`` layers (then ``model`` must be None).
+        model: the base model: a directory (see :func:`nora_spectra.model_loading.load_model`), an
+            ``nn.Module`` without adapters, or a ``LoadedModel``. Required with a checkpoint path.
+        data: a JSONL file (any format of :mod:`nora_core.data`), a ``TokenDataset``, or an ``(N, T)``
+            tensor of token ids (every position real).
+        samples: number of sequences (the first ones) to run; the paper uses 128.
+        layers: which adapter modules to measure, see :func:`select_layers` (paper: ``"last:5"``).
+        batch_size: sequences per forward pass.
+        tokenizer: overrides the model's tokenizer when ``data`` is a path.
+        max_length: longest tokenised sequence; default the model's limit (at most 512).
+
+    Raises:
+        CheckpointError: the checkpoint or model path is missing or malformed.
+        UsageError: bad options (no model, no data, no adapters, nothing selected, unreadable data).
+    """
+    from nora_core.inject import adapter_layers
+    from nora_spectra.model_loading import LoadedModel, as_loaded_model
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UsageError(f"samples must be >= 1, got {samples}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    from_path = isinstance(source, (str, os.PathLike))
+    if from_path and (model is None or data is None):
+        raise UsageError("--space activation needs --model MODEL and --data FILE")
+    if data is None:
+        raise UsageError("activation space needs data (--data FILE)")
+    injected = False
+    if from_path:
+        from nora_spectra.io import load_checkpoint
+
+        checkpoint = load_checkpoint(source)
+        info = source_info(checkpoint)
+        info.checkpoint = os.fspath(source)
+        info.adapter = None
+        info.skipped = []
+        loaded = as_loaded_model(model)
+        injected = _load_adapter_into(loaded.model, source)
+    else:
+        if model is not None:
+            raise UsageError("pass either a checkpoint path with model=..., or a model holding adapters, not both")
+        loaded = as_loaded_model(source)
+        info = SourceInfo(checkpoint="<in-memory model>", format="in-memory", method="")
+    try:
+        if tokenizer is not None:
+            loaded = dataclasses.replace(loaded, tokenizer=tokenizer)
+        if max_length is not None:
+            loaded = dataclasses.replace(loaded, max_length=int(max_length))
+        assert isinstance(loaded, LoadedModel)
+        all_layers = dict(adapter_layers(loaded.model))
+        if not all_layers:
+            raise UsageError("the model holds no adapter layers (AdapterLinear) to measure")
+        names = select_layers(list(all_layers), layers)
+        dataset, data_desc = _as_dataset(data, loaded)
+        n_samples = min(samples, len(dataset))
+        if n_samples < samples:
+            info.warnings.append(f"asked for {samples} samples but the data holds {len(dataset)}; used {n_samples}")
+    except BaseException:
+        if injected:
+            from nora_core.inject import unload
+
+            unload(loaded.model)
+        raise
+    selected = {name: all_layers[name] for name in names}
+    return ActivationRun(loaded, selected, dataset, data_desc, n_samples, batch_size, info, injected)
