@@ -22,9 +22,19 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
-from nora_spectra.analysis import Analysis, analyses_from_data, analyze, layer_index, module_type, to_jsonable
+from nora_spectra.analysis import analyze
 from nora_spectra.errors import CheckpointError, UsageError
-from nora_spectra.plots import PlotMethods
+from nora_spectra.labels import analysis_labels, default_labels
+from nora_spectra.plot_methods import PlotMethods
+from nora_spectra.result import Analysis, analyses_from_data
+from nora_spectra.schema import (
+    COMPARED_METRICS,
+    COMPARISON_GROUP_COLUMNS,
+    COMPARISON_ROW_COLUMNS,
+    layer_index,
+    module_type,
+    to_jsonable,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -40,43 +50,8 @@ __all__ = [
     "load_analyses",
 ]
 
-#: per-module metrics compared (values copied from the records; ``d_<name>`` is the difference).
-COMPARED_METRICS: tuple[str, ...] = ("effective_rank", "utilization", "sigma_max")
-
-#: columns of :attr:`Comparison.table` (one row per module and checkpoint), in order.
-ROW_COLUMNS: tuple[str, ...] = (
-    "module",
-    "module_type",
-    "layer_index",
-    "label",
-    "present",
-    "kind",
-    "rank",
-    "rank_differs",
-    "status",
-    "collapsed",
-    "effective_rank",
-    "utilization",
-    "sigma_max",
-    "d_effective_rank",
-    "d_utilization",
-    "d_sigma_max",
-)
-
-#: columns of the group tables (by module type, by layer), in order.
-GROUP_COLUMNS: tuple[str, ...] = (
-    "group",
-    "label",
-    "layers",
-    "analysed",
-    "collapsed",
-    "mean_effective_rank",
-    "mean_utilization",
-    "weighted_utilization",
-    "d_mean_effective_rank",
-    "d_mean_utilization",
-    "d_weighted_utilization",
-)
+#: per-module metrics compared; columns of :attr:`Comparison.table` and of the group tables.
+COMPARED_METRICS, ROW_COLUMNS, GROUP_COLUMNS = COMPARED_METRICS, COMPARISON_ROW_COLUMNS, COMPARISON_GROUP_COLUMNS
 
 #: group column -> (metric, statistic) in an analysis summary group.
 _GROUP_STATS: dict[str, tuple[str, str]] = {
@@ -92,46 +67,6 @@ def _difference(value: Any, reference: Any) -> float | None:
     if value is None or reference is None or isinstance(value, bool) or isinstance(reference, bool):
         return None
     return float(value) - float(reference)
-
-
-def default_labels(names: Sequence[str], adapters: Sequence[str | None] | None = None) -> list[str]:
-    """Short, unique labels for checkpoint paths: the last path component, more when names collide.
-
-    Args:
-        names: checkpoint paths (as strings).
-        adapters: per name, the non-default adapter analysed (or None); it is appended as
-            ``/NAME``, so ``multi`` with adapter ``code`` is labelled ``multi/code``.
-
-    Returns:
-        One label per name, in order; ``#2``, ``#3``... is appended to identical labels.
-    """
-    adapters = list(adapters) if adapters is not None else [None] * len(names)
-    if len(adapters) != len(names):
-        raise ValueError(f"got {len(adapters)} adapters for {len(names)} checkpoints")
-    distinct = list(dict.fromkeys(os.path.normpath(name or "checkpoint") for name in names))
-    paths = [Path(name) for name in distinct]
-    parts = [p.parts[len(p.anchor and [p.anchor]) :] or ("checkpoint",) for p in paths]
-    short: dict[str, str] = {}
-    for name, p in zip(distinct, parts):
-        depth = 1
-        while depth < len(p) and sum(1 for q in parts if q[-depth:] == p[-depth:]) > 1:
-            depth += 1
-        short[name] = "/".join(p[-depth:])
-    labels = [
-        short[os.path.normpath(name or "checkpoint")] + (f"/{adapter}" if adapter else "")
-        for name, adapter in zip(names, adapters)
-    ]
-    seen: dict[str, int] = {}
-    unique = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        unique.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
-    return unique
-
-
-def analysis_labels(analyses: Sequence[Analysis]) -> list[str]:
-    """:func:`default_labels` of analyses: their checkpoint paths, with ``/ADAPTER`` for non-default adapters."""
-    return default_labels([a.checkpoint for a in analyses], [getattr(a, "adapter", None) for a in analyses])
 
 
 def load_analyses(path: "str | os.PathLike[str]", **analyze_options: Any) -> list[Analysis]:

@@ -18,20 +18,22 @@ gate                        scope       fails when
 
 A value equal to its limit passes. A ``non_finite`` layer gets one failing ``finite`` outcome and no
 other per-module outcome (its metrics are undefined). Missing or new modules that do not fail are
-reported in :attr:`CheckResult.notes`. Rendering lives in :mod:`nora_spectra.render.check_report`.
+reported in :attr:`CheckResult.notes`. Baseline files are read and paired by :mod:`nora_spectra.baseline`;
+settings come from :mod:`nora_spectra.check_config`; rendering lives in :mod:`nora_spectra.render.check_report`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
-from nora_spectra.analysis import Analysis, analysis_items, analyze
+from nora_spectra.analysis import analyze
+from nora_spectra.baseline import load_baseline, match_baseline
 from nora_spectra.check_config import CheckSettings, Override, parse_overrides
 from nora_spectra.errors import UsageError
+from nora_spectra.result import Analysis
+from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD
 
 __all__ = [
     "CHECKPOINT_SCOPE",
@@ -41,9 +43,6 @@ __all__ = [
     "analyze_paths",
     "check",
     "evaluate",
-    "load_baseline",
-    "match_baseline",
-    "write_baseline",
 ]
 
 #: every gate name, in report order.
@@ -154,107 +153,6 @@ def _pair(value: float, limit: float) -> tuple[str, str]:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.3g}%"
-
-
-# --------------------------------------------------------------------------------------------------
-# baselines
-
-
-def load_baseline(path: str | os.PathLike[str]) -> list[Analysis]:
-    """Read a baseline: the JSON ``spectra analyze --format json`` writes (one object, or ``checkpoints``).
-
-    Raises:
-        UsageError: the file is missing, not JSON, or not an analysis (the message names the file).
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: baseline not found (create it with --update-baseline)") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read baseline: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: baseline is not valid JSON ({exc})") from None
-    try:
-        items = analysis_items(data)
-        analyses = [Analysis.from_dict(item) for item in items]
-    except UsageError as exc:
-        raise UsageError(f"{path}: baseline is {exc}") from None
-    for item in items:
-        space = item.get("space", "weight")
-        if space != "weight":
-            raise UsageError(
-                f"{path}: baseline holds {space}-space spectra; spectra check gates weight-space analyses "
-                "(write the baseline with plain 'spectra analyze --format json' or --update-baseline)"
-            )
-    return analyses
-
-
-def write_baseline(path: str | os.PathLike[str], analyses: Sequence[Analysis]) -> None:
-    """Write ``analyses`` atomically as ``spectra analyze --format json`` would (one: the object).
-
-    The baseline's directory is created when missing (as ``--junit`` does for its report).
-
-    Raises:
-        UsageError: the baseline cannot be written.
-    """
-    from nora_core.atomic import atomic_write_text
-    from nora_spectra.render.text_formats import render_json
-
-    text = render_json(analyses[0] if len(analyses) == 1 else list(analyses))
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text)
-    except OSError as exc:
-        raise UsageError(f"{os.fspath(path)}: cannot write baseline: {exc.strerror or exc}") from None
-
-
-def match_baseline(
-    analyses: Sequence[Analysis], baselines: Sequence[Analysis], notes: list[tuple[str, str]] | None = None
-) -> list[Analysis]:
-    """Pair each analysis with its baseline.
-
-    Rules, in order: a baseline with one checkpoint serves every analysis; otherwise the baseline entry
-    with the same ``checkpoint`` path (both resolved with :func:`os.path.realpath` against the current
-    directory, so ``runs/a`` and ``$PWD/runs/a`` pair up) and the same ``adapter`` (None, the default
-    adapter, for baselines written before the field existed); otherwise, when both lists have the same
-    length, the entry at the same position, with a note in ``notes`` saying so.
-
-    Raises:
-        UsageError: an analysis has no baseline entry.
-    """
-    if len(baselines) == 1:
-        return [baselines[0]] * len(analyses)
-    by_key = {_baseline_key(b): b for b in baselines}
-    matched = []
-    for i, analysis in enumerate(analyses):
-        key = _baseline_key(analysis)
-        if key in by_key:
-            matched.append(by_key[key])
-        elif len(analyses) == len(baselines):
-            matched.append(baselines[i])
-            if notes is not None:
-                notes.append((
-                    analysis.checkpoint,
-                    f"no baseline entry with this path; compared by position with entry {i + 1}, "
-                    f"{_describe(baselines[i])}",
-                ))
-        else:
-            known = ", ".join(_describe(b) for b in baselines)
-            raise UsageError(f"baseline has no entry for checkpoint {_describe(analysis)} (it holds: {known})")
-    return matched
-
-
-def _baseline_key(analysis: Analysis) -> tuple[str, str | None]:
-    return os.path.realpath(analysis.checkpoint), getattr(analysis, "adapter", None)
-
-
-def _describe(analysis: Analysis) -> str:
-    adapter = getattr(analysis, "adapter", None)
-    return repr(analysis.checkpoint) + (f" (adapter {adapter})" if adapter else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,7 +321,7 @@ def check(
     overrides: Sequence[Override | Mapping[str, Any]] = (),
     fail_on_missing: bool = True,
     fail_on_new: bool = False,
-    collapse_threshold: float = 0.25,
+    collapse_threshold: float = DEFAULT_COLLAPSE_THRESHOLD,
     adapter: str | None = None,
     settings: CheckSettings | None = None,
 ) -> CheckResult:

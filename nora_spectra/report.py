@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nora_spectra._text import package_version
-from nora_spectra.analysis import Analysis
-from nora_spectra.comparison import Comparison, analysis_labels, compare, load_analyses
+from nora_spectra.comparison import Comparison, compare, load_analyses
 from nora_spectra.errors import CheckpointError, UsageError
+from nora_spectra.labels import analysis_labels
+from nora_spectra.outputs import check_writable, write_output
+from nora_spectra.result import Analysis
 
 __all__ = [
     "METRICS_NAME",
@@ -110,6 +112,7 @@ class ReportData:
         warnings: collapse warnings first, then the analyses' own warnings, then comparison notes:
             dicts ``{"label", "kind", "message", "modules"}`` (``kind`` in collapse, warning, note).
         figures: the plots, in display order.
+        summary: one row per checkpoint for the summary table (:func:`summary_rows`).
     """
 
     title: str
@@ -121,6 +124,7 @@ class ReportData:
     runs: list[RunData]
     warnings: list[dict[str, Any]]
     figures: list[ReportFigure]
+    summary: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def checkpoints(self) -> list[tuple[str, Analysis]]:
@@ -214,10 +218,10 @@ def collapse_warnings(labels: Sequence[str], analyses: Sequence[Analysis], compa
     return out
 
 
-def summary_rows(data: ReportData) -> list[dict[str, Any]]:
+def summary_rows(labels: Sequence[str], analyses: Sequence[Analysis]) -> list[dict[str, Any]]:
     """One row per checkpoint for the summary table, values read from each analysis's summary."""
     rows = []
-    for label, analysis in data.checkpoints:
+    for label, analysis in zip(labels, analyses):
         s = analysis.summary
         erank, util = s["metrics"]["effective_rank"], s["metrics"]["utilization"]
         rows.append(
@@ -372,6 +376,7 @@ def build_report(
         runs=runs,
         warnings=collapse_warnings(final, analyses, comparison),
         figures=_figures(final, analyses, runs, dpi),
+        summary=summary_rows(final, analyses),
     )
 
 
@@ -387,38 +392,28 @@ def _format_of(output: Path, fmt: str | None) -> str:
 
 
 def write_report(data: ReportData, output: "str | os.PathLike[str]", *, fmt: str | None = None) -> Path:
-    """Render ``data`` and write it atomically.
+    """Render ``data`` and write it atomically (missing parent directories are created).
 
     HTML: one self-contained file. Markdown: ``output`` plus a folder ``<stem>_files/`` of PNGs next to it
     (images are written before the Markdown that links them).
 
     Raises:
-        UsageError: unknown format, or the output's directory does not exist.
+        UsageError: unknown format, or the report cannot be written.
     """
-    from nora_core.atomic import atomic_write_bytes, atomic_write_text
-
-    out = Path(output)
+    out = check_writable(output, "report")
     fmt = _format_of(out, fmt)
-    if not out.parent.is_dir():
-        raise UsageError(f"{out}: the output directory {out.parent} does not exist")
-    if out.is_dir():
-        raise UsageError(f"{out}: cannot write the report: it is a directory")
-    try:
-        if fmt == "html":
-            from nora_spectra.render.html import render_report_html
+    if fmt == "html":
+        from nora_spectra.render.html import render_report_html
 
-            atomic_write_text(out, render_report_html(data))
-            return out
-        from nora_spectra.render.markdown_report import render_report_markdown
+        write_output(out, render_report_html(data), "report")
+        return out
+    from nora_spectra.render.markdown_report import render_report_markdown
 
-        folder = out.with_name(f"{out.stem}_files")
-        text, images = render_report_markdown(data, folder.name)
-        folder.mkdir(exist_ok=True)
-        for name, png in images.items():
-            atomic_write_bytes(folder / name, png)
-        atomic_write_text(out, text)
-    except OSError as exc:
-        raise UsageError(f"{out}: cannot write the report: {exc.strerror or exc}") from None
+    folder = out.with_name(f"{out.stem}_files")
+    text, images = render_report_markdown(data, folder.name)
+    for name, png in images.items():
+        write_output(folder / name, png, "report image")
+    write_output(out, text, "report")
     return out
 
 
@@ -444,7 +439,7 @@ def report(
     Returns:
         The :class:`ReportData` that was written.
     """
-    out = Path(output)
+    out = check_writable(output, "report")
     _format_of(out, fmt)  # fail before the analysis work
     data = build_report(paths, labels=labels, title=title, **options)
     write_report(data, out, fmt=fmt)

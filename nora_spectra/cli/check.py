@@ -16,18 +16,6 @@ from nora_spectra.errors import UsageError
 __all__ = ["command"]
 
 
-def _write_report(path: str, text: str) -> None:
-    """Write a report file atomically, creating its directory."""
-    from nora_core.atomic import atomic_write_text
-
-    try:
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        atomic_write_text(path, text)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write report: {exc.strerror or exc}") from None
-
-
 def _github_default() -> bool:
     return os.environ.get("GITHUB_ACTIONS", "").lower() == "true"
 
@@ -81,8 +69,10 @@ def command(
 
     Exit codes: 0 every gate passed, 1 a gate failed, 2 usage or input error.
     """
-    from nora_spectra.gates import analyze_paths, evaluate, load_baseline, write_baseline
+    from nora_spectra.baseline import load_baseline, write_baseline
     from nora_spectra.check_config import resolve_settings
+    from nora_spectra.gates import analyze_paths, evaluate
+    from nora_spectra.outputs import write_output
     from nora_spectra.render import check_report
 
     flags = {
@@ -120,7 +110,7 @@ def command(
     else:
         click.echo(check_report.render_text(result, quiet=quiet), nl=False)
     if junit is not None:
-        _write_report(junit, check_report.render_junit(result))
+        write_output(junit, check_report.render_junit(result), "JUnit report")
     if github if github is not None else _github_default():
         # Annotations go with the text on stdout; beside JSON they go to stderr to keep stdout parseable.
         click.echo(check_report.render_github(result), nl=False, err=fmt == "json")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import click
 
+from nora_spectra.cli.analyze import format_in_option, write_result
 from nora_spectra.errors import UsageError
 from nora_spectra.render.comparison import COMPARISON_FORMATS, format_comparison
+from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD
 
 __all__ = ["command"]
 
@@ -20,7 +22,8 @@ __all__ = ["command"]
 @click.option("--format", "fmt", type=click.Choice(COMPARISON_FORMATS), default="table", show_default=True, help="Output format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the result to FILE (atomically).")
 @click.option("--adapter", metavar="NAME", help="Compare the non-default adapter NAME of each checkpoint.")
-@click.option("--collapse-threshold", type=float, default=0.25, show_default=True,
+@format_in_option
+@click.option("--collapse-threshold", type=float, default=DEFAULT_COLLAPSE_THRESHOLD, show_default=True,
               help="Flag a layer collapsed when effective_rank / r is below this.")
 @click.option("--by-layer", is_flag=True, help="Also summarise by layer index (table and markdown).")
 @click.option("-q", "--quiet", is_flag=True, help="No warnings or messages on stderr.")
@@ -30,6 +33,7 @@ def command(
     fmt: str,
     output: str | None,
     adapter: str | None,
+    format_in: str | None,
     collapse_threshold: float,
     by_layer: bool,
     quiet: bool,
@@ -41,12 +45,13 @@ def command(
     with their differences against A. Modules missing from some checkpoints are listed. Bad input
     exits with code 2 and one line on stderr.
     """
-    from nora_spectra.cli.analyze import write_result
     from nora_spectra.comparison import compare, load_analyses
 
     analyses = []
     for path in paths:
-        found = load_analyses(path, adapter=adapter, collapse_threshold=collapse_threshold, emit_warnings=False)
+        found = load_analyses(
+            path, adapter=adapter, format=format_in, collapse_threshold=collapse_threshold, emit_warnings=False
+        )
         if not quiet:
             for analysis in found:
                 for message in analysis.warnings:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import click
 
+from nora_spectra.cli.analyze import format_in_option
+from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD
+
 __all__ = ["command"]
 
 
@@ -20,7 +23,8 @@ __all__ = ["command"]
 @click.option("--labels", metavar="a,b,c", help="Comma-separated labels, one per PATH (default: path names).")
 @click.option("--title", help="Report title.", default=None)
 @click.option("--adapter", metavar="NAME", help="Use the non-default adapter NAME of each checkpoint.")
-@click.option("--collapse-threshold", type=float, default=0.25, show_default=True,
+@format_in_option
+@click.option("--collapse-threshold", type=float, default=DEFAULT_COLLAPSE_THRESHOLD, show_default=True,
               help="Flag a layer collapsed when effective_rank / r is below this.")
 @click.option("--dpi", type=click.IntRange(50, 300), default=100, show_default=True, help="Resolution of the plots.")
 @click.option("-q", "--quiet", is_flag=True, help="No messages on stderr.")
@@ -30,6 +34,7 @@ def command(
     labels: str | None,
     title: str | None,
     adapter: str | None,
+    format_in: str | None,
     collapse_threshold: float,
     dpi: int,
     quiet: bool,
@@ -43,6 +48,8 @@ def command(
     options = {"collapse_threshold": collapse_threshold, "dpi": dpi}
     if adapter is not None:
         options["adapter"] = adapter
+    if format_in is not None:
+        options["format"] = format_in
     data = report(list(paths), output, labels=names, title=title, **options)
     if not quiet:
         click.echo(

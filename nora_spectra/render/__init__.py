@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nora_spectra.analysis import Analysis
+    from nora_spectra.result import Analysis
 
 __all__ = ["FORMATS", "render"]
 

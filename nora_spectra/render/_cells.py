@@ -1,10 +1,13 @@
-"""Cell formatting shared by the text renderers (terminal table, Markdown): formatting only, no maths."""
+"""Cell formatting shared by the renderers (terminal table, CSV, Markdown, HTML): formatting only, no maths."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Sequence
 
-__all__ = ["COLUMN_SETS", "NUMERIC_KEYS", "Column", "cell", "layer_rows"]
+from nora_spectra.schema import to_jsonable
+
+__all__ = ["COLUMN_SETS", "NUMERIC_KEYS", "Column", "cell", "csv_cell", "layer_rows", "markdown_table", "signed"]
 
 #: (record key, header, formatter)
 Column = tuple[str, str, Callable[[Any], str]]
@@ -87,3 +90,33 @@ def cell(value: Any, digits: int = 3) -> str:
 def layer_rows(records: Sequence[dict[str, Any]], columns: Sequence[Column]) -> list[list[str]]:
     """Format each record into one row of strings, one cell per column."""
     return [[fmt(rec.get(key)) for key, _, fmt in columns] for rec in records]
+
+
+def signed(value: Any, digits: int) -> str:
+    """A difference with its sign (``+0.125``), or ``""`` when it is undefined."""
+    return "" if value is None else f"{float(value):+.{digits}f}"
+
+
+def csv_cell(value: Any) -> str:
+    """One CSV cell: empty for None, ``true``/``false``, floats by ``repr`` (they read back bit-exactly),
+    lists as compact JSON arrays."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return json.dumps(to_jsonable(value), allow_nan=False, separators=(",", ":"))
+    return str(value)
+
+
+def _md_escape(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table of already-formatted cells (``|`` escaped, newlines flattened)."""
+    lines = ["| " + " | ".join(_md_escape(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines.extend("| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows)
+    return "\n".join(lines)

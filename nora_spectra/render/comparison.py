@@ -13,6 +13,8 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from nora_spectra.errors import UsageError
+from nora_spectra.render._cells import csv_cell, markdown_table, signed
+from nora_spectra.schema import COMPARISON_ROW_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.comparison import Comparison
@@ -24,10 +26,6 @@ COMPARISON_FORMATS = ("table", "json", "csv", "markdown")
 
 def _num(value: Any, digits: int) -> str:
     return "-" if value is None else f"{float(value):.{digits}f}"
-
-
-def _delta(value: Any, digits: int) -> str:
-    return "" if value is None else f"{float(value):+.{digits}f}"
 
 
 def _module_grid(comparison: "Comparison") -> tuple[list[str], list[list[str]]]:
@@ -44,9 +42,9 @@ def _module_grid(comparison: "Comparison") -> tuple[list[str], list[list[str]]]:
         r = per[module]
         line = [module] + [str(r[lab]["rank"]) if r[lab]["present"] else "absent" for lab in labels]
         line += [_num(r[lab]["effective_rank"], 2) for lab in labels]
-        line += [_delta(r[lab]["d_effective_rank"], 2) for lab in others]
+        line += [signed(r[lab]["d_effective_rank"], 2) for lab in others]
         line += [_num(r[lab]["utilization"], 3) for lab in labels]
-        line += [_delta(r[lab]["d_utilization"], 3) for lab in others]
+        line += [signed(r[lab]["d_utilization"], 3) for lab in others]
         line += ["-" if r[lab]["sigma_max"] is None else f"{float(r[lab]['sigma_max']):.4g}" for lab in labels]
         line += ["" if r[lab]["d_sigma_max"] is None else f"{float(r[lab]['d_sigma_max']):+.4g}" for lab in others]
         rows.append(line)
@@ -57,7 +55,7 @@ def _group_grid(comparison: "Comparison", key: str) -> tuple[list[str], list[lis
     headers = ["group", "checkpoint", "layers", "mean erank", "Δ", "mean util", "Δ", "weighted util", "collapsed"]
     rows = [
         [str(g["group"]), g["label"], str(g["layers"]), _num(g["mean_effective_rank"], 2),
-         _delta(g["d_mean_effective_rank"], 2), _num(g["mean_utilization"], 3), _delta(g["d_mean_utilization"], 3),
+         signed(g["d_mean_effective_rank"], 2), _num(g["mean_utilization"], 3), signed(g["d_mean_utilization"], 3),
          _num(g["weighted_utilization"], 3), str(g["collapsed"])]
         for g in getattr(comparison, key)
     ]
@@ -98,7 +96,6 @@ def _table(comparison: "Comparison", by_layer: bool) -> str:
 
 
 def _markdown(comparison: "Comparison", by_layer: bool) -> str:
-    from nora_spectra.render.markdown_report import markdown_table
 
     parts = ["## Comparison", "\n".join(f"- {line}" for line in _header_lines(comparison))]
     headers, rows = _group_grid(comparison, "by_module_type")
@@ -116,24 +113,11 @@ def _markdown(comparison: "Comparison", by_layer: bool) -> str:
 
 
 def _csv(comparison: "Comparison") -> str:
-    from nora_spectra.comparison import ROW_COLUMNS
-
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(ROW_COLUMNS)
+    writer.writerow(COMPARISON_ROW_COLUMNS)
     for row in comparison.rows:
-        cells = []
-        for key in ROW_COLUMNS:
-            value = row[key]
-            if value is None:
-                cells.append("")
-            elif isinstance(value, bool):
-                cells.append("true" if value else "false")
-            elif isinstance(value, float):
-                cells.append(repr(value))
-            else:
-                cells.append(str(value))
-        writer.writerow(cells)
+        writer.writerow([csv_cell(row[key]) for key in COMPARISON_ROW_COLUMNS])
     return buffer.getvalue()
 
 

@@ -18,11 +18,11 @@ import html
 import json
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from nora_spectra.analysis import to_jsonable
-from nora_spectra.render._cells import COLUMN_SETS, NUMERIC_KEYS, cell
+from nora_spectra.render._cells import COLUMN_SETS, NUMERIC_KEYS, cell, signed
+from nora_spectra.schema import to_jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nora_spectra.analysis import Analysis
+    from nora_spectra.result import Analysis
     from nora_spectra.comparison import Comparison
     from nora_spectra.report import ReportData
 
@@ -101,10 +101,9 @@ def _table(headers: Sequence[tuple[str, bool]], rows: Iterable[str], cls: str = 
 
 
 def _delta(value: Any, digits: int, signed_colour: bool = True) -> tuple[str, str]:
-    if value is None:
-        return "", ""
-    text = f"{float(value):+.{digits}f}"
-    if not signed_colour or float(value) == 0:
+    """The signed difference and its CSS class (``up``/``down``; none for 0 or without colour)."""
+    text = signed(value, digits)
+    if value is None or not signed_colour or float(value) == 0:
         return text, ""
     return text, "up" if float(value) > 0 else "down"
 
@@ -265,10 +264,8 @@ def _warnings_section(data: "ReportData") -> str:
 
 
 def _summary_section(data: "ReportData") -> str:
-    from nora_spectra.report import summary_rows
-
     rows = []
-    for row in summary_rows(data):
+    for row in data.summary:
         statuses = ", ".join(f"{k} {v}" for k, v in row["by_status"].items())
         rows.append(
             "<tr>"

@@ -8,10 +8,10 @@ runs, configs). Formatting only; the per-checkpoint sections reuse
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
-from nora_spectra.analysis import to_jsonable
-from nora_spectra.render._cells import cell
+from nora_spectra.render._cells import cell, markdown_table, signed
+from nora_spectra.schema import to_jsonable
 from nora_spectra.render.text_formats import render_markdown
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,27 +21,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["comparison_markdown", "markdown_table", "render_report_markdown"]
 
 
-def _esc(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table of already-formatted cells (``|`` escaped)."""
-    lines = ["| " + " | ".join(_esc(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines.extend("| " + " | ".join(_esc(c) for c in row) + " |" for row in rows)
-    return "\n".join(lines)
-
-
-def _delta(value: Any, digits: int) -> str:
-    return "" if value is None else f"{float(value):+.{digits}f}"
-
-
 def comparison_markdown(comparison: "Comparison") -> str:
     """The per-module-type and per-module comparison tables (differences against the reference)."""
     groups = [
         [item["group"], item["label"], str(item["layers"]), cell(item["mean_effective_rank"], 2),
-         _delta(item["d_mean_effective_rank"], 2), cell(item["mean_utilization"]),
-         _delta(item["d_mean_utilization"], 3), str(item["collapsed"])]
+         signed(item["d_mean_effective_rank"], 2), cell(item["mean_utilization"]),
+         signed(item["d_mean_utilization"], 3), str(item["collapsed"])]
         for item in comparison.by_module_type
     ]
     parts = [
@@ -61,9 +46,9 @@ def comparison_markdown(comparison: "Comparison") -> str:
         r = per[module]
         line = [f"`{module}`"] + [cell(r[lab]["rank"]) if r[lab]["present"] else "absent" for lab in labels]
         line += [cell(r[lab]["effective_rank"], 2) for lab in labels]
-        line += [_delta(r[lab]["d_effective_rank"], 2) for lab in others]
+        line += [signed(r[lab]["d_effective_rank"], 2) for lab in others]
         line += [cell(r[lab]["utilization"]) for lab in labels]
-        line += [_delta(r[lab]["d_utilization"], 3) for lab in others]
+        line += [signed(r[lab]["d_utilization"], 3) for lab in others]
         rows.append(line)
     parts += [f"### Module by module (differences against {comparison.reference})", markdown_table(headers, rows)]
     return "\n\n".join(parts)
@@ -84,8 +69,6 @@ def render_report_markdown(data: "ReportData", image_dir: str) -> tuple[str, dic
     Returns:
         ``(markdown text, {file name: PNG bytes})``; the caller writes the files into ``image_dir``.
     """
-    from nora_spectra.report import summary_rows
-
     meta = f"{len(data.analyses)} checkpoint{'' if len(data.analyses) == 1 else 's'}"
     if data.runs:
         meta += f", {len(data.runs)} training run{'' if len(data.runs) == 1 else 's'}"
@@ -102,7 +85,7 @@ def render_report_markdown(data: "ReportData", image_dir: str) -> tuple[str, dic
         [r["label"], f"`{r['checkpoint']}`", r["method"], str(r["layers"]), ", ".join(map(str, r["ranks"])) or "-",
          cell(r["mean_effective_rank"], 2), cell(r["mean_utilization"]), cell(r["weighted_utilization"]),
          cell(r["min_utilization"]), str(r["collapsed"])]
-        for r in summary_rows(data)
+        for r in data.summary
     ]
     if rows:
         parts.append(

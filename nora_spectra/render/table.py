@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from nora_spectra.render._cells import COLUMN_SETS, NUMERIC_KEYS, cell, layer_rows
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nora_spectra.analysis import Analysis
+    from nora_spectra.result import Analysis
 
 __all__ = ["format_grid", "render_summary", "render_table"]
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
-from nora_spectra.analysis import LAYER_COLUMNS, to_jsonable
-from nora_spectra.render._cells import COLUMN_SETS, cell, layer_rows
+from nora_spectra.render._cells import COLUMN_SETS, cell, csv_cell, layer_rows, markdown_table
+from nora_spectra.schema import LAYER_COLUMNS, json_text, to_jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nora_spectra.analysis import Analysis
+    from nora_spectra.result import Analysis
 
 __all__ = ["CSV_COLUMNS", "render_csv", "render_json", "render_markdown"]
 
@@ -41,23 +40,8 @@ def render_json(analyses: Analyses, *, indent: int | None = 2) -> str:
     Returns:
         Strict JSON text (``allow_nan=False``), newline-terminated.
     """
-    if isinstance(analyses, (list, tuple)):
-        data: Any = {"checkpoints": [a.to_dict() for a in analyses]}
-    else:
-        data = analyses.to_dict()
-    return json.dumps(data, indent=indent, allow_nan=False) + "\n"
-
-
-def _csv_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return json.dumps(to_jsonable(value), allow_nan=False, separators=(",", ":"))
-    return str(value)
+    several = isinstance(analyses, (list, tuple))
+    return json_text([a.to_dict() for a in _as_list(analyses)], several=several, indent=indent)
 
 
 def render_csv(analyses: Analyses) -> str:
@@ -67,18 +51,9 @@ def render_csv(analyses: Analyses) -> str:
     writer.writerow(CSV_COLUMNS)
     for analysis in _as_list(analyses):
         for rec in analysis.records:
-            row = [analysis.checkpoint, _csv_cell(analysis.adapter)] + [_csv_cell(to_jsonable(rec.get(key))) for key in LAYER_COLUMNS]
+            row = [analysis.checkpoint, csv_cell(analysis.adapter)] + [csv_cell(to_jsonable(rec.get(key))) for key in LAYER_COLUMNS]
             writer.writerow(row)
     return buffer.getvalue()
-
-
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def esc(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines.extend("| " + " | ".join(esc(c) for c in row) + " |" for row in rows)
-    return "\n".join(lines)
 
 
 def _md_one(analysis: "Analysis", effective_rank: bool, by_layer: bool = False) -> str:
@@ -112,13 +87,13 @@ def _md_one(analysis: "Analysis", effective_rank: bool, by_layer: bool = False) 
              str(g["collapsed"])]
             for name, g in groups.items()
         ]
-        parts.append(_md_table([title, "layers", "mean erank", "mean util", "weighted util", "collapsed"], rows))
+        parts.append(markdown_table([title, "layers", "mean erank", "mean util", "weighted util", "collapsed"], rows))
     if analysis.records:
         columns = COLUMN_SETS["effective_rank" if effective_rank else "full"]
         rows = layer_rows(analysis.records, columns)
         for row in rows:
             row[0] = f"`{row[0]}`"
-        parts.append(_md_table([title for _, title, _ in columns], rows))
+        parts.append(markdown_table([title for _, title, _ in columns], rows))
     if analysis.warnings:
         parts.append("\n".join(f"> warning: {w}" for w in analysis.warnings))
     return "\n\n".join(parts)

@@ -19,7 +19,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from nora_spectra.analysis import analyze
-from nora_spectra.gates import CHECKPOINT_SCOPE, check, evaluate, load_baseline, match_baseline, write_baseline
+from nora_spectra.baseline import load_baseline, match_baseline, write_baseline
+from nora_spectra.gates import CHECKPOINT_SCOPE, check, evaluate
 from nora_spectra.check_config import CheckSettings, Override
 from nora_spectra.errors import UsageError
 from nora_spectra.render.check_report import (

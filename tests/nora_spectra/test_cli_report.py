@@ -36,7 +36,7 @@ def test_markdown_report(checkpoint: str, capsys, tmp_path: Path) -> None:
     [
         (["report", "/no/such/path", "-o", "{tmp}/r.html"], "no such file or directory"),
         (["report", "{ckpt}", "-o", "{tmp}/r.pdf"], "cannot tell the report format"),
-        (["report", "{ckpt}", "-o", "{tmp}/missing/r.html"], "does not exist"),
+        (["report", "{ckpt}", "-o", "{tmp}"], "is a directory"),
         (["report", "{ckpt}", "-o", "{tmp}/r.html", "--labels", "a,b"], "2 labels for 1 paths"),
     ],
 )

@@ -15,7 +15,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from nora_spectra.analysis import Analysis, analyze
-from nora_spectra.comparison import ROW_COLUMNS, Comparison, compare, default_labels, load_analyses
+from nora_spectra.comparison import ROW_COLUMNS, Comparison, compare, load_analyses
+from nora_spectra.labels import default_labels
 from nora_spectra.errors import CheckpointError, UsageError
 
 D = 12  # d_in = d_out of every test module

@@ -192,8 +192,12 @@ def test_bad_inputs(checkpoints, tmp_path: Path) -> None:
     (bad_run / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(CheckpointError, match="line 2"):
         build_report([bad_run])
-    with pytest.raises(UsageError, match="does not exist"):
-        report([checkpoints["lora"]], tmp_path / "nowhere" / "r.html")
+    with pytest.raises(UsageError, match="it is a directory"):
+        report([checkpoints["lora"]], tmp_path)
+    # a missing output directory is created (one rule for every writer), images before the Markdown
+    report([checkpoints["lora"]], tmp_path / "new" / "dir" / "r.md")
+    assert (tmp_path / "new" / "dir" / "r.md").read_text().startswith("# Adapter spectra report")
+    assert any((tmp_path / "new" / "dir" / "r_files").iterdir())
 
 
 def test_notebook_fragments(checkpoints) -> None:
