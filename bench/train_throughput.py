@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from nora_core import AdapterConfig, TrainConfig, inject_adapters, train
 from nora_core.data import TokenDataset
 from nora_core.models import GPT, GPTConfig
-from nora_core.trainer import adapter_spectra, get_lr
+from nora_core.trainer import get_lr
+from nora_spectra.tracking import SpectralTracking, adapter_spectra
 
 BATCH, BLOCK = 16, 128
 
@@ -76,7 +77,7 @@ def trainer(model: torch.nn.Module, data: TokenDataset, steps: int, track_every:
     cfg = TrainConfig(steps=steps, batch_size=BATCH, lr=1e-3, warmup_steps=5, log_every=steps,
                       track_spectra_every=track_every, device="cpu")
     start = time.perf_counter()
-    train(model, cfg, data)
+    train(model, cfg, data, callbacks=[SpectralTracking()] if track_every else [])
     elapsed = time.perf_counter() - start
     return steps * BATCH * BLOCK / elapsed, elapsed
 

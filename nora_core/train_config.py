@@ -3,7 +3,7 @@
 :class:`TrainConfig` holds everything :func:`nora_core.trainer.train` needs besides the model and
 the data, validated when it is built; :class:`TrainResult` is what a run returns; :func:`get_lr` is
 the pure warmup + cosine schedule (nanoGPT's ``get_lr``); :class:`NonFiniteLossError` is raised when
-the loss or gradient norm stops being finite.
+the loss or gradient norm stops being finite; :class:`TrainCallback` is what ``train(callbacks=...)`` takes.
 """
 
 from __future__ import annotations
@@ -13,9 +13,19 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
-__all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "get_lr"]
+__all__ = ["TrainCallback", "TrainConfig", "TrainResult", "NonFiniteLossError", "get_lr"]
+
+
+class TrainCallback(Protocol):
+    """Called by the trainer at tracking steps; what it returns is merged into that step's metrics record.
+
+    The spectral tracking of :class:`nora_spectra.tracking.SpectralTracking` is one: it returns
+    ``{"spectra": [record, ...]}``.
+    """
+
+    def __call__(self, step: int, model: Any) -> Mapping[str, Any]: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,7 +58,8 @@ class TrainConfig:
         eval_batches: evaluate on at most this many batches (None: the whole set).
         save_every: checkpoint every N steps and at the end (0: never); needs ``run_dir``.
         keep_last: how many of the latest checkpoints to keep (the best adapter is kept separately).
-        track_spectra_every: record adapter spectra every N steps and at the end (0: never).
+        track_spectra_every: call the tracking callbacks (``train(callbacks=...)``; e.g. the adapters'
+            spectra) every N steps and at the end (0: never).
         log_every: write a metrics record every N steps (also at eval/tracking/last steps).
         resume: continue from the latest checkpoint in ``run_dir`` (start fresh if there is none).
         progress: show a tqdm progress bar on stderr (rank 0).

@@ -3,8 +3,8 @@
 ``train(model, config, train_data, eval_data=None)`` runs AdamW on the parameters that require grad
 (after ``inject_adapters`` those are exactly the adapter factors) with linear warmup then cosine decay,
 gradient accumulation, grad-norm clipping, optional bf16 autocast, periodic evaluation, atomic
-checkpoints that resume bit-exactly on CPU, and spectral tracking of the adapters through
-``nora_spectra`` into ``run_dir/metrics.jsonl``. The same code runs under ``torchrun`` with
+checkpoints that resume bit-exactly on CPU, and tracking callbacks (such as the spectral tracking of
+:class:`nora_spectra.tracking.SpectralTracking`) whose fields go into ``run_dir/metrics.jsonl``. The same code runs under ``torchrun`` with
 DistributedDataParallel (gloo on CPU, nccl on GPU); only rank 0 writes.
 
 Batching (global, independent of the number of processes)::
@@ -29,8 +29,9 @@ Run directory layout (``TrainConfig.run_dir``)::
 
 This module holds the loop; its parts live in :mod:`nora_core.train_config` (TrainConfig, TrainResult,
 get_lr), :mod:`nora_core.evaluation` (the loss, :func:`evaluate`), :mod:`nora_core.run_state` (checkpoint
-directories, weights, RNG state), :mod:`nora_core.distributed` and :mod:`nora_core.tracking`
-(:func:`adapter_spectra`). The public names are re-exported here.
+directories, weights, RNG state) and :mod:`nora_core.distributed`. The public names are re-exported here.
+This module never imports ``nora_spectra``: a face (the ``nora`` command, a notebook) passes the
+spectral tracking in as a callback.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -69,9 +70,9 @@ from nora_core.run_state import (
     save_weights,
     set_rng_state,
 )
-from nora_core.tracking import adapter_spectra, list_adapter_layers
-from nora_core.train_config import NonFiniteLossError, TrainConfig, TrainResult, get_lr
-from nora_spectra.analysis import to_jsonable
+from nora_core.inject import adapter_layers
+from nora_core.jsonable import to_jsonable
+from nora_core.train_config import NonFiniteLossError, TrainCallback, TrainConfig, TrainResult, get_lr
 
 __all__ = [
     "TrainConfig",
@@ -80,7 +81,6 @@ __all__ = [
     "train",
     "get_lr",
     "evaluate",
-    "adapter_spectra",
     "latest_checkpoint",
     "METRICS_NAME",
     "STATE_NAME",
@@ -162,8 +162,16 @@ def _check_labels(data: TokenDataset, eval_data: TokenDataset | None, config: Tr
 class _Trainer:
     """The state of one :func:`train` call (kept private; the public surface is :func:`train`)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, train_data: Any, eval_data: Any | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_data: Any,
+        eval_data: Any | None,
+        callbacks: Sequence[TrainCallback] = (),
+    ) -> None:
         self.config = config
+        self.callbacks = list(callbacks)
         self.ctx = setup_distributed(config.device)
         self.device = resolve_device(config.device, self.ctx)
         self.model = model.to(self.device)
@@ -181,9 +189,10 @@ class _Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (call inject_adapters first)")
-        self.has_adapters = bool(list_adapter_layers(model))
+        layers = list(adapter_layers(model))
+        self.has_adapters = bool(layers)
         if self.has_adapters:
-            adapter_ids = {id(p) for _, layer in list_adapter_layers(model) for p in layer.parameters()}
+            adapter_ids = {id(p) for _, layer in layers for p in layer.parameters()}
             extra = sum(1 for p in self.params if id(p) not in adapter_ids)
             if extra:
                 logger.warning("%d trainable tensors are not adapter factors; they are trained too", extra)
@@ -191,6 +200,11 @@ class _Trainer:
             adapter_root(model)  # fail before training, not at the first checkpoint
         if config.track_spectra_every and not self.has_adapters:
             raise ValueError("track_spectra_every needs a model with adapters (inject_adapters)")
+        if config.track_spectra_every and not self.callbacks:
+            raise ValueError(
+                "track_spectra_every needs a tracking callback: pass "
+                "callbacks=[nora_spectra.tracking.SpectralTracking()] to train()"
+            )
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
         )
@@ -422,7 +436,8 @@ class _Trainer:
                         self.best_val, self.best_step = val["loss"], self.step
                         self.save_best(val)
                 if do_track and ctx.main:
-                    record["spectra"] = adapter_spectra(self.model)
+                    for callback in self.callbacks:
+                        record.update(callback(self.step, self.model))
                 self.write_record(record)
                 if do_save:
                     self.save_checkpoint()
@@ -497,7 +512,12 @@ def _progress(config: TrainConfig, initial: int, *, enabled: bool) -> Any:
 
 
 def train(
-    model: nn.Module, config: TrainConfig, train_data: Any, eval_data: Any | None = None
+    model: nn.Module,
+    config: TrainConfig,
+    train_data: Any,
+    eval_data: Any | None = None,
+    *,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> TrainResult:
     """Train the parameters of ``model`` that require grad (the adapters, after ``inject_adapters``).
 
@@ -507,6 +527,9 @@ def train(
         config: the run's settings.
         train_data: a :class:`nora_core.data.TokenDataset` (or a (N, T+1) LongTensor of token ids).
         eval_data: same types; evaluated every ``config.eval_every`` steps and at the end.
+        callbacks: called as ``callback(step, model)`` every ``config.track_spectra_every`` steps and at
+            the last step (main process only); the mapping each returns is merged into that step's
+            metrics record. :class:`nora_spectra.tracking.SpectralTracking` adds the adapters' spectra.
 
     Returns:
         A :class:`TrainResult`.
@@ -518,4 +541,4 @@ def train(
         NonFiniteLossError: the loss or gradient norm became NaN/Inf (the weights are left as they were
             before that step; checkpoints already written stay intact).
     """
-    return _Trainer(model, config, train_data, eval_data).run()
+    return _Trainer(model, config, train_data, eval_data, callbacks).run()

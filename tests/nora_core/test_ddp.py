@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from nora_core import TrainConfig, train
+from nora_spectra.tracking import SpectralTracking
 from tests.nora_core.test_trainer import single_thread, tiny_data, tiny_model  # noqa: F401 (autouse)
 
 STEPS = 6
@@ -37,7 +38,7 @@ def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
     torch.set_num_threads(1)
     model = tiny_model(seed=rank)  # different inits: DDP must broadcast rank 0's
     data, val = tiny_data(n=32)
-    result = train(model, _config(run_dir, accum=1), data, val)
+    result = train(model, _config(run_dir, accum=1), data, val, callbacks=[SpectralTracking()])
     torch.save({"weights": {k: v for k, v in model.state_dict().items() if "lora_" in k}, "val": result.val_loss},
                Path(run_dir).parent / f"rank{rank}.pt")
 
@@ -53,7 +54,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
 
     model = tiny_model(seed=0)
     data, val = tiny_data(n=32)
-    single = train(model, _config(str(tmp_path / "single"), accum=2), data, val)
+    single = train(model, _config(str(tmp_path / "single"), accum=2), data, val, callbacks=[SpectralTracking()])
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     want = {k: v for k, v in model.state_dict().items() if "lora_" in k}

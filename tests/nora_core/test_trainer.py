@@ -324,6 +324,7 @@ def test_an_existing_run_dir_names_the_cli_flag_and_the_python_argument(tmp_path
 
 def test_metrics_jsonl_spectra_equal_nora_spectra_on_the_saved_factors(tmp_path: Path) -> None:
     from nora_spectra.metrics import spectrum_metrics
+    from nora_spectra.tracking import SpectralTracking
     from nora_spectra.spectrum import adapter_singular_values
 
     model = tiny_model(method="nora", r=4)
@@ -332,7 +333,7 @@ def test_metrics_jsonl_spectra_equal_nora_spectra_on_the_saved_factors(tmp_path:
         run_dir=str(tmp_path), steps=10, batch_size=4, lr=1e-2, save_every=5, keep_last=5,
         track_spectra_every=5, eval_every=5, log_every=2,
     )
-    train(model, cfg, data, val)
+    train(model, cfg, data, val, callbacks=[SpectralTracking()])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 5, 6, 8, 10]
     tracked = [r for r in records if "spectra" in r]

@@ -1,0 +1,137 @@
+"""What the ``nora`` commands share: one-line user errors, TOML configs, path options, seeding."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 uses the backport declared in pyproject.toml
+    import tomli as tomllib
+
+__all__ = [
+    "ExistingPath",
+    "UserError",
+    "csv_list",
+    "load_toml",
+    "one_line",
+    "progress_wanted",
+    "run_or_fail",
+    "seed_everything",
+    "user_errors",
+]
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"nora: error: {self.format_message()}", err=True)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from nora_core.data import DataFormatError
+    from nora_core.trainer import NonFiniteLossError
+
+    return (DataFormatError, NonFiniteLossError, FileNotFoundError)
+
+
+def load_toml(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Eager ``--config`` callback: the TOML file becomes the defaults of the other options."""
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise UserError(f"{value}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{value}: invalid TOML ({exc})") from None
+    known: dict[str, str] = {}  # "model", "model_dir" -> "model_dir"; "r", "rank" -> "rank"
+    paths: set[str] = set()  # options whose value is a path: relative ones are relative to the file
+    for p in ctx.command.params:
+        if p.name and p.name != "config":
+            for alias in [p.name, *getattr(p, "opts", [])]:
+                known[alias.lstrip("-").replace("-", "_")] = p.name
+            if isinstance(p.type, (click.Path, ExistingPath)):
+                paths.add(p.name)
+    defaults = {}
+    for key, item in data.items():
+        name = known.get(key.replace("-", "_"))
+        if name is None:
+            raise UserError(f"{value}: unknown key {key!r} (use the option names of `nora train --help`)")
+        if isinstance(item, list):
+            item = ",".join(str(v) for v in item)
+        if name in paths and isinstance(item, str):
+            # as `spectra check` configs: a path in the file means the same wherever the command runs
+            item = os.path.join(os.path.dirname(value), os.path.expanduser(item))
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["nora.config"] = value
+    return value
+
+
+class ExistingPath(click.ParamType):
+    """An existing file or directory; otherwise the one-line user error ``PATH: problem (--option)``."""
+
+    name = "path"
+
+    def __init__(self, *, directory: bool) -> None:
+        self.directory = directory
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        path = os.fspath(value)
+        kind = "directory" if self.directory else "file"
+        if not os.path.exists(path):
+            problem = f"no such {kind}"
+        elif self.directory and not os.path.isdir(path):
+            problem = "not a directory"
+        elif not self.directory and os.path.isdir(path):
+            problem = "is a directory, not a file"
+        else:
+            return path
+        option = (getattr(param, "opts", None) or ["path"])[0]
+        where = option
+        if ctx is not None and param is not None and param.name:
+            if ctx.get_parameter_source(param.name) is click.core.ParameterSource.DEFAULT_MAP:
+                where = f"{option.lstrip('-')} in {ctx.meta.get('nora.config', 'the config')}"
+        raise UserError(f"{path}: {problem} ({where})")
+
+
+def csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def progress_wanted(flag: bool | None) -> bool:
+    """``--progress``/``--no-progress`` as given, else a bar only when stderr is a terminal."""
+    return sys.stderr.isatty() if flag is None else bool(flag)
+
+
+def one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def run_or_fail(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; a ``ValueError`` a user can cause (bad setting) becomes one line, exit 2."""
+    try:
+        return fn(*args, **kwargs)
+    except user_errors():
+        raise
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs (what the model build and ``inject_adapters`` draw from)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
