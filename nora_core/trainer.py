@@ -343,6 +343,7 @@ class _Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """Set up (run directory, resume, DDP, RNG), train to ``config.steps``, save the final weights."""
         cfg, ctx = self.config, self.ctx
         self.prepare_run_dir()
         rng = self.maybe_resume()
@@ -360,98 +361,24 @@ class _Trainer:
         was_training = self.model.training
         self.model.train()
         bar = _progress(cfg, self.step, enabled=cfg.progress and ctx.main)
-        n_chunks = cfg.grad_accum_steps * ctx.world
-        window_loss, window_steps, window_tokens = 0.0, 0, 0
-        total_tokens, train_time = 0, 0.0
-        last_loss: float | None = None
-        val: dict[str, float] | None = None
-        t_window = time.perf_counter()
+        window = _Window()
+        self.total_tokens, self.train_time = 0, 0.0
+        self.last_loss: float | None = None
+        self.val: dict[str, float] | None = None
         try:
             while self.step < cfg.steps:
                 t_step = time.perf_counter()
                 lr = get_lr(self.step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                chunks = self.order.take(self.step * cfg.batch_size, cfg.batch_size).view(n_chunks, self.micro)
-                n_labels = int(self.data.label_counts[chunks].sum())
-                if n_labels == 0:  # _check_labels rules this out; never divide to a loss of 0
-                    raise ValueError(f"the batch of step {self.step + 1} has no label token")
-                step_tokens = int(self.data.lengths[chunks].max(dim=1).values.sum()) * self.micro
-                loss_local = torch.zeros((), device=self.device)
-                for m in range(cfg.grad_accum_steps):
-                    input_ids, labels = self.data.batch(chunks[m * ctx.world + ctx.rank])
-                    input_ids = input_ids.to(self.device, non_blocking=True)
-                    labels = labels.to(self.device, non_blocking=True)
-                    sync = ctx.world == 1 or m == cfg.grad_accum_steps - 1
-                    with (contextlib.nullcontext() if sync else model.no_sync()), bf16_autocast(self.device, cfg.bf16):
-                        loss = loss_sum(forward_logits(model, input_ids), labels) / n_labels
-                    # DDP averages gradients over processes; scale so the sum over the global batch results
-                    (loss * ctx.world).backward()
-                    loss_local += loss.detach()
-                step_loss = float(all_reduce_sum(loss_local, ctx))
-                norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf))
-                if not (math.isfinite(step_loss) and math.isfinite(norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.last_checkpoint is not None:
-                        where = str(self.last_checkpoint)
-                    elif cfg.save_every:  # the first checkpoint comes at save_every, or at the end if sooner
-                        where = f"none yet (the first is written at step {min(cfg.save_every, cfg.steps)})"
-                    else:
-                        where = "none (set save_every to keep checkpoints)"
-                    raise NonFiniteLossError(
-                        f"non-finite training loss ({step_loss}) or gradient norm ({norm}) at step "
-                        f"{self.step + 1}; stopped before the optimizer step. Last good checkpoint: {where}. "
-                        "Lower the learning rate, keep grad_clip on, or check the data, then resume from it."
-                    )
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                train_time += time.perf_counter() - t_step
-                window_loss += step_loss
-                window_steps += 1
-                window_tokens += step_tokens
-                total_tokens += step_tokens
+                step_loss, step_tokens = self._train_step(model, lr)
+                self.train_time += time.perf_counter() - t_step
+                self.total_tokens += step_tokens
+                window.add(step_loss, step_tokens)
                 bar.update(1)
-                last = self.step == cfg.steps
-                do_eval = self.eval_data is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0))
-                do_track = cfg.track_spectra_every and (last or self.step % cfg.track_spectra_every == 0)
-                do_save = cfg.save_every and (last or self.step % cfg.save_every == 0)
-                if not (last or do_eval or do_track or do_save or self.step % cfg.log_every == 0):
-                    continue
-                elapsed = time.perf_counter() - t_window
-                last_loss = window_loss / window_steps
-                record: dict[str, Any] = {
-                    "step": self.step,
-                    "train_loss": last_loss,
-                    "lr": lr,
-                    "tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
-                }
-                if do_eval:
-                    val = evaluate(
-                        self.model, self.eval_data, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                        max_batches=cfg.eval_batches, bf16=cfg.bf16, _ctx=ctx,
-                    )
-                    record["val_loss"], record["val_ppl"] = val["loss"], val["ppl"]
-                    if self.best_val is None or val["loss"] < self.best_val:
-                        self.best_val, self.best_step = val["loss"], self.step
-                        self.save_best(val)
-                if do_track and ctx.main:
-                    for callback in self.callbacks:
-                        record.update(callback(self.step, self.model))
-                self.write_record(record)
-                if do_save:
-                    self.save_checkpoint()
-                _log_record(record, cfg.steps)
-                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}", refresh=False)
-                window_loss, window_steps, window_tokens = 0.0, 0, 0
-                t_window = time.perf_counter()
-            if self.run_dir is not None and ctx.main:
-                final = self.run_dir / "adapter" if self.has_adapters else self.run_dir / "model"
-                tmp = self.run_dir / f".tmp-final-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                save_weights(self.model, tmp, self.has_adapters)
-                replace_dir(tmp, final)
+                record = self._maybe_log(lr, window)
+                if record is not None:
+                    bar.set_postfix(loss=f"{record['train_loss']:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}",
+                                    refresh=False)
+            self._save_final()
         finally:
             bar.close()
             if self._metrics_file is not None:
@@ -461,20 +388,146 @@ class _Trainer:
                 import torch.distributed as dist
 
                 dist.destroy_process_group()
+        return self._result()
+
+    def _train_step(self, model: nn.Module, lr: float) -> tuple[float, int]:
+        """One optimizer step over the global batch: ``(mean loss, tokens processed)``.
+
+        Raises:
+            NonFiniteLossError: the loss or gradient norm is NaN/Inf (gradients are dropped, weights kept).
+        """
+        cfg, ctx = self.config, self.ctx
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n_chunks = cfg.grad_accum_steps * ctx.world
+        chunks = self.order.take(self.step * cfg.batch_size, cfg.batch_size).view(n_chunks, self.micro)
+        n_labels = int(self.data.label_counts[chunks].sum())
+        if n_labels == 0:  # _check_labels rules this out; never divide to a loss of 0
+            raise ValueError(f"the batch of step {self.step + 1} has no label token")
+        step_tokens = int(self.data.lengths[chunks].max(dim=1).values.sum()) * self.micro
+        loss_local = torch.zeros((), device=self.device)
+        for m in range(cfg.grad_accum_steps):
+            input_ids, labels = self.data.batch(chunks[m * ctx.world + ctx.rank])
+            input_ids = input_ids.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            sync = ctx.world == 1 or m == cfg.grad_accum_steps - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), bf16_autocast(self.device, cfg.bf16):
+                loss = loss_sum(forward_logits(model, input_ids), labels) / n_labels
+            # DDP averages gradients over processes; scale so the sum over the global batch results
+            (loss * ctx.world).backward()
+            loss_local += loss.detach()
+        step_loss = float(all_reduce_sum(loss_local, ctx))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf))
+        if not (math.isfinite(step_loss) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._non_finite(step_loss, norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return step_loss, step_tokens
+
+    def _non_finite(self, step_loss: float, norm: float) -> NonFiniteLossError:
+        """The error for a non-finite loss or gradient norm, naming the last good checkpoint."""
+        cfg = self.config
+        if self.last_checkpoint is not None:
+            where = str(self.last_checkpoint)
+        elif cfg.save_every:  # the first checkpoint comes at save_every, or at the end if sooner
+            where = f"none yet (the first is written at step {min(cfg.save_every, cfg.steps)})"
+        else:
+            where = "none (set save_every to keep checkpoints)"
+        return NonFiniteLossError(
+            f"non-finite training loss ({step_loss}) or gradient norm ({norm}) at step "
+            f"{self.step + 1}; stopped before the optimizer step. Last good checkpoint: {where}. "
+            "Lower the learning rate, keep grad_clip on, or check the data, then resume from it."
+        )
+
+    def _maybe_log(self, lr: float, window: "_Window") -> dict[str, Any] | None:
+        """At a logging, evaluation, tracking or checkpoint step: write the metrics record (evaluating,
+        calling the tracking callbacks and checkpointing as due); None at other steps."""
+        cfg, ctx = self.config, self.ctx
+        last = self.step == cfg.steps
+        do_eval = self.eval_data is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0))
+        do_track = cfg.track_spectra_every and (last or self.step % cfg.track_spectra_every == 0)
+        do_save = cfg.save_every and (last or self.step % cfg.save_every == 0)
+        if not (last or do_eval or do_track or do_save or self.step % cfg.log_every == 0):
+            return None
+        self.last_loss = window.mean_loss
+        record: dict[str, Any] = {
+            "step": self.step,
+            "train_loss": self.last_loss,
+            "lr": lr,
+            "tokens_per_s": window.tokens_per_s(),
+        }
+        if do_eval:
+            self.val = evaluate(
+                self.model, self.eval_data, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                max_batches=cfg.eval_batches, bf16=cfg.bf16, _ctx=ctx,
+            )
+            record["val_loss"], record["val_ppl"] = self.val["loss"], self.val["ppl"]
+            if self.best_val is None or self.val["loss"] < self.best_val:
+                self.best_val, self.best_step = self.val["loss"], self.step
+                self.save_best(self.val)
+        if do_track and ctx.main:
+            for callback in self.callbacks:
+                record.update(callback(self.step, self.model))
+        self.write_record(record)
+        if do_save:
+            self.save_checkpoint()
+        _log_record(record, cfg.steps)
+        window.reset()
+        return record
+
+    def _save_final(self) -> None:
+        """``run_dir/adapter`` (or ``model``), written as a whole (temporary directory, then rename)."""
+        if self.run_dir is None or not self.ctx.main:
+            return
+        final = self.run_dir / "adapter" if self.has_adapters else self.run_dir / "model"
+        tmp = self.run_dir / f".tmp-final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_weights(self.model, tmp, self.has_adapters)
+        replace_dir(tmp, final)
+
+    def _result(self) -> TrainResult:
+        val = self.val
         return TrainResult(
             steps=self.step,
-            train_loss=last_loss,
+            train_loss=self.last_loss,
             val_loss=None if val is None else val["loss"],
             val_ppl=None if val is None else val["ppl"],
             best_val_loss=self.best_val,
             best_step=self.best_step,
-            tokens=total_tokens,
-            elapsed_s=train_time,
-            tokens_per_s=total_tokens / train_time if train_time > 0 else 0.0,
+            tokens=self.total_tokens,
+            elapsed_s=self.train_time,
+            tokens_per_s=self.total_tokens / self.train_time if self.train_time > 0 else 0.0,
             resumed_from=self.resumed_from,
             run_dir=self.run_dir,
             history=self.history,
         )
+
+
+class _Window:
+    """Loss and tokens since the last metrics record (the record reports their means)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.tokens = 0.0, 0, 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / self.steps
+
+    def tokens_per_s(self) -> float | None:
+        elapsed = time.perf_counter() - self.started
+        return self.tokens / elapsed if elapsed > 0 else None
 
 
 def _record_step(line: str) -> int:

@@ -12,10 +12,10 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def name_list(names: Sequence[str], limit: int = 3) -> str:
-    """The first ``limit`` names, then how many more: ``"a, b, c, ... (+4 more)"``."""
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+def name_list(names: Sequence[str], limit: int = 3, sep: str = ", ") -> str:
+    """The first ``limit`` names, then how many more: ``"a, b, c, ... (+4 more)"`` (``sep`` between items)."""
+    shown = sep.join(names[:limit])
+    return shown + (f"{sep}... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def package_version() -> str:

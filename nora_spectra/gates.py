@@ -28,6 +28,7 @@ import dataclasses
 import os
 from typing import Any, Iterable, Mapping, Sequence, Union
 
+from nora_spectra._text import name_list
 from nora_spectra.analysis import analyze
 from nora_spectra.baseline import load_baseline, match_baseline
 from nora_spectra.check_config import CheckSettings, Override, parse_overrides
@@ -244,7 +245,7 @@ class _Gates:
         if fraction <= limit:
             self.add(CHECKPOINT_SCOPE, gate, fraction, limit, True, f"{head} <= {gate} {bound}")
             return
-        listed = ", ".join(names[:5]) + (f", ... (+{len(names) - 5} more)" if len(names) > 5 else "")
+        listed = name_list(names, 5)
         message = f"{head} is above {gate} {bound} by {_num(fraction - limit)}: {listed}"
         self.add(CHECKPOINT_SCOPE, gate, fraction, limit, False, message)
 

@@ -296,7 +296,7 @@ def dense_spectrum(delta: ArrayLike, top_k: int | None = None, *, seed: int = 0)
     k = k_full if top_k is None else min(top_k, k_full)
     if top_k is None or k + _OVERSAMPLING > _RANDOMIZED_MAX_SHARE * k_full:
         values = np.linalg.svd(m, compute_uv=False)[:k]
-        return Spectrum(np.ldexp(values, exponent), total_energy=math.ldexp(total, 2 * exponent))
+        return Spectrum(np.ldexp(values, exponent), total_energy=_ldexp(total, 2 * exponent))
     rng = np.random.default_rng(seed)
     width = k + _OVERSAMPLING
     q = np.linalg.qr(m @ rng.standard_normal((m.shape[1], width)))[0]
@@ -309,6 +309,14 @@ def dense_spectrum(delta: ArrayLike, top_k: int | None = None, *, seed: int = 0)
     return Spectrum(
         np.ldexp(values, exponent),
         exact=False,
-        error_bound=math.ldexp(math.sqrt(residual), exponent),
-        total_energy=math.ldexp(total, 2 * exponent),
+        error_bound=_ldexp(math.sqrt(residual), exponent),
+        total_energy=_ldexp(total, 2 * exponent),
     )
+
+
+def _ldexp(x: float, exponent: int) -> float:
+    """``x * 2**exponent``, or ``inf`` where that is beyond float64 (a squared norm of huge entries)."""
+    try:
+        return math.ldexp(x, exponent)
+    except OverflowError:
+        return math.inf

@@ -32,9 +32,10 @@ def adapter_spectra(model: Any) -> list[dict[str, Any]]:
         ``[{"module", "module_type", "rank", "effective_rank", "utilization", "stable_rank",
         "sigma_max", "status"}, ...]`` in module order; metrics of a NaN/Inf factor are None.
     """
-    import torch
-
     from nora_core.inject import adapter_layers
+    from nora_spectra._torch import require_torch
+
+    torch = require_torch("spectral tracking")
 
     records = []
     for name, layer in adapter_layers(model):

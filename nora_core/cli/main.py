@@ -41,6 +41,15 @@ def main(argv: list[str] | None = None) -> None:
         # error on four lines; a user error of `nora` is one line
         click.echo(f"nora: error: {one_line(exc.format_message())}", err=True)
         sys.exit(2)
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        click.echo(
+            "nora: error: nora needs torch, which is not installed: pip install 'nora-spectra[torch]' "
+            "(the CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu)",
+            err=True,
+        )
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("Aborted!", err=True)
         sys.exit(130)

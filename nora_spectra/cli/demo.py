@@ -161,8 +161,10 @@ def _num(value: float | None) -> str:
               help="Also write OUTPUT_DIR/report.html (spectra report of both checkpoints).")
 def command(output_dir: str, steps: int, report: bool) -> None:
     """Train a rank-16 LoRA and NoRA adapter on a built-in task and show how much rank each uses."""
+    from nora_spectra._torch import require_torch
     from nora_spectra.render import render
 
+    require_torch("spectra demo")
     result = run_demo(output_dir, DemoSettings(steps=steps))
     for method in ("lora", "nora"):
         analysis = result[method]

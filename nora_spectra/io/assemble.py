@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from nora_spectra._text import plural
+from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import AdapterSettings
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
@@ -47,9 +47,7 @@ def _skipped_warning(skipped: list[tuple[str, str]], names: list[str]) -> str:
     groups = {module for module, _ in skipped}
     tensors = sum(1 for name in names if _dense_module(name.removeprefix(PEFT_PREFIX)) in groups)
     tensors = max(tensors, len(skipped))
-    shown = "; ".join(f"{module} ({reason})" for module, reason in skipped[:3])
-    if len(skipped) > 3:
-        shown += f"; ... (+{len(skipped) - 3} more)"
+    shown = name_list([f"{module} ({reason})" for module, reason in skipped], 3, sep="; ")
     return (
         f"skipped {plural(tensors, 'tensor')} of {plural(len(skipped), 'module')} that are not low-rank "
         f"adapter factors: {shown}"

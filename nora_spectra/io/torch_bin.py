@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 
+from nora_spectra._torch import INSTALL_HINT
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.pickle_scan import forbidden_globals
 from nora_spectra.io.safetensors_file import DTYPES, TensorInfo
@@ -60,7 +61,7 @@ class TorchBinFile:
             import torch
         except ImportError as exc:
             raise CheckpointError(
-                self.path, "reading a .bin checkpoint needs torch; convert it to safetensors or install torch"
+                self.path, f"reading a .bin checkpoint needs torch (or convert it to safetensors): {INSTALL_HINT}"
             ) from exc
         try:
             with warnings.catch_warnings():

@@ -276,6 +276,9 @@ def prepare(
         CheckpointError: the checkpoint or model path is missing or malformed.
         UsageError: bad options (no model, no data, no adapters, nothing selected, unreadable data).
     """
+    from nora_spectra._torch import require_torch
+
+    require_torch("--space activation")
     from nora_core.inject import adapter_layers
     from nora_spectra.model_loading import LoadedModel, as_loaded_model
 

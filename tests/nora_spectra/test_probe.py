@@ -181,3 +181,17 @@ def test_space_options_refuse_misfits(tmp_path, args, message):
     assert out.exit_code != 0 and isinstance(out.exception, UsageError) and message in str(out.exception)
     with pytest.raises(UsageError, match="--space must be"):
         analyze(path, space="dense")
+
+
+def test_library_analyze_takes_the_space_and_its_options(tmp_path):
+    path = _checkpoint(tmp_path, AdapterConfig(method="nora", r=3, target_modules=["q_proj", "v_proj"]))
+    via_analyze = analyze(path, space="probe", probe_samples=300, layers="q_proj", seed=3, emit_warnings=False)
+    via_wrapper = probe_spectra(path, samples=300, layers="q_proj", seed=3)
+    assert via_analyze.space == "probe" and via_analyze.to_dict() == via_wrapper.to_dict()
+    assert [r["tokens"] for r in via_analyze.records] == [300, 300]
+    with pytest.raises(UsageError, match=r"^--model applies only to --space activation$"):
+        analyze(path, model="x")
+    with pytest.raises(UsageError, match=r"^--probe-scale and --seed only apply to --space probe$"):
+        analyze(path, probe_scale=2.0, seed=1)
+    with pytest.raises(UsageError, match="unknown option"):
+        analyze(path, space="probe", temperature=1.0)
