@@ -52,6 +52,9 @@ class ModuleEntry:
         read: reads the module's tensors (float64) and returns its update.
         dora: a DoRA magnitude exists: the spectrum is of the direction update only.
         notes: short remarks about this module (fan_in_fan_out, lora_B bias, DoRA), for reports.
+        read_magnitude: for a DoRA module, reads its magnitude vector ``m`` (float64, ``(d_out,)``), which
+            the true update ``m * (W0 + s B A) / ||W0 + s B A||_col - W0`` needs with the base weight;
+            None otherwise.
     """
 
     module: str
@@ -64,6 +67,7 @@ class ModuleEntry:
     read: Callable[[], Update] = field(repr=False)
     dora: bool = False
     notes: tuple[str, ...] = ()
+    read_magnitude: Callable[[], np.ndarray] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
