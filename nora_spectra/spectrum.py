@@ -16,21 +16,49 @@ Low-rank method (see ``docs/metrics.md``): with thin QR factorizations ``B = Q_B
 
 so the singular values of the ``d_out x d_in`` update are those of the ``r x r`` core ``s R_B R_A^T``:
 ``O((d_out + d_in) r^2)`` work instead of ``O(d_out d_in min(d_out, d_in))``, and the update is never
-formed. The triangular factors come from the Cholesky factor of each Gram matrix (``R^T R = F^T F``),
-an order of magnitude faster than Householder QR; since the Gram squares the condition number, a
-factor whose Cholesky factor is ill-conditioned (or rank-deficient) is re-factored with Householder QR.
-All arithmetic is float64; inputs are first scaled by an exact power of two so that huge or tiny
-factors neither overflow nor underflow in the Gram matrix.
+formed. When ``r > min(d_out, d_in)`` the update has rank at most ``min(d_out, d_in)`` and the small
+product ``B @ A`` itself is formed instead: ``O(d_out d_in r)`` work and ``d_out d_in <= r max(d_out, d_in)``
+memory, never more than the factors (an ``r x r`` Gram matrix would cost ``r^2``).
+
+The triangular factors come from the Gram matrix of each factor (one BLAS pass), **equilibrated**:
+with ``d_i`` the norm of the i-th row of ``A`` (column of ``B``), ``G = D M D`` and ``R = R_0 D`` where
+``R_0`` is the Cholesky factor of the unit-diagonal ``M``. The rounding errors of the Gram product and of
+Cholesky are relative to ``d_i d_j`` entry by entry (``R^T R = D (M + Delta) D`` with
+``|Delta_ij| = O(eps)``; Demmel 1989, van der Sluis 1969), so a factor whose rows decay geometrically (a
+collapsed adapter) is as accurate as a well-scaled one: what matters is the condition of ``R_0``, not
+of ``R``. Three routes, chosen per factor from cheap ``r x r`` tests (module :data:`GRAM_RCOND_LIMIT`):
+
+1. both ``R_0`` well-conditioned (reciprocal condition estimate ``>= 1e-3``): the Gram route, whose
+   error is about ``eps * cond(R_0)^2`` relative;
+2. otherwise, when first-order perturbation theory applies (``||Delta|| ||R_0^{-1}||^2`` small): the
+   core's SVD with vectors gives each value's first-order error,
+   ``|d sigma_i| <= sigma_i (delta_B ||R_{0B}^{-1} u_i||^2 + delta_A ||R_{0A}^{-1} v_i||^2) / 2`` with
+   ``delta = sqrt(r n) eps`` (the probabilistic backward-error model of a length-``n`` dot product, with
+   a margin of 20-100x over the errors measured here); when every bound is below ``1e-10 sigma_1`` the
+   Gram route's values stand. A half-trained adapter (``B`` nearly rank-one) takes this route: its
+   small singular values are poorly determined relative to themselves but are small;
+3. otherwise, each factor whose ``R_0`` is ill-conditioned (or singular) is re-factored with
+   Householder QR (LAPACK's recursive blocked ``dgeqrt``, on the Fortran-ordered view ``A^T`` that needs
+   no copy), the other keeps its Cholesky factor.
+
+Rows of ``A`` (columns of ``B``) that are exactly zero carry nothing to the update and are dropped
+from both factors first. All arithmetic is float64; inputs are first scaled by an exact power of two so
+that huge or tiny factors neither overflow nor underflow in the Gram matrix. Only scipy's compiled
+LAPACK wrappers are loaded, not the whole of ``scipy.linalg`` (about 0.25 s of start-up); BLAS threads
+are the caller's business (:func:`blas_threads`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.linalg import lapack
 
 from nora_spectra.updates import DenseUpdate, HadamardUpdate, KroneckerUpdate, LowRankUpdate, Update
 
@@ -39,25 +67,129 @@ __all__ = [
     "NonFiniteFactorsError",
     "Spectrum",
     "adapter_singular_values",
+    "blas_threads",
     "dense_spectrum",
     "singular_values",
     "spectrum",
 ]
 
-#: Reciprocal condition number (1-norm estimate of the Cholesky factor) below which a factor is
-#: re-factored with Householder QR. The Gram route's error on a singular value is about
-#: ``eps * cond(F)^2 * ||A|| ||B||``; with cond(F) <= 1e3 that stays below 1e-9 relative.
+#: Reciprocal condition number (1-norm estimate, LAPACK ``dtrcon``) of the equilibrated Cholesky factor
+#: ``R_0`` at or above which a factor's Gram route is used without further checks. The Gram route's error
+#: on a singular value is about ``eps * cond(R_0)^2`` relative to ``sigma_1``; with cond(R_0) <= 1e3 that
+#: stays near 1e-10.
 GRAM_RCOND_LIMIT = 1e-3
+
+#: Route 2 keeps the Gram route's values when every first-order error bound is below this share of sigma_1
+#: (the contract, tested against dense float64 SVDs, is 1e-9).
+_FIRST_ORDER_TOL = 1e-10
+#: Route 2 needs ``delta * ||R_0^{-1}||_F^2`` (the size of the relative perturbation of the factor's
+#: Gram matrix in its own metric) at most this, so that second-order terms stay negligible.
+_FIRST_ORDER_VALID = 1e-2
+#: A squared row norm below this (after the power-of-two scaling) lost precision to underflow: that
+#: factor is not equilibrated, it is re-factored by Householder QR.
+_TINY_SQUARED_NORM = 2.0**-960
+#: Block size of LAPACK's ``dgeqrt`` (measured best between 16 and 32 for r in 16..256).
+_QR_BLOCK = 32
+
+_EPS = float(np.finfo(np.float64).eps)
 
 
 class NonFiniteFactorsError(ValueError):
     """A factor holds NaN or Inf: the update has no spectrum."""
 
 
+# --------------------------------------------------------------------------------------------------
+# LAPACK, without importing scipy.linalg
+
+
+_LAPACK: Any = None
+_LAPACK_LOCK = threading.Lock()
+
+
+def _lapack() -> Any:
+    """scipy's compiled LAPACK wrappers (``dpotrf``, ``dtrcon``, ``dtrtri``, ``dgeqrt``).
+
+    ``scipy.linalg.lapack`` is a thin re-export of the extension module ``scipy.linalg._flapack``, but
+    importing it runs ``scipy/linalg/__init__.py``, which imports every decomposition (about 0.25 s,
+    half of ``spectra analyze``'s start-up on a small adapter). The extension itself loads in a few
+    milliseconds, so it is loaded alone from scipy's installed files; when that is not possible (another
+    layout, a future scipy) or ``scipy.linalg`` is already imported, the public module is used. Both
+    are the same compiled functions.
+    """
+    global _LAPACK
+    if _LAPACK is None:
+        with _LAPACK_LOCK:  # spectra may be computed on several threads
+            if _LAPACK is None:
+                linalg = sys.modules.get("scipy.linalg")
+                _LAPACK = getattr(linalg, "lapack", None) or _load_flapack()
+    return _LAPACK
+
+
+def _load_flapack() -> Any:
+    import importlib.machinery
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        import scipy
+
+        directory = Path(scipy.__file__).parent / "linalg"
+        name = "scipy.linalg._flapack"
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = directory / f"_flapack{suffix}"
+            if path.is_file():
+                loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+                spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+                if spec is None:
+                    break
+                module = importlib.util.module_from_spec(spec)
+                loader.exec_module(module)
+                if all(hasattr(module, f) for f in ("dpotrf", "dtrcon", "dtrtri", "dgeqrt")):
+                    return module
+                break
+    except (ImportError, OSError):  # pragma: no cover - depends on the installed scipy
+        pass
+    from scipy.linalg import lapack  # pragma: no cover - the slow, public route
+
+    return lapack  # pragma: no cover
+
+
+@contextmanager
+def blas_threads(limit: int = 1) -> Iterator[None]:
+    """Limit every BLAS/LAPACK library loaded (numpy's and scipy's) to ``limit`` threads while inside.
+
+    The products here (``r x r`` and ``n x r`` with ``r <= 256``) gain nothing from BLAS threads, and
+    OpenBLAS threads that busy-wait for a core make a loaded machine several times slower; callers that
+    run several spectra at once (:mod:`nora_spectra.spaces.weight`) use one BLAS thread per worker. The
+    limit is process-wide (threadpoolctl), so set it once around a whole computation, not per call.
+    """
+    _lapack()  # scipy's OpenBLAS must be loaded to be limited
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=limit, user_api="blas"):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# the low-rank update s * B @ A
+
+
 def _gram(factor: np.ndarray, rows_are_r: bool) -> np.ndarray:
     """Gram matrix over the factor's long dimension: ``A A^T`` for ``A`` (r, n), ``B^T B`` for ``B`` (n, r)."""
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         return factor @ factor.T if rows_are_r else factor.T @ factor
+
+
+def _peak_exponent(factor: np.ndarray) -> int | None:
+    """``e`` with ``max |factor| = m 2**e``, ``0.5 <= m < 1``; None for an all-zero factor.
+
+    Raises:
+        NonFiniteFactorsError: the factor holds NaN or Inf.
+    """
+    peak = max(float(factor.max()), -float(factor.min())) if factor.size else 0.0
+    if not math.isfinite(peak):
+        raise NonFiniteFactorsError("factor holds NaN or Inf")
+    return None if peak == 0.0 else math.frexp(peak)[1]
 
 
 def _safe_gram(factor: np.ndarray, rows_are_r: bool) -> tuple[np.ndarray, np.ndarray, int]:
@@ -82,12 +214,9 @@ def _safe_gram(factor: np.ndarray, rows_are_r: bool) -> tuple[np.ndarray, np.nda
     trace = float(np.trace(gram))
     if math.isfinite(trace) and _GRAM_TRACE_RANGE[0] < trace < _GRAM_TRACE_RANGE[1]:
         return factor, gram, 0
-    peak = max(float(factor.max()), -float(factor.min())) if factor.size else 0.0
-    if not math.isfinite(peak):
-        raise NonFiniteFactorsError("factor holds NaN or Inf")
-    if peak == 0.0:
+    exponent = _peak_exponent(factor)
+    if exponent is None:
         return factor, gram, 0
-    exponent = math.frexp(peak)[1]  # peak = m * 2**exponent, 0.5 <= m < 1
     scaled = np.ldexp(factor, -exponent)
     return scaled, _gram(scaled, rows_are_r), exponent
 
@@ -96,25 +225,147 @@ def _safe_gram(factor: np.ndarray, rows_are_r: bool) -> tuple[np.ndarray, np.nda
 _GRAM_TRACE_RANGE = (2.0**-900, 2.0**900)
 
 
-def _triangular_factor(tall: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """Return ``R`` with ``tall = Q R`` (``Q`` orthonormal columns) for a tall-or-wide factor.
+@dataclass
+class _Side:
+    """One factor arranged tall, ``F`` (n, r): ``A^T`` or ``B``, and what its Gram matrix says.
 
-    Args:
-        tall: ``(n, r)`` float64 matrix (a factor arranged so that its rows index the big dimension).
-        gram: ``tall.T @ tall``, ``(r, r)``.
-
-    Returns:
-        ``(k, r)`` upper-trapezoidal ``R`` with ``k = r`` (Cholesky route) or ``k = min(n, r)``
-        (Householder fallback). Only ``R^T R = tall^T tall`` matters for the spectrum.
+    Attributes:
+        tall: ``F`` itself (a view; ``A^T`` of a C-ordered ``A`` is Fortran-ordered).
+        n: the long dimension (``d_in`` for ``A``, ``d_out`` for ``B``).
+        scale: ``d``, the column norms of ``F`` (``sqrt(diag(F^T F))``).
+        r0: the Cholesky factor of the equilibrated Gram ``M = D^{-1} F^T F D^{-1}``, or None.
+        rcond: ``dtrcon``'s reciprocal 1-norm condition estimate of ``r0`` (0 when there is none).
     """
-    n, r = tall.shape
-    if n >= r:
-        chol, info = lapack.dpotrf(gram, lower=0, clean=1)
-        if info == 0:
-            rcond, info_con = lapack.dtrcon(chol, norm="1", uplo="U")
-            if info_con == 0 and rcond >= GRAM_RCOND_LIMIT:
-                return chol
-    return np.linalg.qr(tall, mode="r")
+
+    tall: np.ndarray
+    n: int
+    scale: np.ndarray
+    r0: np.ndarray | None
+    rcond: float
+
+    @classmethod
+    def from_gram(cls, tall: np.ndarray, gram: np.ndarray) -> "_Side":
+        lapack = _lapack()
+        diag = np.diag(gram)
+        scale = np.sqrt(diag)
+        if diag.min() < _TINY_SQUARED_NORM:  # a row so small that its squared norm underflowed
+            return cls(tall, tall.shape[0], scale, None, 0.0)
+        equilibrated = gram / scale[:, None] / scale[None, :]
+        r0, info = lapack.dpotrf(equilibrated, lower=0, clean=1, overwrite_a=1)
+        if info != 0:
+            return cls(tall, tall.shape[0], scale, None, 0.0)
+        rcond, info = lapack.dtrcon(r0, norm="1", uplo="U")
+        return cls(tall, tall.shape[0], scale, r0, float(rcond) if info == 0 else 0.0)
+
+    @property
+    def gram_ok(self) -> bool:
+        """Route 1: the Gram route needs no further check."""
+        return self.rcond >= GRAM_RCOND_LIMIT
+
+    def cholesky_r(self) -> np.ndarray:
+        """``R = R_0 D`` with ``R^T R = F^T F`` (to the equilibrated rounding errors)."""
+        assert self.r0 is not None
+        return self.r0 * self.scale[None, :]
+
+    def householder_r(self) -> np.ndarray:
+        """``R`` (r, r) of the Householder QR ``F = Q R`` (LAPACK ``dgeqrt``, recursive and blocked)."""
+        tall = self.tall
+        overwrite = 0
+        if not tall.flags.f_contiguous:  # B (n, r) C-ordered: one copy into LAPACK's layout
+            tall = np.asfortranarray(tall)
+            overwrite = 1
+        r = tall.shape[1]
+        qr, _, info = _lapack().dgeqrt(min(r, _QR_BLOCK), tall, overwrite_a=overwrite)
+        assert info == 0, f"dgeqrt failed: info {info}"
+        return np.triu(qr[:r])
+
+    def delta(self) -> float:
+        """The backward-error model of route 2: ``||Delta||_2 <= sqrt(r n) eps`` for the unit-diagonal Gram."""
+        return math.sqrt(self.tall.shape[1] * self.n) * _EPS
+
+
+def _first_order_values(side_a: _Side, side_b: _Side, r_a: np.ndarray, r_b: np.ndarray) -> np.ndarray | None:
+    """Route 2: the Gram route's singular values when their first-order error bounds are small, else None."""
+    lapack = _lapack()
+    inverses = []
+    for side in (side_a, side_b):
+        assert side.r0 is not None
+        inverse, info = lapack.dtrtri(side.r0, lower=0)
+        if info != 0 or side.delta() * float(np.sum(inverse * inverse)) > _FIRST_ORDER_VALID:
+            return None
+        inverses.append(inverse)
+    u, sigma, vt = np.linalg.svd(r_b @ r_a.T)
+    if sigma[0] == 0.0:
+        return None
+    weight_b = np.sum((inverses[1] @ u) ** 2, axis=0)  # ||R_0B^{-1} u_i||^2
+    weight_a = np.sum((inverses[0] @ vt.T) ** 2, axis=0)  # ||R_0A^{-1} v_i||^2
+    bound = 0.5 * sigma * (side_b.delta() * weight_b + side_a.delta() * weight_a)
+    return sigma if float(bound.max()) <= _FIRST_ORDER_TOL * sigma[0] else None
+
+
+def _core_singular_values(side_a: _Side, side_b: _Side) -> np.ndarray:
+    """Singular values of ``R_B R_A^T`` by the first route that is accurate (module docstring)."""
+    if side_a.gram_ok and side_b.gram_ok:
+        return np.linalg.svd(side_b.cholesky_r() @ side_a.cholesky_r().T, compute_uv=False)
+    if side_a.r0 is not None and side_b.r0 is not None:
+        values = _first_order_values(side_a, side_b, side_a.cholesky_r(), side_b.cholesky_r())
+        if values is not None:
+            return values
+    r_a = side_a.cholesky_r() if side_a.gram_ok else side_a.householder_r()
+    r_b = side_b.cholesky_r() if side_b.gram_ok else side_b.householder_r()
+    return np.linalg.svd(r_b @ r_a.T, compute_uv=False)
+
+
+def _live_indices(a: np.ndarray, gram_a: np.ndarray, b: np.ndarray, gram_b: np.ndarray) -> np.ndarray | None:
+    """Indices ``i`` of the rank dimension whose row ``A[i]`` and column ``B[:, i]`` are both nonzero.
+
+    Returns None when every index is live (the common case, decided from the Gram diagonals alone). An
+    index whose Gram diagonal is 0 is dropped only when its row or column is exactly zero (not merely so
+    small that its square underflowed).
+    """
+    zero_a = np.flatnonzero(np.diag(gram_a) == 0.0)
+    zero_b = np.flatnonzero(np.diag(gram_b) == 0.0)
+    if zero_a.size == 0 and zero_b.size == 0:
+        return None
+    dead = np.zeros(a.shape[0], dtype=bool)
+    dead[zero_a[~a[zero_a].any(axis=1)]] = True
+    dead[zero_b[~b[:, zero_b].any(axis=0)]] = True
+    return None if not dead.any() else np.flatnonzero(~dead)
+
+
+def _factored_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``sigma(B @ A)`` for ``r <= min(d_out, d_in)``: the ``r`` values of the core (module docstring)."""
+    r = A.shape[0]
+    A_n, gram_a, exp_a = _safe_gram(A, rows_are_r=True)
+    B_n, gram_b, exp_b = _safe_gram(B, rows_are_r=False)
+    live = _live_indices(A_n, gram_a, B_n, gram_b)
+    if live is not None:  # exactly zero rows of A / columns of B: drop them from both factors
+        if live.size == 0:
+            return np.zeros(r)
+        A_n, B_n = A_n[live], B_n[:, live]
+        gram_a, gram_b = gram_a[np.ix_(live, live)], gram_b[np.ix_(live, live)]
+    side_a = _Side.from_gram(A_n.T, gram_a)
+    side_b = _Side.from_gram(B_n, gram_b)
+    sigma = _core_singular_values(side_a, side_b)
+    if sigma.size < r:
+        sigma = np.concatenate([sigma, np.zeros(r - sigma.size)])
+    return np.ldexp(sigma, exp_a + exp_b)
+
+
+def _product_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``sigma(B @ A)`` for ``r > min(d_out, d_in)``: the SVD of the formed ``d_out x d_in`` product.
+
+    Each factor is first scaled by an exact power of two (its peak into ``[0.5, 1)``), so the product
+    cannot overflow; cost ``O(d_out d_in r)``, memory ``d_out d_in``, both at most the factors' own.
+    """
+    exp_a = _peak_exponent(A)
+    exp_b = _peak_exponent(B)
+    k = min(B.shape[0], A.shape[1])
+    if exp_a is None or exp_b is None:
+        return np.zeros(k)
+    with np.errstate(under="ignore"):
+        product = np.ldexp(B, -exp_b) @ np.ldexp(A, -exp_a)
+    return np.ldexp(np.linalg.svd(product, compute_uv=False), exp_a + exp_b)
 
 
 def adapter_singular_values(A: ArrayLike, B: ArrayLike, scale: float = 1.0) -> np.ndarray:
@@ -127,8 +378,10 @@ def adapter_singular_values(A: ArrayLike, B: ArrayLike, scale: float = 1.0) -> n
             multiplies every singular value.
 
     Returns:
-        float64 array of length ``min(r, d_out, d_in)``, descending, non-negative: the singular values
-        of ``scale * B @ A`` (the remaining ``min(d_out, d_in) - min(r, d_out, d_in)`` are exactly 0).
+        float64 array of length ``k = min(r, d_out, d_in)``, descending, non-negative: the singular
+        values of ``scale * B @ A`` (the remaining ``min(d_out, d_in) - k`` are exactly 0). Work and
+        memory follow ``k``: ``O((d_out + d_in) r^2)`` and ``r^2`` when ``r <= min(d_out, d_in)``,
+        ``O(d_out d_in r)`` and ``d_out d_in`` otherwise.
 
     Raises:
         ValueError: on shapes that do not compose (``B.shape[1] != A.shape[0]``) or are not 2-D.
@@ -142,18 +395,13 @@ def adapter_singular_values(A: ArrayLike, B: ArrayLike, scale: float = 1.0) -> n
         raise NonFiniteFactorsError(f"scale is {scale}")
     r, d_in = A.shape
     d_out = B.shape[0]
-    k = min(r, d_out, d_in)
-    if k == 0:
+    if min(r, d_out, d_in) == 0:
         return np.zeros(0)
-    A_n, gram_a, exp_a = _safe_gram(A, rows_are_r=True)
-    B_n, gram_b, exp_b = _safe_gram(B, rows_are_r=False)
-    if not gram_a.any() or not gram_b.any():  # an all-zero factor: the update is exactly zero
-        return np.zeros(k)
-    r_a = _triangular_factor(A_n.T, gram_a)  # A^T = Q_A R_A, R_A (k_A, r)
-    r_b = _triangular_factor(B_n, gram_b)  # B = Q_B R_B, R_B (k_B, r)
-    core = r_b @ r_a.T  # (k_B, k_A) with min(k_B, k_A) == k; sigma(B A) == sigma(core)
-    sigma = np.linalg.svd(core, compute_uv=False)
-    return np.ldexp(sigma, exp_a + exp_b) * abs(float(scale))
+    if r > min(d_out, d_in):
+        sigma = _product_singular_values(A, B)
+    else:
+        sigma = _factored_singular_values(A, B)
+    return sigma * abs(float(scale))
 
 
 # --------------------------------------------------------------------------------------------------

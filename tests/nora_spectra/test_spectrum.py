@@ -1,9 +1,13 @@
 """adapter_singular_values against a dense float64 SVD of the formed update."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from nora_spectra.spectrum import GRAM_RCOND_LIMIT, NonFiniteFactorsError, adapter_singular_values
+import nora_spectra.spectrum as spectrum_module
+from nora_spectra.spectrum import GRAM_RCOND_LIMIT, NonFiniteFactorsError, adapter_singular_values, blas_threads
 
 RTOL = 1e-9  # the issue's bound, relative to sigma_max
 
@@ -130,3 +134,169 @@ def test_gram_route_threshold_boundary_is_exact_on_both_sides():
         A = with_singular_values(rng, 16, 100, np.geomspace(1, 1 / cond, 16))
         B = with_singular_values(rng, 90, 16, np.geomspace(1, 1 / cond, 16))
         assert_matches_dense(A, B)
+
+
+# --------------------------------------------------------------------------- ill-conditioned adapters
+# The factors a collapsed or barely trained adapter has. Each case is checked against the dense float64
+# SVD at the contract (1e-9 of sigma_max) and, where the equilibrated Gram route is accurate, that it
+# does not pay for Householder QR: the ill-conditioned path must cost what the well-conditioned one does.
+
+
+def bf16(x: np.ndarray) -> np.ndarray:
+    """Round to bfloat16 (nearest, ties to even) and back to float64, as a bf16 checkpoint stores it."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32) << 16
+    return rounded.view(np.float32).astype(np.float64)
+
+
+@pytest.fixture
+def no_householder(monkeypatch):
+    """Fail the test if any factor is re-factored by Householder QR."""
+
+    def refuse(self):
+        raise AssertionError("Householder fallback taken")
+
+    monkeypatch.setattr(spectrum_module._Side, "householder_r", refuse)
+
+
+@pytest.mark.parametrize("r, d_out, d_in", [(16, 120, 90), (64, 150, 200), (128, 260, 180)])
+@pytest.mark.parametrize("which", ["A rows", "B columns", "both", "both reversed"])
+@pytest.mark.parametrize("to", [1e-6, 1e-14])
+def test_geometrically_decaying_factors_take_the_gram_route(r, d_out, d_in, which, to, no_householder):
+    rng = np.random.default_rng(r + d_out)
+    decay = np.geomspace(1.0, to, r)
+    if which == "both reversed":
+        decay_a, decay_b = decay, decay[::-1]
+    else:
+        decay_a = decay if which != "B columns" else np.ones(r)
+        decay_b = decay if which != "A rows" else np.ones(r)
+    A = bf16(rng.uniform(-1, 1, (r, d_in)) / np.sqrt(d_in) * decay_a[:, None])
+    B = bf16(rng.standard_normal((d_out, r)) * 1e-3 * decay_b)
+    assert_matches_dense(A, B, 2.0)
+
+
+@pytest.mark.parametrize("r", [16, 64])
+def test_exactly_zero_rows_are_dropped_from_both_factors(r, no_householder):
+    rng = np.random.default_rng(r)
+    A = rng.standard_normal((r, 150))
+    B = rng.standard_normal((120, r))
+    A[r // 2 :] = 0.0  # rank r/2: the Gram of A is singular, yet no fallback is needed
+    B[:, 1 : r // 2 : 3] = 0.0
+    got = assert_matches_dense(A, B)
+    live = r // 2 - len(range(1, r // 2, 3))
+    assert np.all(got[live:] == 0.0)
+    assert np.all(got[:live] > 1e-3 * got[0])
+
+
+def test_a_row_whose_square_underflows_is_not_dropped():
+    # only the tiny row of A meets a nonzero column of B: the update is that row, nothing else
+    rng = np.random.default_rng(8)
+    A = rng.standard_normal((8, 60))
+    row = A[3].copy()
+    A[3] = row * 1e-170  # its squared norm underflows to 0 in the Gram matrix
+    B = np.zeros((40, 8))
+    B[:, 3] = rng.standard_normal(40)
+    got = adapter_singular_values(A, B)
+    want = np.linalg.norm(B[:, 3]) * np.linalg.norm(row) * 1e-170
+    np.testing.assert_allclose(got[0], want, rtol=1e-12)
+    assert np.all(got[1:] == 0.0)
+
+
+def half_trained(r: int, d_out: int, d_in: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """A as initialised, B small and nearly rank-one (what a few steps from B = 0 leave), in bf16."""
+    rng = np.random.default_rng(r + d_out)
+    u = rng.standard_normal((d_out, 1))
+    v = rng.standard_normal((1, r))
+    B = bf16(1e-4 * (u @ v + noise * rng.standard_normal((d_out, r))))
+    A = bf16(rng.uniform(-1, 1, (r, d_in)) / np.sqrt(d_in))
+    return A, B
+
+
+@pytest.mark.parametrize("r, d_out, d_in", [(16, 200, 150), (64, 300, 200), (128, 400, 260)])
+@pytest.mark.parametrize("noise", [1e-2, 1e-3])
+def test_half_trained_adapter_keeps_the_gram_route(r, d_out, d_in, noise, no_householder):
+    # B's equilibrated Gram is ill-conditioned (rcond ~1e-4: noise and bf16 rounding are all that
+    # separates its columns), yet the first-order error bounds show the Gram route's values are exact
+    assert_matches_dense(*half_trained(r, d_out, d_in, noise), 0.5)
+
+
+@pytest.mark.parametrize("r, d_out, d_in", [(16, 200, 150), (64, 300, 200), (128, 400, 260), (128, 600, 260)])
+def test_rank_one_up_to_bf16_rounding(r, d_out, d_in):
+    # B = bf16(u v^T): its Gram may be singular to working precision; any route, the contract holds
+    assert_matches_dense(*half_trained(r, d_out, d_in, 0.0), 0.5)
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e4, 1e6, 1e10])
+def test_ill_direction_of_b_amplified_by_a(cond):
+    # adversarial for the Gram route: B is weak along w and A is strong along w, so the update's
+    # largest singular values come from B's poorly determined direction; the error bounds must see it
+    rng = np.random.default_rng(int(np.log10(cond)))
+    r, d_out, d_in = 16, 200, 150
+    w = np.linalg.qr(rng.standard_normal((r, 1)))[0]
+    B = rng.standard_normal((d_out, r)) @ (np.eye(r) - w @ w.T) + rng.standard_normal((d_out, 1)) @ w.T / cond
+    A = rng.standard_normal((r, d_in)) / np.sqrt(d_in) + 1e3 * w @ rng.standard_normal((1, d_in)) / np.sqrt(d_in)
+    assert_matches_dense(A, B)
+
+
+def test_rank_above_both_dimensions_costs_the_dimensions_not_r():
+    # issue 12: lora_A [20000, 1] and lora_B [1, 20000] is a 1 x 1 update; an r x r Gram would take 3.2 GB
+    import tracemalloc
+
+    rng = np.random.default_rng(9)
+    A = rng.standard_normal((20000, 1))
+    B = rng.standard_normal((1, 20000))
+    tracemalloc.start()
+    try:
+        got = adapter_singular_values(A, B, 0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # bytes: nothing of size r^2, nor even of size r
+    np.testing.assert_allclose(got, [0.5 * abs(float(B[0] @ A[:, 0]))], rtol=1e-12)
+
+
+@pytest.mark.parametrize("r, d_out, d_in", [(300, 40, 30), (300, 30, 40), (64, 5, 4000), (64, 4000, 5), (2000, 1, 1)])
+def test_rank_above_a_dimension_forms_the_small_product(r, d_out, d_in):
+    import tracemalloc
+
+    rng = np.random.default_rng(r + d_out)
+    A = rng.standard_normal((r, d_in))
+    B = rng.standard_normal((d_out, r))
+    tracemalloc.start()
+    try:
+        got = assert_matches_dense(A, B, -1.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.shape == (min(d_out, d_in),)
+    # the dense reference itself allocates d_out * d_in; nothing of size r * r on top
+    assert peak < 8 * (4 * d_out * d_in + 2 * r * max(d_out, d_in)) + 200_000
+
+
+def test_lapack_loads_without_scipy_linalg():
+    # start-up: only scipy's compiled LAPACK wrappers, not the whole of scipy.linalg (about 0.25 s)
+    code = (
+        "import sys, numpy as np\n"
+        "from nora_spectra.spectrum import adapter_singular_values, _lapack\n"
+        "adapter_singular_values(np.ones((2, 3)), np.ones((4, 2)))\n"
+        "assert 'scipy.linalg' not in sys.modules, 'scipy.linalg imported'\n"
+        "fast = _lapack()\n"
+        "from scipy.linalg import lapack\n"
+        "m = np.array([[4.0, 2.0], [2.0, 3.0]])\n"
+        "assert np.array_equal(fast.dpotrf(m)[0], lapack.dpotrf(m)[0])\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_blas_threads_limits_every_blas_library_and_restores():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = {info["filepath"]: info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
+    with blas_threads(1):
+        inside = [info for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+        assert len(inside) >= 1
+        assert all(info["num_threads"] == 1 for info in inside)
+    after = {info["filepath"]: info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
+    assert all(after[path] == threads for path, threads in before.items())
