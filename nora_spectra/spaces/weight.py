@@ -1,26 +1,48 @@
 """Weight space: the exact spectrum of each module's update (``s * B @ A`` for LoRA and NoRA).
 
 ``prepare(source, adapter=None, format="auto")`` opens the checkpoint (validating everything from
-headers); :meth:`WeightRun.layers` then reads one module at a time and computes its singular values
-with :func:`nora_spectra.spectrum.spectrum`, whatever the kind of update.
+headers); :meth:`WeightRun.layers` then reads each module and computes its singular values with
+:func:`nora_spectra.spectrum.spectrum`, whatever the kind of update.
+
+Modules are measured by a small pool of threads (one per available core, at most
+:data:`MAX_WORKERS`), each reading one module (``np.fromfile`` at the tensor's offset, then the float64
+upcast) and computing its spectrum while the others do the same, so reading overlaps arithmetic and a
+2-core machine does about twice the work of one thread. The heavy steps (file reads, casts, the Gram
+products, Householder QR) release the GIL. BLAS is limited to one thread for the whole run
+(:func:`~nora_spectra.spectrum.blas_threads`): the products are too small to gain from BLAS threads,
+and BLAS threads that busy-wait for a core make a loaded machine several times slower. Each module is
+computed by one thread with single-threaded BLAS, so the values do not depend on the number of cores
+or on scheduling; they are yielded in module order, and the progress callback is called once per
+module, in order, from the calling thread. At most ``workers + 1`` modules are in memory at once.
+
+The pool needs a checkpoint whose modules can be read concurrently: a :class:`~nora_spectra.io.Checkpoint`
+with its own ``iter_layers`` and ``ModuleEntry.read`` functions that hold no shared mutable state (the
+safetensors reader opens the file anew for every tensor). Any other object with ``iter_layers()`` is
+measured one module at a time.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Iterator
+from collections import deque
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, ModuleUpdate, materialize
 from nora_spectra.schema import LAYER_COLUMNS
 from nora_spectra.spaces import LayerSpectrum, Report, SourceInfo, source_info
-from nora_spectra.spectrum import NonFiniteFactorsError, spectrum
+from nora_spectra.spectrum import NonFiniteFactorsError, blas_threads, spectrum
 
-if TYPE_CHECKING:  # pragma: no cover
-    from nora_spectra.io import Checkpoint
-
-__all__ = ["OPTIONS", "WeightRun", "open_checkpoint", "prepare"]
+__all__ = ["MAX_WORKERS", "OPTIONS", "WeightRun", "measure", "open_checkpoint", "ordered_map", "prepare", "worker_count"]
 
 #: keyword options of this space.
 OPTIONS = ("adapter", "format")
+
+#: At most this many modules are measured at once (each holds its float64 factors in memory).
+MAX_WORKERS = 8
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def open_checkpoint(source: "str | os.PathLike[str] | Checkpoint", adapter: str | None, format: str) -> "Checkpoint":
@@ -30,6 +52,60 @@ def open_checkpoint(source: "str | os.PathLike[str] | Checkpoint", adapter: str 
     from nora_spectra.io import load_checkpoint
 
     return load_checkpoint(source, adapter=adapter, format=format)
+
+
+def worker_count(modules: int) -> int:
+    """Threads for ``modules`` modules: the cores this process may run on, at most :data:`MAX_WORKERS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS, modules))
+
+
+def measure(layer: ModuleUpdate) -> LayerSpectrum:
+    """The :class:`LayerSpectrum` of one read module (``sigma`` None when a factor holds NaN or Inf)."""
+    try:
+        sigma = spectrum(layer.update).values
+    except NonFiniteFactorsError:
+        sigma = None
+    identity = {
+        "module": layer.module,
+        "kind": layer.kind,
+        "layer_type": layer.layer_type,
+        "dtype": layer.dtype,
+        "rank": int(layer.rank),
+        "scale": float(getattr(layer.update, "scale", 1.0)),
+        "shape": layer.shape,
+    }
+    return LayerSpectrum(identity, sigma, dora=bool(getattr(layer, "dora", False)))
+
+
+def _read_and_measure(entry: ModuleEntry) -> LayerSpectrum:
+    return measure(materialize(entry))
+
+
+def ordered_map(work: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
+    """``map(work, items)`` on ``workers`` threads, yielding results in the order of ``items``.
+
+    At most ``workers + 1`` items are submitted ahead of the one being yielded, so memory stays near
+    ``workers + 1`` results. An exception raised by ``work`` is re-raised here, at its item's turn;
+    items not started yet are then cancelled (and so when the consumer stops early).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spectra") as pool:
+        pending = deque(pool.submit(work, item) for item in islice(source, workers + 1))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                for item in islice(source, 1):
+                    pending.append(pool.submit(work, item))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class WeightRun:
@@ -44,24 +120,20 @@ class WeightRun:
         self.info: SourceInfo = source_info(checkpoint)
         self.total = len(checkpoint)
 
+    def _spectra(self) -> Iterator[LayerSpectrum]:
+        checkpoint = self.checkpoint
+        pooled = isinstance(checkpoint, Checkpoint) and type(checkpoint).iter_layers is Checkpoint.iter_layers
+        workers = worker_count(self.total) if pooled else 1
+        if workers > 1:
+            return ordered_map(_read_and_measure, checkpoint.entries, workers)
+        return (measure(layer) for layer in checkpoint.iter_layers())
+
     def layers(self, report: Report | None) -> Iterator[LayerSpectrum]:
-        for done, layer in enumerate(self.checkpoint.iter_layers(), start=1):
-            try:
-                sigma = spectrum(layer.update).values
-            except NonFiniteFactorsError:
-                sigma = None
-            identity = {
-                "module": layer.module,
-                "kind": layer.kind,
-                "layer_type": layer.layer_type,
-                "dtype": layer.dtype,
-                "rank": int(layer.rank),
-                "scale": float(getattr(layer.update, "scale", 1.0)),
-                "shape": layer.shape,
-            }
-            yield LayerSpectrum(identity, sigma, dora=bool(getattr(layer, "dora", False)))
-            if report is not None:
-                report(done, self.total, layer.module)
+        with blas_threads(1):
+            for done, layer in enumerate(self._spectra(), start=1):
+                yield layer
+                if report is not None:
+                    report(done, self.total, layer.identity["module"])
 
     def fields(self) -> dict[str, Any]:
         return {}

@@ -1,0 +1,152 @@
+"""The weight space's pool: results identical to one thread, in module order, errors at their turn.
+
+The spectra themselves are tested against dense float64 SVDs in ``test_spectrum.py`` and
+``test_analysis.py``; here the point is that measuring modules on several threads changes nothing
+but the time: the same bits, the same order, the same progress calls, the same errors.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nora_spectra.spaces.weight as weight
+from nora_spectra.analysis import analyze
+from nora_spectra.errors import CheckpointError
+from nora_spectra.io import load_checkpoint
+from tests.nora_spectra.golden_fixtures import write_safetensors
+
+PREFIX = "base_model.model."
+
+
+def many_modules(directory: Path, layers: int = 12) -> Path:
+    """A PEFT directory with ``3 * layers`` modules of several shapes and dtypes, some ill-conditioned."""
+    rng = np.random.default_rng(11)
+    tensors = {}
+    for layer in range(layers):
+        for name, (d_out, d_in), tag in (("q_proj", (48, 40), "BF16"), ("up_proj", (96, 40), "F32"), ("down_proj", (40, 96), "F16")):
+            a = rng.standard_normal((8, d_in)) / np.sqrt(d_in)
+            b = rng.standard_normal((d_out, 8)) * 1e-2
+            if layer % 3 == 1:
+                a = a * np.geomspace(1, 1e-12, 8)[:, None]  # a collapsed layer
+            if layer % 4 == 2:
+                b[:, 3] = 0.0
+            key = f"{PREFIX}model.layers.{layer}.{name}"
+            tensors[f"{key}.lora_A.weight"] = (tag, a.astype(np.float32))
+            tensors[f"{key}.lora_B.weight"] = (tag, b.astype(np.float32))
+    directory.mkdir(parents=True)
+    write_safetensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "up_proj", "down_proj"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_threads_give_the_same_bits_in_the_same_order(tmp_path, monkeypatch):
+    ck = many_modules(tmp_path / "ck")
+    monkeypatch.setattr(weight, "worker_count", lambda modules: 1)
+    serial = analyze(ck, emit_warnings=False)
+    monkeypatch.setattr(weight, "worker_count", lambda modules: 4)
+    pooled = analyze(ck, emit_warnings=False)
+    assert [r["module"] for r in pooled.records] == load_checkpoint(ck).modules
+    assert pooled.to_json() == serial.to_json()  # every digit of every singular value and metric
+
+
+def test_progress_is_reported_per_module_in_order_from_the_calling_thread(tmp_path, monkeypatch):
+    ck = many_modules(tmp_path / "ck", layers=5)
+    monkeypatch.setattr(weight, "worker_count", lambda modules: 3)
+    calls = []
+    result = analyze(ck, emit_warnings=False, progress=lambda *call: calls.append((*call, threading.get_ident())))
+    assert [c[:3] for c in calls] == [(i, 15, rec["module"]) for i, rec in enumerate(result.records, start=1)]
+    assert {c[3] for c in calls} == {threading.get_ident()}
+
+
+def test_blas_is_single_threaded_while_measuring(tmp_path, monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    ck = many_modules(tmp_path / "ck", layers=2)
+    monkeypatch.setattr(weight, "worker_count", lambda modules: 2)
+    seen = []
+
+    def report(done, total, module):
+        seen.extend(info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas")
+
+    analyze(ck, emit_warnings=False, progress=report)
+    assert seen and set(seen) == {1}
+
+
+def test_a_read_error_surfaces_at_its_module_after_the_ones_before(tmp_path, monkeypatch):
+    ck = many_modules(tmp_path / "ck", layers=6)
+    checkpoint = load_checkpoint(ck)
+    weights = tmp_path / "ck" / "adapter_model.safetensors"
+    # the file shrinks after its header was validated: the last modules can no longer be read
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size - 100)
+    monkeypatch.setattr(weight, "worker_count", lambda modules: 3)
+    run = weight.prepare(checkpoint)
+    done = []
+    with pytest.raises(CheckpointError, match="truncated|changed size|cannot read"):
+        for layer in run.layers(None):
+            done.append(layer.identity["module"])
+    assert done == checkpoint.modules[: len(done)]
+    assert 0 < len(done) < len(checkpoint.modules)
+
+
+def test_ordered_map_keeps_order_bounds_the_window_and_cancels_on_error():
+    started = []
+    lock = threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (5 - i % 5))  # later items finish first
+        if i == 6:
+            raise ValueError("item 6")
+        return i * i
+
+    results = []
+    with pytest.raises(ValueError, match="item 6"):
+        for value in weight.ordered_map(work, range(100), workers=3):
+            results.append(value)
+    assert results == [i * i for i in range(6)]
+    assert max(started) <= 6 + 3 + 1  # never more than workers + 1 ahead of the item being yielded
+
+
+def test_ordered_map_stops_when_the_consumer_stops():
+    started = []
+
+    def work(i):
+        started.append(i)
+        return i
+
+    generator = weight.ordered_map(work, range(1000), workers=2)
+    assert [next(generator) for _ in range(3)] == [0, 1, 2]
+    generator.close()
+    assert len(started) <= 3 + 2 + 1
+
+
+def test_a_look_alike_checkpoint_is_measured_one_module_at_a_time(tmp_path):
+    # any object with iter_layers() (not a Checkpoint) is read serially, in its own order
+    checkpoint = load_checkpoint(many_modules(tmp_path / "ck", layers=2))
+
+    class LookAlike:
+        path = checkpoint.path
+        format = "test"
+        method = "lora"
+
+        def __len__(self):
+            return len(checkpoint)
+
+        def iter_layers(self):
+            return reversed(list(checkpoint.iter_layers()))
+
+    result = analyze(LookAlike(), emit_warnings=False)
+    assert [r["module"] for r in result.records] == checkpoint.modules[::-1]
+
+
+def test_worker_count_is_bounded():
+    assert weight.worker_count(1) == 1
+    assert 1 <= weight.worker_count(1000) <= weight.MAX_WORKERS
