@@ -7,15 +7,18 @@ and must tile it exactly, in any key order.
 
 :class:`SafetensorsFile` parses and validates the whole header when it is constructed, so a corrupt or
 truncated file raises :class:`~nora_spectra.errors.CheckpointError` before any tensor is read. Tensors are
-then read one at a time (``np.fromfile`` at the tensor's offset) and upcast to float64, so memory stays
-near the size of the tensor being read, not of the file.
+then read one at a time (a fresh file handle at the tensor's offset, so threads may read concurrently)
+and upcast to float64 block by block, so memory stays near the size of the tensor being read, not of
+the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,14 +139,13 @@ class SafetensorsFile:
         """
         info = self._tensors[name]
         check_readable(self.path, info)
-        raw_dtype = np.dtype(_RAW_NUMPY[info.dtype])
         try:
-            raw = np.fromfile(self.path, dtype=raw_dtype, count=info.numel, offset=info.start)
+            flat = _read_float64(self.path, info)
         except OSError as exc:
             raise CheckpointError(self.path, f"cannot read tensor {name!r}: {exc.strerror or exc}") from exc
-        if raw.size != info.numel:
-            raise CheckpointError(self.path, f"truncated while reading tensor {name!r}")
-        return _upcast(raw, info.dtype).reshape(info.shape)
+        except EOFError:
+            raise CheckpointError(self.path, f"truncated while reading tensor {name!r}") from None
+        return flat.reshape(info.shape)
 
     # ------------------------------------------------------------------ parsing
 
@@ -207,18 +209,68 @@ def check_readable(path: str, info: TensorInfo) -> None:
             ) from exc
 
 
-def _upcast(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Exact upcast of raw stored bits to float64 (1-D in, 1-D out)."""
-    if dtype == "BF16":
-        # bfloat16 is the top half of a float32: shift the bits up and reinterpret.
-        bits = raw.astype(np.uint32)
-        bits <<= 16
-        return bits.view(np.float32).astype(np.float64)
-    if dtype in _ML_DTYPES_NAME:
-        import ml_dtypes
+#: Elements read and upcast per step: the raw block and its float32 bits stay in the CPU cache, and
+#: the float64 result is the only allocation of the tensor's size.
+_BLOCK = 1 << 16
 
-        return raw.view(getattr(ml_dtypes, _ML_DTYPES_NAME[dtype])).astype(np.float64)
-    return raw.astype(np.float64)
+
+def _read_float64(path: str, info: TensorInfo) -> np.ndarray:
+    """Read ``info``'s stored values from ``path`` and upcast them exactly to a new float64 array (1-D).
+
+    The file is opened anew (so concurrent reads from several threads are safe) and read block by
+    block into a small buffer, each block upcast straight into its slice of the result: one pass over
+    the result's memory, instead of a full-size raw copy, a full-size float32 copy and the result.
+
+    Raises:
+        OSError: the file cannot be read.
+        EOFError: the file ends before the tensor does (it changed since its header was validated).
+    """
+    n = info.numel
+    out = np.empty(n, dtype=np.float64)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(info.start)
+        if info.dtype == "F64" and sys.byteorder == "little":
+            _read_exact(handle, out)
+            return out
+        raw = np.empty(min(n, _BLOCK), dtype=_RAW_NUMPY[info.dtype])
+        scratch = np.empty(raw.size, dtype=np.uint32) if info.dtype == "BF16" else None
+        for start in range(0, n, _BLOCK):
+            stop = min(n, start + _BLOCK)
+            block = raw[: stop - start]
+            _read_exact(handle, block)
+            _upcast(block, info.dtype, out[start:stop], scratch)
+    return out
+
+
+def _read_exact(handle: "io.RawIOBase", array: np.ndarray) -> None:
+    """Fill ``array`` (contiguous) from ``handle``; EOFError when the file ends first."""
+    view = memoryview(array).cast("B")
+    done = 0
+    while done < view.nbytes:
+        got = handle.readinto(view[done:])
+        if not got:
+            raise EOFError
+        done += got
+
+
+def _upcast(raw: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
+    """Exact upcast of raw stored values (1-D) into ``out`` (float64, same length), in one pass over ``out``.
+
+    ``scratch`` is a uint32 buffer at least as long as ``raw`` (BF16 only; allocated when None). NaN
+    payloads are kept without numpy's cast warning: a NaN factor is reported as such downstream.
+    """
+    with np.errstate(invalid="ignore"):
+        if dtype == "BF16":
+            # bfloat16 is the top half of a float32: widen-and-shift the bits, then one cast to float64
+            bits = (np.empty(raw.size, np.uint32) if scratch is None else scratch)[: raw.size]
+            np.left_shift(raw, 16, out=bits, dtype=np.uint32)
+            np.copyto(out, bits.view(np.float32))
+        elif dtype in _ML_DTYPES_NAME:
+            import ml_dtypes
+
+            np.copyto(out, raw.view(getattr(ml_dtypes, _ML_DTYPES_NAME[dtype])))
+        else:
+            np.copyto(out, raw)
 
 
 def _parse_metadata(path: str, metadata: object) -> dict[str, str]:

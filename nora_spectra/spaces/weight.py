@@ -5,9 +5,10 @@ headers); :meth:`WeightRun.layers` then reads each module and computes its singu
 :func:`nora_spectra.spectrum.spectrum`, whatever the kind of update.
 
 Modules are measured by a small pool of threads (one per available core, at most
-:data:`MAX_WORKERS`), each reading one module (``np.fromfile`` at the tensor's offset, then the float64
-upcast) and computing its spectrum while the others do the same, so reading overlaps arithmetic and a
-2-core machine does about twice the work of one thread. The heavy steps (file reads, casts, the Gram
+:data:`MAX_WORKERS`), each reading one module (the safetensors reader opens the file anew at the
+tensor's offset and upcasts to float64 block by block) and computing its spectrum while the others
+do the same, so reading overlaps arithmetic and a 2-core machine does about twice the work of one
+thread. The heavy steps (file reads, casts, the Gram
 products, Householder QR) release the GIL. BLAS is limited to one thread for the whole run
 (:func:`~nora_spectra.spectrum.blas_threads`): the products are too small to gain from BLAS threads,
 and BLAS threads that busy-wait for a core make a loaded machine several times slower. Each module is
