@@ -25,8 +25,7 @@ measured one module at a time.
 from __future__ import annotations
 
 import os
-from collections import deque
-from itertools import islice
+import threading
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, ModuleUpdate, materialize
@@ -87,26 +86,90 @@ def _read_and_measure(entry: ModuleEntry) -> LayerSpectrum:
 
 
 def ordered_map(work: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
-    """``map(work, items)`` on ``workers`` threads, yielding results in the order of ``items``.
+    """``map(work, items)`` on ``workers`` threads, the calling thread being one of them, in order.
 
-    At most ``workers + 1`` items are submitted ahead of the one being yielded, so memory stays near
-    ``workers + 1`` results. An exception raised by ``work`` is re-raised here, at its item's turn;
-    items not started yet are then cancelled (and so when the consumer stops early).
+    ``workers - 1`` helper threads and the caller take the next item as they become free (the caller
+    does, while the result it must yield next is not ready), so a 2-core machine runs one extra thread,
+    not two: each thread keeps its own allocator arena and BLAS buffers (about 2 MB). Results are
+    yielded in the order of ``items``; an item starts only when it is at most ``workers`` places ahead
+    of the next one to yield, so memory stays near ``workers + 1`` results. An exception raised by
+    ``work`` is re-raised at its item's turn; when the consumer stops (or an item raised), items not
+    started yet never start, and the helpers are joined before this returns.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    if workers <= 1:
+        yield from map(work, items)
+        return
+    pending = enumerate(items)
+    cond = threading.Condition()
+    results: dict[int, tuple[bool, Any]] = {}
+    started = 0  # items taken so far (they are numbered 0, 1, ... in the order taken)
+    to_yield = 0  # the next item to yield
+    closed = False  # the consumer stopped, or every item was taken
 
-    source = iter(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spectra") as pool:
-        pending = deque(pool.submit(work, item) for item in islice(source, workers + 1))
+    def take() -> tuple[int, _T] | None:
+        """The next item, if one may start now (called holding ``cond``)."""
+        nonlocal started, closed
+        if closed or started - to_yield > workers:
+            return None
+        task = next(pending, None)
+        if task is None:
+            closed = True
+            cond.notify_all()
+            return None
+        started += 1
+        return task
+
+    def run(index: int, item: _T) -> None:
         try:
-            while pending:
-                result = pending.popleft().result()
-                for item in islice(source, 1):
-                    pending.append(pool.submit(work, item))
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
+            outcome: tuple[bool, Any] = (True, work(item))
+        except BaseException as exc:  # re-raised by the consumer, at this item's turn
+            outcome = (False, exc)
+        with cond:
+            results[index] = outcome
+            cond.notify_all()
+
+    def helper() -> None:
+        while True:
+            with cond:
+                task = take()
+                while task is None and not closed:
+                    cond.wait()
+                    task = take()
+            if task is None:
+                return
+            run(*task)
+
+    threads = [threading.Thread(target=helper, name=f"spectra-{n}", daemon=True) for n in range(workers - 1)]
+    for thread in threads:
+        thread.start()
+    try:
+        while True:
+            with cond:
+                while to_yield not in results and not (closed and started == to_yield):
+                    task = take()
+                    if task is None:
+                        if not (closed and started == to_yield):  # take() may just have found the end
+                            cond.wait()
+                        continue
+                    cond.release()  # the next result is not ready: work meanwhile
+                    try:
+                        run(*task)
+                    finally:
+                        cond.acquire()
+                if to_yield not in results:
+                    return  # every item was yielded
+                ok, value = results.pop(to_yield)
+                to_yield += 1
+                cond.notify_all()  # the window moved
+            if not ok:
+                raise value
+            yield value
+    finally:
+        with cond:
+            closed = True
+            cond.notify_all()
+        for thread in threads:
+            thread.join()
 
 
 class WeightRun:
