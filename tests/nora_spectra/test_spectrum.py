@@ -291,6 +291,30 @@ def test_lapack_loads_without_scipy_linalg():
     assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.parametrize("preset", [None, "20"])
+def test_openblas_thread_timeout_is_set_only_while_loading(preset):
+    # scipy's OpenBLAS is loaded with OPENBLAS_THREAD_TIMEOUT=4 (idle threads sleep instead of spinning)
+    # unless the user chose a value; the environment is left as it was
+    code = (
+        "import os\n"
+        f"preset = {preset!r}\n"
+        "os.environ.pop('OPENBLAS_THREAD_TIMEOUT', None)\n"
+        "if preset is not None: os.environ['OPENBLAS_THREAD_TIMEOUT'] = preset\n"
+        "import nora_spectra.spectrum as s\n"
+        "seen = []\n"
+        "original = s._load_flapack.__globals__['_idle_blas_threads_sleep']\n"
+        "s._lapack()\n"
+        "assert os.environ.get('OPENBLAS_THREAD_TIMEOUT') == preset, os.environ.get('OPENBLAS_THREAD_TIMEOUT')\n"
+        "with original():\n"
+        "    seen.append(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
+        "assert seen == [preset or '4'], seen\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_blas_threads_limits_every_blas_library_and_restores():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     before = {info["filepath"]: info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
