@@ -56,12 +56,14 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from nora_spectra.updates import DenseUpdate, HadamardUpdate, KroneckerUpdate, LowRankUpdate, Update
+
+if TYPE_CHECKING:  # pragma: no cover
+    from numpy.typing import ArrayLike
 
 __all__ = [
     "GRAM_RCOND_LIMIT",
