@@ -26,20 +26,22 @@ with ``d_i`` the norm of the i-th row of ``A`` (column of ``B``), ``G = D M D`` 
 Cholesky are relative to ``d_i d_j`` entry by entry (``R^T R = D (M + Delta) D`` with
 ``|Delta_ij| = O(eps)``; Demmel 1989, van der Sluis 1969), so a factor whose rows decay geometrically (a
 collapsed adapter) is as accurate as a well-scaled one: what matters is the condition of ``R_0``, not
-of ``R``. Three routes, chosen per factor from cheap ``r x r`` tests (module :data:`GRAM_RCOND_LIMIT`):
+of ``R``. The first accurate of three routes is taken, decided by cheap ``r x r`` tests
+(:data:`GRAM_RCOND_LIMIT`):
 
 1. both ``R_0`` well-conditioned (reciprocal condition estimate ``>= 1e-3``): the Gram route, whose
-   error is about ``eps * cond(R_0)^2`` relative;
+   error is about ``eps * cond(R_0)^2`` of ``sigma_1``;
 2. otherwise, when first-order perturbation theory applies (``||Delta|| ||R_0^{-1}||^2`` small): the
    core's SVD with vectors gives each value's first-order error,
    ``|d sigma_i| <= sigma_i (delta_B ||R_{0B}^{-1} u_i||^2 + delta_A ||R_{0A}^{-1} v_i||^2) / 2`` with
    ``delta = sqrt(r n) eps`` (the probabilistic backward-error model of a length-``n`` dot product, with
-   a margin of 20-100x over the errors measured here); when every bound is below ``1e-10 sigma_1`` the
+   a margin of 10-100x over the errors measured here); when every bound is below ``1e-10 sigma_1`` the
    Gram route's values stand. A half-trained adapter (``B`` nearly rank-one) takes this route: its
    small singular values are poorly determined relative to themselves but are small;
 3. otherwise, each factor whose ``R_0`` is ill-conditioned (or singular) is re-factored with
-   Householder QR (LAPACK's recursive blocked ``dgeqrt``, on the Fortran-ordered view ``A^T`` that needs
-   no copy), the other keeps its Cholesky factor.
+   Householder QR (LAPACK's recursive blocked ``dgeqrt``, about 3x faster than ``numpy.linalg.qr``;
+   ``A^T`` of a C-ordered ``A`` is already in LAPACK's column-major layout), the other keeps its
+   Cholesky factor.
 
 Rows of ``A`` (columns of ``B``) that are exactly zero carry nothing to the update and are dropped
 from both factors first. All arithmetic is float64; inputs are first scaled by an exact power of two so
