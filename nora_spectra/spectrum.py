@@ -131,28 +131,30 @@ def _lapack() -> Any:
 
 
 def _load_flapack() -> Any:
+    """``scipy.linalg._flapack`` loaded from its file, without running ``scipy/__init__.py`` or
+    ``scipy/linalg/__init__.py`` (the extension needs only numpy); the public module if that fails."""
     import importlib.machinery
     import importlib.util
     from pathlib import Path
 
     with _idle_blas_threads_sleep():
         try:
-            import scipy
-
-            directory = Path(scipy.__file__).parent / "linalg"
+            found = importlib.util.find_spec("scipy")  # locates the package without importing it
+            locations = list(found.submodule_search_locations or []) if found is not None else []
             name = "scipy.linalg._flapack"
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-                path = directory / f"_flapack{suffix}"
-                if path.is_file():
+            for location in locations:
+                for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                    path = Path(location) / "linalg" / f"_flapack{suffix}"
+                    if not path.is_file():
+                        continue
                     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
                     spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
                     if spec is None:
-                        break
+                        continue
                     module = importlib.util.module_from_spec(spec)
                     loader.exec_module(module)
                     if all(hasattr(module, f) for f in ("dpotrf", "dtrcon", "dtrtri", "dgeqrt")):
                         return module
-                    break
         except (ImportError, OSError):  # pragma: no cover - depends on the installed scipy
             pass
         from scipy.linalg import lapack  # pragma: no cover - the slow, public route
@@ -238,7 +240,7 @@ def _safe_gram(factor: np.ndarray, rows_are_r: bool) -> tuple[np.ndarray, np.nda
         NonFiniteFactorsError: when the factor holds NaN or Inf.
     """
     gram = _gram(factor, rows_are_r)
-    trace = float(np.trace(gram))
+    trace = float(gram.trace())
     if math.isfinite(trace) and _GRAM_TRACE_RANGE[0] < trace < _GRAM_TRACE_RANGE[1]:
         return factor, gram, 0
     exponent = _peak_exponent(factor)
@@ -273,11 +275,11 @@ class _Side:
     @classmethod
     def from_gram(cls, tall: np.ndarray, gram: np.ndarray) -> "_Side":
         lapack = _lapack()
-        diag = np.diag(gram)
+        diag = gram.diagonal()
         scale = np.sqrt(diag)
         if diag.min() < _TINY_SQUARED_NORM:  # a row so small that its squared norm underflowed
             return cls(tall, tall.shape[0], scale, None, 0.0)
-        equilibrated = gram / scale[:, None] / scale[None, :]
+        equilibrated = gram / np.multiply.outer(scale, scale)
         r0, info = lapack.dpotrf(equilibrated, lower=0, clean=1, overwrite_a=1)
         if info != 0:
             return cls(tall, tall.shape[0], scale, None, 0.0)
@@ -350,10 +352,10 @@ def _live_indices(a: np.ndarray, gram_a: np.ndarray, b: np.ndarray, gram_b: np.n
     index whose Gram diagonal is 0 is dropped only when its row or column is exactly zero (not merely so
     small that its square underflowed).
     """
-    zero_a = np.flatnonzero(np.diag(gram_a) == 0.0)
-    zero_b = np.flatnonzero(np.diag(gram_b) == 0.0)
-    if zero_a.size == 0 and zero_b.size == 0:
+    if gram_a.diagonal().all() and gram_b.diagonal().all():
         return None
+    zero_a = np.flatnonzero(gram_a.diagonal() == 0.0)
+    zero_b = np.flatnonzero(gram_b.diagonal() == 0.0)
     dead = np.zeros(a.shape[0], dtype=bool)
     dead[zero_a[~a[zero_a].any(axis=1)]] = True
     dead[zero_b[~b[:, zero_b].any(axis=0)]] = True
@@ -376,7 +378,7 @@ def _factored_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     sigma = _core_singular_values(side_a, side_b)
     if sigma.size < r:
         sigma = np.concatenate([sigma, np.zeros(r - sigma.size)])
-    return np.ldexp(sigma, exp_a + exp_b)
+    return np.ldexp(sigma, exp_a + exp_b) if exp_a + exp_b else sigma
 
 
 def _product_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
