@@ -260,6 +260,8 @@ class _Side:
 
     Attributes:
         tall: ``F`` itself (a view; ``A^T`` of a C-ordered ``A`` is Fortran-ordered).
+        live: the columns of ``F`` that are kept (exactly zero rows of ``A`` / columns of ``B`` dropped), or
+            None for all; only the Householder route needs ``F`` itself, so only it takes them.
         n: the long dimension (``d_in`` for ``A``, ``d_out`` for ``B``).
         scale: ``d``, the column norms of ``F`` (``sqrt(diag(F^T F))``).
         r0: the Cholesky factor of the equilibrated Gram ``M = D^{-1} F^T F D^{-1}``, or None.
@@ -267,24 +269,27 @@ class _Side:
     """
 
     tall: np.ndarray
+    live: np.ndarray | None
     n: int
     scale: np.ndarray
     r0: np.ndarray | None
     rcond: float
 
     @classmethod
-    def from_gram(cls, tall: np.ndarray, gram: np.ndarray) -> "_Side":
+    def from_gram(cls, tall: np.ndarray, gram: np.ndarray, live: np.ndarray | None) -> "_Side":
+        """``gram`` is ``F^T F`` restricted to ``live`` (all of it when ``live`` is None)."""
         lapack = _lapack()
         diag = gram.diagonal()
         scale = np.sqrt(diag)
+        n = tall.shape[0]
         if diag.min() < _TINY_SQUARED_NORM:  # a row so small that its squared norm underflowed
-            return cls(tall, tall.shape[0], scale, None, 0.0)
+            return cls(tall, live, n, scale, None, 0.0)
         equilibrated = gram / np.multiply.outer(scale, scale)
         r0, info = lapack.dpotrf(equilibrated, lower=0, clean=1, overwrite_a=1)
         if info != 0:
-            return cls(tall, tall.shape[0], scale, None, 0.0)
+            return cls(tall, live, n, scale, None, 0.0)
         rcond, info = lapack.dtrcon(r0, norm="1", uplo="U")
-        return cls(tall, tall.shape[0], scale, r0, float(rcond) if info == 0 else 0.0)
+        return cls(tall, live, n, scale, r0, float(rcond) if info == 0 else 0.0)
 
     @property
     def gram_ok(self) -> bool:
@@ -298,7 +303,7 @@ class _Side:
 
     def householder_r(self) -> np.ndarray:
         """``R`` (r, r) of the Householder QR ``F = Q R`` (LAPACK ``dgeqrt``, recursive and blocked)."""
-        tall = self.tall
+        tall = self.tall if self.live is None else self.tall[:, self.live]
         overwrite = 0
         if not tall.flags.f_contiguous:  # B (n, r) C-ordered: one copy into LAPACK's layout
             tall = np.asfortranarray(tall)
@@ -310,7 +315,7 @@ class _Side:
 
     def delta(self) -> float:
         """The backward-error model of route 2: ``||Delta||_2 <= sqrt(r n) eps`` for the unit-diagonal Gram."""
-        return math.sqrt(self.tall.shape[1] * self.n) * _EPS
+        return math.sqrt(self.scale.size * self.n) * _EPS
 
 
 def _first_order_values(side_a: _Side, side_b: _Side, r_a: np.ndarray, r_b: np.ndarray) -> np.ndarray | None:
@@ -371,10 +376,9 @@ def _factored_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     if live is not None:  # exactly zero rows of A / columns of B: drop them from both factors
         if live.size == 0:
             return np.zeros(r)
-        A_n, B_n = A_n[live], B_n[:, live]
         gram_a, gram_b = gram_a[np.ix_(live, live)], gram_b[np.ix_(live, live)]
-    side_a = _Side.from_gram(A_n.T, gram_a)
-    side_b = _Side.from_gram(B_n, gram_b)
+    side_a = _Side.from_gram(A_n.T, gram_a, live)
+    side_b = _Side.from_gram(B_n, gram_b, live)
     sigma = _core_singular_values(side_a, side_b)
     if sigma.size < r:
         sigma = np.concatenate([sigma, np.zeros(r - sigma.size)])

@@ -188,6 +188,20 @@ def test_exactly_zero_rows_are_dropped_from_both_factors(r, no_householder):
     assert np.all(got[:live] > 1e-3 * got[0])
 
 
+@pytest.mark.parametrize("r", [8, 16])
+def test_zero_rows_dropped_then_householder_on_the_rest(r):
+    # a zero row of A, a zero column of B, and two equal columns of B (its Gram stays singular once
+    # the zero index is dropped): the Householder route must take exactly the live columns
+    rng = np.random.default_rng(r + 1)
+    A = rng.standard_normal((r, 60))
+    B = rng.standard_normal((50, r))
+    A[1] = 0.0
+    B[:, 5] = 0.0
+    B[:, 2] = B[:, 3]
+    got = assert_matches_dense(A, B)
+    assert np.all(got[-3:] <= 1e-12 * got[0])  # two dropped indices and the duplicate
+
+
 def test_a_row_whose_square_underflows_is_not_dropped():
     # only the tiny row of A meets a nonzero column of B: the update is that row, nothing else
     rng = np.random.default_rng(8)
