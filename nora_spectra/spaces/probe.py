@@ -200,6 +200,7 @@ class ProbeRun:
                 sigma = None
             identity = {
                 "module": layer.module,
+                "key": layer.key,
                 "kind": layer.kind,
                 "layer_type": layer.layer_type,
                 "dtype": layer.dtype,
