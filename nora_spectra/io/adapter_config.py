@@ -72,9 +72,19 @@ class AdapterSettings:
         return lora_scale(self.alpha_for(module), self.rank_for(module), self.use_rslora)
 
 
+#: fields of mlx-lm's ``adapter_config.json``, which has no ``peft_type``: such a config is not PEFT's.
+_MLX_FIELDS = ("lora_parameters", "fine_tune_type")
+
+
 def peft_kind(raw: object) -> str | None:
-    """The kind (``"lora"``, ``"nora"``) of a parsed config, from ``peft_type`` (absent: LORA); None if none."""
+    """The kind (``"lora"``, ``"nora"``) of a parsed config, from ``peft_type`` (absent: LORA); None if none.
+
+    A config without ``peft_type`` but with mlx-lm's ``lora_parameters`` or ``fine_tune_type`` is mlx-lm's,
+    not PEFT's: None.
+    """
     if not isinstance(raw, dict):
+        return None
+    if "peft_type" not in raw and any(name in raw for name in _MLX_FIELDS):
         return None
     peft_type = raw.get("peft_type", "LORA")
     return _KINDS.get(peft_type.upper()) if isinstance(peft_type, str) else None
