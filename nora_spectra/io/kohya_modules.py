@@ -130,7 +130,7 @@ def kohya_lora_entry(
             an ``alpha`` that is not one value, a bad ``dora_scale``.
     """
     if "down" not in keys or "up" not in keys:
-        present = ", ".join(sorted(keys))
+        present = ", ".join(sorted(key[len(prefix) + 1 :] for key in keys.values()))
         missing = "lora_up" if "down" in keys else "lora_down"
         raise CheckpointError(path, f"module {prefix!r} has {present} but no {missing}.weight")
     down, up = source.info(keys["down"]), source.info(keys["up"])

@@ -189,7 +189,7 @@ def open_diffusers(probe: Probe, adapter: str | None) -> Checkpoint:
             )
         module = _module_name(prefix, legacy)
         plan = plan_pair(path, module, source.info(roles["A"]), source.info(roles["B"]), ("down", "up"))
-        alpha_key = roles.get("alpha") or alphas_by_a_key.pop(roles["A"] + ".alpha", None)
+        alpha_key = roles.get("alpha") or alphas_by_a_key.pop(roles["A"], None)
         notes: list[str] = []
         scale: float | tuple[str, int]
         if alpha_key is not None:

@@ -103,7 +103,7 @@ class _Shapes:
     def require(self, *roles: str) -> None:
         missing = [role for role in roles if role not in self.infos]
         if missing:
-            present = ", ".join(sorted(self.infos))
+            present = ", ".join(sorted(info.name[len(self.prefix) + 1 :] for info in self.infos.values()))
             raise CheckpointError(self.path, f"module {self.prefix!r} has {present} but no {', '.join(missing)}")
 
     def fail(self, roles: tuple[str, ...], rule: str) -> CheckpointError:
