@@ -364,3 +364,16 @@ def test_torchtune_native_safetensors(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 8, "peft_type": "LORA"}))
     layer = next(load_checkpoint(path).iter_layers())
     assert layer.module == layer.key == "layers.0.attn.q_proj" and layer.update.scale == 4.0
+
+
+def test_probe_space_takes_loha_as_its_low_rank_product_and_refuses_lokr() -> None:
+    from nora_spectra.errors import UsageError
+
+    weight = analyze(FIXTURES / "lycoris" / "loha.safetensors", emit_warnings=False)
+    probe = analyze(FIXTURES / "lycoris" / "loha.safetensors", space="probe", probe_samples=6000, emit_warnings=False)
+    for w, p in zip(weight.records, probe.records):
+        # identity branch, N(0, I) inputs: the probe estimates sigma(dW) with sampling error ~ sqrt(rank / samples)
+        top = min(len(w["singular_values"]), 3)
+        np.testing.assert_allclose(p["singular_values"][:top], w["singular_values"][:top], rtol=0.15)
+    with pytest.raises(UsageError, match="is a LoKr \\(Kronecker\\) update: use --space weight"):
+        analyze(FIXTURES / "lycoris" / "lokr.safetensors", space="probe")
