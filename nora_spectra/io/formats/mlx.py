@@ -87,7 +87,7 @@ def _read_dense(source: SafetensorsFile, key_a: str, key_b: str, scale: float, e
     lora_a, lora_b = source.read(key_a), source.read(key_b)  # (d_in, r), (r, d_out)
     if embedding:  # scale * lora_a @ lora_b, (num_embeddings, dims)
         return LowRankUpdate(lora_b, lora_a, scale)
-    return LowRankUpdate(lora_a.T.copy(), lora_b.T.copy(), scale)  # scale * lora_b^T @ lora_a^T
+    return LowRankUpdate(lora_a.T, lora_b.T, scale)  # scale * lora_b^T @ lora_a^T (views: BLAS takes them as they are)
 
 
 def _read_expert(source: SafetensorsFile, key_a: str, key_b: str, scale: float, expert: int) -> LowRankUpdate:
