@@ -30,8 +30,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "formats"
 TOLERANCE = 1e-9
 
 
-def reference(fmt: str) -> dict[str, Any]:
-    return json.loads((FIXTURES / fmt / "reference.json").read_text())
+def reference(fmt: str, root: Path = FIXTURES) -> dict[str, Any]:
+    return json.loads((root / fmt / "reference.json").read_text())
 
 
 def cases() -> list[tuple[str, str]]:
@@ -39,10 +39,10 @@ def cases() -> list[tuple[str, str]]:
             for name in reference(fmt)["files"]]
 
 
-def _fixture_path(fmt: str, name: str, tmp_path: Path) -> Path:
+def _fixture_path(fmt: str, name: str, tmp_path: Path, root: Path = FIXTURES) -> Path:
     if name == "kohya_sd_tiny_noalpha.safetensors":  # an old-format file: the same tensors, no .alpha
         return _without_alpha(tmp_path)
-    return FIXTURES / fmt / name
+    return root / fmt / name
 
 
 def _without_alpha(tmp_path: Path) -> Path:
@@ -65,8 +65,13 @@ def assert_spectrum(ours: list[float], library: list[float], where: str) -> None
 # --------------------------------------------------------------------------------------------- spectra
 @pytest.mark.parametrize(("fmt", "name"), cases())
 def test_spectra_and_scales_match_the_library(fmt: str, name: str, tmp_path: Path) -> None:
-    spec = reference(fmt)["files"][name]
-    path = _fixture_path(fmt, name, tmp_path)
+    check_against_reference(fmt, name, tmp_path)
+
+
+def check_against_reference(fmt: str, name: str, tmp_path: Path, root: Path = FIXTURES) -> None:
+    """Every module of ``root/fmt/name``: our spectrum and scale against the library's, in ``reference.json``."""
+    spec = reference(fmt, root)["files"][name]
+    path = _fixture_path(fmt, name, tmp_path, root)
     result = analyze(path, emit_warnings=False)
     assert result.format == fmt and detect_format(path) == fmt
     match = spec.get("match", "key")
