@@ -105,6 +105,7 @@ def test_directories_and_companion_files_are_claimed_by_the_right_format() -> No
     assert detect_format(FIXTURES / "torchtune" / "lora" / "epoch_0") == "peft"  # torchtune's PEFT export
     assert detect_format(FIXTURES / "torchtune" / "lora" / "epoch_0" / "adapter_model.safetensors") == "peft"
     assert detect_format(FIXTURES / "torchtune" / "lora" / "epoch_0" / "adapter_model.pt") == "torchtune"
+    assert detect_format(FIXTURES / "mlx" / "dora" / "base.safetensors") is None  # beside an mlx config, not adapters
     a = analyze(FIXTURES / "mlx" / "lora", emit_warnings=False)
     b = analyze(FIXTURES / "mlx" / "lora" / "adapters.safetensors", emit_warnings=False)
     assert a.records == b.records

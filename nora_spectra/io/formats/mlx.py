@@ -48,7 +48,7 @@ def _sniff(probe: Probe) -> bool:
         return _is_mlx_config(probe.json(os.path.join(probe.path, CONFIG_NAME)))
     if not probe.looks_like_safetensors():
         return False
-    if _is_mlx_config(probe.json(os.path.join(probe.directory, CONFIG_NAME))):
+    if probe.name == WEIGHTS_NAME and _is_mlx_config(probe.json(os.path.join(probe.directory, CONFIG_NAME))):
         return True
     return mlx_keys(probe.safetensors().keys())
 
