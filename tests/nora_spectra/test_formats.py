@@ -257,11 +257,13 @@ def test_diffusers_alpha_tensors_under_the_down_key(tmp_path: Path) -> None:
         "unet.m.to_q.lora.down.weight.alpha": ("F32", np.array(3.0)),
         "unet.m.proj.lora_A.weight": ("F32", a), "unet.m.proj.lora_B.weight": ("F32", b),
         "unet.m.proj.alpha": ("F32", np.array(1.0)),
+        "unet.m.pool.down.weight": ("F32", a),  # ".down.weight" outside the legacy to_q_lora layout: not a factor
     }
     ckpt = load_checkpoint(write_safetensors(tmp_path / "d.safetensors", tensors))
     assert ckpt.format == "diffusers"
     assert {layer.module: layer.update.scale for layer in ckpt.iter_layers()} == {"unet.m.proj": 0.5, "unet.m.to_q": 1.5}
-    assert not ckpt.warnings
+    assert ckpt.skipped == [("unet.m.pool.down.weight", "not a LoRA factor (unknown layout)")]
+    assert ckpt.warnings == ["skipped 1 tensor (not LoRA factors): unet.m.pool.down.weight"]
 
 
 # ------------------------------------------------------------------------------------------------ LyCORIS
@@ -383,3 +385,20 @@ def test_probe_space_takes_loha_as_its_low_rank_product_and_refuses_lokr() -> No
         np.testing.assert_allclose(p["singular_values"][:top], w["singular_values"][:top], rtol=0.15)
     with pytest.raises(UsageError, match="is a LoKr \\(Kronecker\\) update: use --space weight"):
         analyze(FIXTURES / "lycoris" / "lokr.safetensors", space="probe")
+
+
+def test_tensors_that_are_not_factors_are_skipped_with_one_warning(tmp_path: Path) -> None:
+    ones = np.ones((2, 3))
+    kohya = {"lora_unet_a_proj.lora_down.weight": ("F32", ones), "lora_unet_a_proj.lora_up.weight": ("F32", ones.T),
+             "bundle_emb.ti.string_to_param.*": ("F32", np.ones((1, 3)))}
+    ckpt = load_checkpoint(write_safetensors(tmp_path / "k.safetensors", kohya))
+    assert ckpt.format == "kohya" and ckpt.modules == ["lora_unet_a_proj"]
+    assert ckpt.skipped == [("bundle_emb.ti.string_to_param.*", "not a LoRA factor (full tensor or unknown key)")]
+    assert ckpt.warnings[-1] == "skipped 1 tensor (not LoRA factors): bundle_emb.ti.string_to_param.*"
+    lycoris = {"lycoris_q.hada_w1_a": ("F32", ones.T), "lycoris_q.hada_w1_b": ("F32", ones),
+               "lycoris_q.hada_w2_a": ("F32", ones.T), "lycoris_q.hada_w2_b": ("F32", ones),
+               "lycoris_o.oft_blocks": ("F32", np.ones((2, 3, 3))), "lycoris_o.alpha": ("F32", np.array(1.0))}
+    ckpt = load_checkpoint(write_safetensors(tmp_path / "l.safetensors", lycoris))
+    assert ckpt.format == "lycoris" and ckpt.modules == ["lycoris_q"] and ckpt.method == "loha"
+    assert sorted(name for name, _ in ckpt.skipped) == ["lycoris_o.alpha", "lycoris_o.oft_blocks"]
+    assert ckpt.warnings[-1].startswith("skipped 2 tensors (not LoHa, LoKr or LoCon factors): ")

@@ -174,11 +174,11 @@ def open_diffusers(probe: Probe, adapter: str | None) -> Checkpoint:
     has_alpha = False
     for prefix in sorted(groups, key=natural_key):
         roles = groups[prefix]
-        legacy = _LEGACY.fullmatch(prefix) is not None and roles.get("A", roles.get("B", "")).endswith(
-            (f"{prefix}.down.weight", f"{prefix}.up.weight"))
-        for role in ("A", "B"):  # ".down.weight" only means something after to_q_lora & co
-            if role in roles and roles[role] in (f"{prefix}.down.weight", f"{prefix}.up.weight") and not legacy:
-                skipped.append((roles.pop(role), "not a LoRA factor (unknown layout)"))
+        # a bare ".down.weight" / ".up.weight" is a factor only after to_q_lora & co (the legacy layout)
+        bare = [role for role in ("A", "B") if role in roles and roles[role] in (f"{prefix}.down.weight", f"{prefix}.up.weight")]
+        legacy = bool(bare) and _LEGACY.fullmatch(prefix) is not None
+        if bare and not legacy:
+            skipped.extend((roles.pop(role), "not a LoRA factor (unknown layout)") for role in bare)
         if "A" not in roles and "B" not in roles:
             skipped.extend((key, "not a LoRA factor (no lora_A / lora_B beside it)") for key in roles.values())
             continue
@@ -249,7 +249,7 @@ def open_diffusers(probe: Probe, adapter: str | None) -> Checkpoint:
     if any("bias" in groups[entry.key] for entry in entries):
         warnings.append("lora_B.bias tensors are ignored: a bias is not part of the update's spectrum")
     if skipped:
-        warnings.append(f"skipped {plural(len(skipped), 'tensor')} that are not LoRA factors: "
+        warnings.append(f"skipped {plural(len(skipped), 'tensor')} (not LoRA factors): "
                         + name_list([name for name, _ in skipped], 3))
     config = None
     if configs is not None:

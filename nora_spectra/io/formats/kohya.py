@@ -64,6 +64,9 @@ def open_kohya(probe: Probe, adapter: str | None, fmt: str = "kohya") -> Checkpo
     if any(entry.dora for entry in entries):
         warnings.append("DoRA layers: spectra are of the direction update only (dora_scale not included)")
     skipped = [(name, "not a LoRA factor (full tensor or unknown key)") for name in others]
+    if skipped:
+        warnings.append(f"skipped {plural(len(skipped), 'tensor')} (not LoRA factors): "
+                        + name_list([name for name, _ in skipped], 3))
     return Checkpoint(
         path=probe.path,
         format=fmt,

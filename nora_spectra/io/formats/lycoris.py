@@ -240,7 +240,8 @@ def open_lycoris(probe: Probe, adapter: str | None) -> Checkpoint:
         if "." in prefix:
             raise CheckpointError(path, f"unknown layout: LyCORIS module names have no dots, found {prefix!r}")
         if set(keys) <= {"alpha", "dora"}:  # alpha of a module of an algorithm we do not read (GLoRA, OFT, ...)
-            skipped.append((prefix, "no LoHa / LoKr / LoCon factors (another LyCORIS algorithm?)"))
+            skipped.extend((key, "no LoHa / LoKr / LoCon factors beside it (another LyCORIS algorithm?)")
+                           for key in keys.values())
             continue
         modules[prefix] = dict(keys)
     for name in others:
@@ -274,7 +275,7 @@ def open_lycoris(probe: Probe, adapter: str | None) -> Checkpoint:
     if any(entry.dora for entry in entries):
         warnings.append("DoRA layers: spectra are of the direction update only (dora_scale not included)")
     if skipped:
-        warnings.append(f"skipped {plural(len(skipped), 'tensor')} that are not LoHa, LoKr or LoCon factors: "
+        warnings.append(f"skipped {plural(len(skipped), 'tensor')} (not LoHa, LoKr or LoCon factors): "
                         + name_list([name for name, _ in skipped], 3))
     kinds = {entry.kind for entry in entries}
     return Checkpoint(

@@ -21,7 +21,7 @@ import os
 from functools import partial
 from typing import Any
 
-from nora_spectra._text import plural
+from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry
 from nora_spectra.io.factors import check_float, check_vector, dtype_of, group_keys, read_vector
@@ -187,7 +187,8 @@ def open_mlx(probe: Probe, adapter: str | None) -> Checkpoint:
     if any(entry.dora for entry in entries):
         warnings.append("DoRA layers: spectra are of the direction update only (magnitude m not included)")
     if skipped:
-        warnings.append(f"skipped {plural(len(skipped), 'tensor')} that are not LoRA factors")
+        warnings.append(f"skipped {plural(len(skipped), 'tensor')} (not LoRA factors): "
+                        + name_list([name for name, _ in skipped], 3))
     return Checkpoint(
         path=probe.path, format="mlx", method="lora", config=raw, warnings=warnings, skipped=skipped,
         weights_path=weights, metadata=dict(source.metadata), entries=entries,
