@@ -153,6 +153,7 @@ def analyze(
         config=info.config,
         warnings=messages,
         skipped=list(info.skipped),
+        metadata=dict(info.metadata),
         collapse_threshold=collapse_threshold,
         adapter=info.adapter,
         space=space,

@@ -60,6 +60,10 @@ class Analysis(PlotMethods):
         model: the base model's path or class name (activation).
         data: the data file, or a description of in-memory data (activation).
         probe_scale: the standard deviation of the Gaussian probe inputs (probe).
+        metadata: the weights file's header metadata as read (safetensors ``__metadata__``: kohya's
+            ``ss_network_dim``, ``ss_network_alpha`` and other ``ss_*`` training settings, diffusers'
+            ``lora_adapter_metadata``, ...), without the ``format`` marker safetensors writers add
+            (``{"format": "pt"}``); empty when the file has nothing else.
     """
 
     checkpoint: str
@@ -78,6 +82,7 @@ class Analysis(PlotMethods):
     model: str | None = None
     data: str | None = None
     probe_scale: float | None = None
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -126,8 +131,8 @@ class Analysis(PlotMethods):
         ``adapter`` is the non-default adapter's name, or None for the default adapter.
 
         Extras: ``collapse_threshold``, ``config``, ``warnings``, ``skipped`` (list of
-        ``{"name", "reason"}``) and ``nora_spectra_version``; off weight space also :data:`SPACE_FIELDS`.
-        Non-finite floats become None.
+        ``{"name", "reason"}``), ``metadata`` (the header metadata, only when the file has any) and
+        ``nora_spectra_version``; off weight space also :data:`SPACE_FIELDS`. Non-finite floats become None.
         """
         out = {
             "checkpoint": self.checkpoint,
@@ -140,8 +145,10 @@ class Analysis(PlotMethods):
             "config": self.config,
             "warnings": self.warnings,
             "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
-            "nora_spectra_version": package_version(),
         }
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        out["nora_spectra_version"] = package_version()
         if self.space != "weight":
             out.update({name: getattr(self, name) for name in SPACE_FIELDS})
         return to_jsonable(out)
@@ -164,6 +171,8 @@ class Analysis(PlotMethods):
         skipped = [(item.get("name", ""), item.get("reason", "")) for item in data.get("skipped") or []]
         adapter = data.get("adapter")  # absent from analyses written before the field existed
         space = {name: data.get(name) for name in SPACE_FIELDS if data.get(name) is not None}
+        metadata = data.get("metadata")
+        metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
         return cls(
             checkpoint=str(data.get("checkpoint", "")),
             format=str(data.get("format", "")),
@@ -175,6 +184,7 @@ class Analysis(PlotMethods):
             skipped=skipped,
             collapse_threshold=float(data.get("collapse_threshold", DEFAULT_COLLAPSE_THRESHOLD)),
             adapter=None if adapter is None else str(adapter),
+            metadata=metadata,
             **space,
         )
 

@@ -44,6 +44,7 @@ SPACES: tuple[str, ...] = ("weight", "activation", "probe")
 #: keys of every weight-space layer record and columns of ``Analysis.layers``, in order.
 LAYER_COLUMNS: tuple[str, ...] = (
     "module",
+    "key",
     "module_type",
     "layer_index",
     "kind",

@@ -14,6 +14,7 @@ from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import AdapterSettings
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
+from nora_spectra.io.factors import read_vector
 from nora_spectra.io.peft_keys import PEFT_PREFIX, LayerPlan, _dense_module, scan_keys
 from nora_spectra.io.safetensors_file import check_readable
 from nora_spectra.updates import LowRankUpdate
@@ -124,6 +125,7 @@ def assemble_checkpoint(
                 read=partial(read_pair, source, plan, scale),
                 dora=plan.dora,
                 notes=tuple(layer_notes),
+                read_magnitude=None if plan.key_magnitude is None else partial(read_vector, source, plan.key_magnitude),
             )
         )
     if settings is None:

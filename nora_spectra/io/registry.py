@@ -226,7 +226,7 @@ def _fallback(probe: Probe) -> str:
     if probe.path.endswith((".bin", ".pt", ".pth")):
         raise CheckpointError(
             probe.path,
-            "a bare torch pickle is not supported: put it in a directory as adapter_model.bin with an "
-            "adapter_config.json, or convert it to safetensors",
+            "a bare torch pickle is not supported unless it holds torchtune's <module>.lora_a.weight keys: put "
+            "it in a directory as adapter_model.bin with an adapter_config.json, or convert it to safetensors",
         )
     raise CheckpointError(probe.path, "not an adapter: expected a .safetensors file or an adapter directory")

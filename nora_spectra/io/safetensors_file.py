@@ -145,6 +145,30 @@ class SafetensorsFile:
             raise CheckpointError(self.path, f"truncated while reading tensor {name!r}")
         return _upcast(raw, info.dtype).reshape(info.shape)
 
+    def read_index(self, name: str, index: int) -> np.ndarray:
+        """Read ``tensor[index]`` (along the first axis) only, upcast exactly to float64.
+
+        For stacked per-expert factors (mlx-lm's ``(E, r, d)`` MoE LoRA), so that one expert costs one expert's
+        bytes, not the whole stack's.
+
+        Raises:
+            CheckpointError: as :meth:`read`; IndexError when ``index`` is outside the first axis.
+        """
+        info = self._tensors[name]
+        check_readable(self.path, info)
+        if not info.shape or not 0 <= index < info.shape[0]:
+            raise IndexError(f"{name}: index {index} outside shape {list(info.shape)}")
+        count = info.numel // info.shape[0]
+        raw_dtype = np.dtype(_RAW_NUMPY[info.dtype])
+        offset = info.start + index * count * raw_dtype.itemsize
+        try:
+            raw = np.fromfile(self.path, dtype=raw_dtype, count=count, offset=offset)
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {exc.strerror or exc}") from exc
+        if raw.size != count:
+            raise CheckpointError(self.path, f"truncated while reading tensor {name!r}")
+        return _upcast(raw, info.dtype).reshape(info.shape[1:])
+
     # ------------------------------------------------------------------ parsing
 
     def _parse(self) -> None:

@@ -52,6 +52,7 @@ class WeightRun:
                 sigma = None
             identity = {
                 "module": layer.module,
+                "key": layer.key,
                 "kind": layer.kind,
                 "layer_type": layer.layer_type,
                 "dtype": layer.dtype,
