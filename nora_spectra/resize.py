@@ -146,9 +146,9 @@ def _check_output(checkpoint: "Checkpoint", source: str, output: str, kind: str,
     weights = os.path.realpath(checkpoint.weights_path)
     given = os.path.realpath(source)
     footprint = {given, weights} | ({os.path.dirname(weights)} if kind == "directory" else set())
-    for place in footprint:
-        if out == place:
-            raise UsageError(f"{output}: the output is the input checkpoint; write the resized adapter elsewhere")
+    if out in footprint:
+        raise UsageError(f"{output}: the output is the input checkpoint; write the resized adapter elsewhere")
+    for place in sorted(footprint):
         if os.path.isdir(place) and _inside(out, place):
             raise UsageError(f"{output}: the output lies inside the input checkpoint {place}; write it elsewhere")
         if _inside(place, out):

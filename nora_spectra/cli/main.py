@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("nora_spectra.cli.compare", "Compare the spectra of several checkpoints module by module."),
     "report": ("nora_spectra.cli.report", "Write a self-contained HTML or Markdown report with plots."),
     "check": ("nora_spectra.cli.check", "CI gate: fail when rank utilization drops below limits."),
+    "resize": ("nora_spectra.cli.resize", "Write a smaller adapter: each module's best rank-k approximation."),
     "demo": ("nora_spectra.cli.demo", "Build small LoRA and NoRA checkpoints and analyse them (no downloads)."),
 }
 
