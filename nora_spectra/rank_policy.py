@@ -37,6 +37,7 @@ __all__ = [
     "POLICIES",
     "RankPolicy",
     "Truncation",
+    "energy_curve",
     "gavish_donoho_omega",
     "make_policy",
     "optimal_threshold",
@@ -113,6 +114,20 @@ def truncation(sigma: ArrayLike, k: int) -> Truncation:
         energy=top * top * total,
         tail_energy=top * top * tail,
     )
+
+
+def energy_curve(sigma: ArrayLike) -> list[float]:
+    """The kept energy share at every rank: ``[truncation(sigma, k).energy_kept for k = 1..n]``.
+
+    Empty for an empty spectrum; all ones for a zero spectrum (nothing to lose).
+    """
+    s = _spectrum(sigma)
+    top = float(s[0]) if s.size else 0.0
+    if top == 0.0:
+        return [1.0] * int(s.size)
+    rel = [(float(v) / top) ** 2 for v in s]
+    total = math.fsum(rel)
+    return [math.fsum(rel[:k]) / total for k in range(1, len(rel) + 1)]
 
 
 def _marchenko_pastur_median(beta: float) -> float:
