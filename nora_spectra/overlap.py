@@ -17,8 +17,8 @@ singular vectors of the two updates (from the factored SVD, :func:`nora_spectra.
   subspaces of ``R^d`` give ``k / d`` on average (``chance_left``, ``d = d_out``).
 
 The same with the right singular vectors (``V^T = V_c^T Q_A^T``, ``d = d_in``) gives ``right_overlap``.
-Numerical ranks come from the spectrum of :func:`nora_spectra.spectrum.spectrum` and
-:func:`nora_spectra.metrics.numerical_rank`. Uses: one task at r = 8 and r = 64 (do the top directions
+Numerical ranks come from :func:`nora_spectra.metrics.numerical_rank` of the spectrum
+(:func:`nora_spectra.spectrum.spectrum` of the ``r x r`` core, which has the update's singular values). Uses: one task at r = 8 and r = 64 (do the top directions
 agree?), two seeds, or two tasks before a merge (a high overlap means their updates write into the same
 directions: interference risk).
 """
@@ -40,7 +40,7 @@ from nora_spectra.labels import default_labels
 from nora_spectra.metrics import numerical_rank
 from nora_spectra.schema import OVERLAP_COLUMNS, layer_index, module_type, to_jsonable
 from nora_spectra.spectrum import NonFiniteFactorsError, spectrum
-from nora_spectra.subspaces import FactoredSVD, factored_svd
+from nora_spectra.subspaces import FactoredSVD, NonFiniteUpdateError, factor_bases
 from nora_spectra.updates import HadamardUpdate, LowRankUpdate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,13 +169,14 @@ def _basis(layer: "ModuleUpdate") -> tuple[str, FactoredSVD | None, int]:
     if update is None:
         return "unsupported", None, 0
     try:
-        values = spectrum(update).values
-    except NonFiniteFactorsError:
+        bases = factor_bases(update.A, update.B, update.scale)
+        values = spectrum(bases.core).values  # the update's singular values, from its r x r core
+    except (NonFiniteUpdateError, NonFiniteFactorsError):
         return "non_finite", None, 0
     n = numerical_rank(values, layer.shape)
     if n == 0:
         return "zero", None, 0
-    return "ok", factored_svd(update.A, update.B, update.scale, top_k=n), n
+    return "ok", bases.svd(n), n
 
 
 def _angles(m: np.ndarray) -> list[float]:

@@ -1,10 +1,12 @@
 """``resize(source, output, policy) -> Resize``: a smaller adapter whose every update is its best rank-k part.
 
-For each module with update ``dW = s * B @ A`` (a LoRA pair), the singular values come from
-:func:`nora_spectra.spectrum.spectrum` (those ``spectra analyze`` reports), a
+For each module with update ``dW = s * B @ A`` (a LoRA pair), the factors' orthonormal bases are
+computed once (:func:`nora_spectra.subspaces.factor_bases`: one Gram matrix per factor, the
+``d_out x d_in`` matrix is never formed); the singular values come from
+:func:`nora_spectra.spectrum.spectrum` applied to the ``r x r`` core ``s R_B R_A^T``, which has exactly
+the update's singular values (those ``spectra analyze`` reports, to rounding) at ``O(r^3)`` cost; a
 :class:`~nora_spectra.rank_policy.RankPolicy` picks ``k``, and the new factors are Eckart-Young's best
-rank-``k`` approximation, computed from the factored SVD (:func:`nora_spectra.subspaces.factored_svd`;
-the ``d_out x d_in`` matrix is never formed):
+rank-``k`` approximation:
 
 .. math:: B' = Q_B U_c[:, :k] \\, S_k^{1/2}, \\qquad A' = S_k^{1/2} \\, V_c[:, :k]^T Q_A^T,
           \\qquad s B' A' = \\Delta W_k,
@@ -31,8 +33,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from nora_spectra._progress import ProgressArg, progress_callback
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError, UsageError
@@ -42,7 +42,7 @@ from nora_spectra.io.writing import TAG_OF_NAME, ResizedModule
 from nora_spectra.rank_policy import RankPolicy, make_policy, optimal_threshold, truncation
 from nora_spectra.schema import RESIZE_COLUMNS, RESIZE_MODULE_FIELDS, to_jsonable
 from nora_spectra.spectrum import NonFiniteFactorsError, spectrum
-from nora_spectra.subspaces import factored_svd
+from nora_spectra.subspaces import NonFiniteUpdateError, factor_bases
 from nora_spectra.updates import LowRankUpdate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -173,20 +173,6 @@ def _dtype_tag(dtype: str | None) -> str | None:
         raise UsageError(f"--dtype must be same or one of {', '.join(TAG_OF_NAME)}, got {dtype!r}") from None
 
 
-def _new_factors(update: LowRankUpdate, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(A', B')`` with ``s B' A'`` the best rank-``k`` approximation of ``s B A``, the scale ``s`` kept."""
-    svd = factored_svd(update.A, update.B, update.scale, top_k=k)
-    s = float(update.scale)
-    if s == 0.0:
-        return np.zeros((k, update.A.shape[1])), np.zeros((update.B.shape[0], k))
-    root = np.sqrt(svd.values / abs(s))  # singular values of B A, split evenly between B' and A'
-    b_new = svd.left * root
-    a_new = root[:, None] * svd.right
-    if s < 0:  # right carries sign(s); B' A' must not
-        a_new = -a_new
-    return a_new, b_new
-
-
 def resize(
     source: "str | os.PathLike[str]",
     output: "str | os.PathLike[str] | None" = None,
@@ -267,8 +253,9 @@ def resize(
             if not isinstance(update, LowRankUpdate):  # pragma: no cover - writers refuse other kinds first
                 raise CheckpointError(source, f"module {entry.module!r} is not a low-rank pair; it cannot be resized")
             try:
-                sigma = spectrum(update).values
-            except NonFiniteFactorsError as exc:
+                bases = factor_bases(update.A, update.B, update.scale)  # one Gram matrix per factor
+                sigma = spectrum(bases.core).values  # exactly the update's singular values (module docstring)
+            except (NonFiniteUpdateError, NonFiniteFactorsError) as exc:
                 raise CheckpointError(
                     source, f"module {entry.module!r} has NaN or Inf factors ({exc}): cannot resize it; nothing written"
                 ) from None
@@ -279,7 +266,7 @@ def resize(
             if k == entry.rank:
                 resized.append(ResizedModule(entry.module, k))
             else:
-                a_new, b_new = _new_factors(update, k)
+                a_new, b_new = bases.truncated_factors(k)
                 resized.append(ResizedModule(entry.module, k, a_new, b_new))
             energy_total += cut.energy
             tail_total += cut.tail_energy
@@ -289,7 +276,7 @@ def resize(
                 "frobenius_error_rel": cut.frobenius_error_rel, "shape": list(entry.shape),
                 "bytes_before": None, "bytes_after": None,
             })
-            del update
+            del update, bases
             if callback is not None:
                 callback(i + 1, len(checkpoint.entries), entry.module)
     finally:

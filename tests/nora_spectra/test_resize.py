@@ -101,12 +101,16 @@ def test_reported_errors_match_a_dense_svd_and_the_files(tmp_path, adapter, poli
 
 
 def test_the_vectors_values_are_the_spectrum(adapter):
-    from nora_spectra.subspaces import factored_svd
+    from nora_spectra.subspaces import factor_bases, factored_svd
 
     directory, _ = adapter
     for layer in load_checkpoint(directory).iter_layers():
+        reference = spectrum(layer.update).values  # what spectra analyze reports
         svd = factored_svd(layer.update.A, layer.update.B, layer.update.scale)
-        np.testing.assert_allclose(svd.values, spectrum(layer.update).values, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(svd.values, reference, rtol=1e-13, atol=0)
+        core = factor_bases(layer.update.A, layer.update.B, layer.update.scale).core  # what resize reports
+        assert core.shape == (8, 8)
+        np.testing.assert_allclose(spectrum(core).values, reference, rtol=1e-13, atol=0)
 
 
 def test_bare_safetensors_in_bare_safetensors_out(tmp_path):

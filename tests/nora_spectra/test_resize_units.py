@@ -67,6 +67,24 @@ def test_factored_svd_matches_a_dense_svd(shape, scale):
     np.testing.assert_allclose(svd.right * signs[:, None], vt[:k], atol=1e-10)
 
 
+@pytest.mark.parametrize("scale", [2.0, -0.5])
+def test_truncated_factors_are_eckart_young_and_keep_the_scale(scale):
+    from nora_spectra.subspaces import factor_bases
+
+    rng = np.random.default_rng(8)
+    A, B = rng.standard_normal((10, 30)), rng.standard_normal((25, 10)) * 1e120  # rescaled internally
+    bases = factor_bases(A, B, scale)
+    a_new, b_new = bases.truncated_factors(4)
+    assert a_new.shape == (4, 30) and b_new.shape == (25, 4)
+    u, sigma, vt = np.linalg.svd(scale * B @ A)
+    best = (u[:, :4] * sigma[:4]) @ vt[:4]
+    np.testing.assert_allclose(scale * b_new @ a_new, best, rtol=0, atol=1e-12 * sigma[0])
+    # the values are split evenly: both factors carry sqrt(sigma_i / |s|)
+    np.testing.assert_allclose(np.linalg.norm(b_new, axis=0), np.sqrt(sigma[:4] / abs(scale)), rtol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(a_new, axis=1), np.sqrt(sigma[:4] / abs(scale)), rtol=1e-12)
+    np.testing.assert_allclose(spectrum(bases.core).values, sigma[:10], rtol=1e-12)
+
+
 def test_factored_svd_top_k_and_the_spectrum_agree():
     rng = np.random.default_rng(3)
     A, B = rng.standard_normal((12, 30)), rng.standard_normal((20, 12))
