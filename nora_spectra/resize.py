@@ -243,7 +243,7 @@ def resize(
                 )
 
     rows: list[dict[str, Any]] = []
-    resized: list[ResizedModule] = []
+    sink = None if dry_run else writer.open(checkpoint, tag)
     floored: list[str] = []  # threshold policy: modules where no value passed the threshold
     energy_total = tail_total = 0.0
     callback, bar = progress_callback(progress, len(checkpoint.entries), unit="layer", desc="resizing")
@@ -263,11 +263,12 @@ def resize(
             if policy.name == "threshold" and sigma.size and sigma[0] <= optimal_threshold(sigma, entry.shape, entry.rank):
                 floored.append(entry.module)
             cut = truncation(sigma, k)
-            if k == entry.rank:
-                resized.append(ResizedModule(entry.module, k))
-            else:
+            if sink is not None and k == entry.rank:
+                sink.add(ResizedModule(entry.module, k))
+            elif sink is not None:
                 a_new, b_new = bases.truncated_factors(k)
-                resized.append(ResizedModule(entry.module, k, a_new, b_new))
+                sink.add(ResizedModule(entry.module, k, a_new, b_new))  # stored in the output dtype now
+                del a_new, b_new
             energy_total += cut.energy
             tail_total += cut.tail_energy
             rows.append({
@@ -285,16 +286,16 @@ def resize(
 
     bytes_before = bytes_after = None
     notes: list[str] = []
-    if not dry_run and out is not None:
+    if sink is not None and out is not None:
         from nora_spectra.outputs import output_directory, output_stream
 
         if writer.output == "directory":
             with output_directory(out, "resized adapter") as tmp:
-                result = writer.write(checkpoint, resized, tmp, tag)
+                result = sink.write(tmp)
             weights_out = os.path.join(out, result.weights or "")
         else:
             with output_stream(out, "resized checkpoint") as handle:
-                result = writer.write(checkpoint, resized, handle, tag)
+                result = sink.write(handle)
             weights_out = out
         notes.extend(result.notes)
         for row in rows:

@@ -99,28 +99,6 @@ def _factor_tensors(plan: LayerPlan, source: TensorSource, module: ResizedModule
     return out
 
 
-def _tensors(
-    checkpoint: Checkpoint, modules: Sequence[ResizedModule], dtype: str | None
-) -> tuple[list[OutTensor], dict[str, tuple[int, int]], TensorSource]:
-    """Every tensor of the new file (source key order) and each module's factor bytes before and after."""
-    source = _open_source(checkpoint)
-    scan = scan_keys(source.path, [source.info(name) for name in source.keys()])
-    plans = {plan.module: plan for plan in scan.plans}
-    replaced: dict[str, OutTensor] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    for module in modules:
-        plan = plans[module.module]
-        before = source.info(plan.key_a).nbytes + source.info(plan.key_b).nbytes
-        if module.unchanged:
-            sizes[module.module] = (before, before)
-            continue
-        for tensor in _factor_tensors(plan, source, module, dtype):
-            replaced[tensor.name] = tensor
-        sizes[module.module] = (before, sum(len(replaced[k].data) for k in (plan.key_a, plan.key_b)))
-    tensors = [replaced.get(name) or raw_tensor(source, name) for name in source.keys()]
-    return tensors, sizes, source
-
-
 def _json_number(value: float) -> float | int:
     """An integral float as an int (``lora_alpha: 16``), else the float."""
     return int(value) if float(value).is_integer() and abs(value) < 2**53 else float(value)
@@ -183,33 +161,71 @@ def _metadata(source: TensorSource, peft: bool) -> dict[str, str]:
     return metadata
 
 
-def _write_peft(checkpoint: Checkpoint, modules: Sequence[ResizedModule], target: "Path | IO[bytes]", dtype: str | None) -> WriteResult:
-    assert isinstance(target, Path)
-    settings = read_adapter_config(os.path.join(os.path.dirname(checkpoint.weights_path), CONFIG_NAME))
-    config, notes = resized_config(dict(checkpoint.config or {}), settings, {m.module: m.rank for m in modules})
-    tensors, sizes, source = _tensors(checkpoint, modules, dtype)
-    with open(target / SAFETENSORS_NAME, "wb") as handle:
-        write_safetensors(handle, tensors, _metadata(source, peft=True))
-        handle.flush()
-        os.fsync(handle.fileno())
-    with open(target / CONFIG_NAME, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(config, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    return WriteResult(SAFETENSORS_NAME, sizes, notes)
+class _PeftKeyedSink:
+    """Collects resized modules of a PEFT-keyed checkpoint; writes a PEFT directory or a bare file.
+
+    New factors are encoded (to the output dtype) as each module arrives; every other tensor is copied
+    from the input when the file is written, in the input's key order.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, dtype: str | None, *, directory: bool) -> None:
+        self._checkpoint = checkpoint
+        self._dtype = dtype
+        self._directory = directory
+        self._source = _open_source(checkpoint)
+        scan = scan_keys(self._source.path, [self._source.info(name) for name in self._source.keys()])
+        self._plans = {plan.module: plan for plan in scan.plans}
+        self._replaced: dict[str, OutTensor] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._ranks: dict[str, int] = {}
+
+    def add(self, module: ResizedModule) -> None:
+        plan = self._plans[module.module]
+        before = self._source.info(plan.key_a).nbytes + self._source.info(plan.key_b).nbytes
+        self._ranks[module.module] = module.rank
+        if module.unchanged:
+            self._sizes[module.module] = (before, before)
+            return
+        tensors = _factor_tensors(plan, self._source, module, self._dtype)
+        for tensor in tensors:
+            self._replaced[tensor.name] = tensor
+        self._sizes[module.module] = (before, sum(tensor.nbytes for tensor in tensors))
+
+    def _tensors(self) -> list[OutTensor]:
+        return [self._replaced.get(name) or raw_tensor(self._source, name) for name in self._source.keys()]
+
+    def write(self, target: "Path | IO[bytes]") -> WriteResult:
+        if not self._directory:
+            assert not isinstance(target, Path)
+            write_safetensors(target, self._tensors(), _metadata(self._source, peft=False))
+            return WriteResult(None, self._sizes, ["no config: scale 1, the new factors hold the truncated update"])
+        assert isinstance(target, Path)
+        checkpoint = self._checkpoint
+        settings = read_adapter_config(os.path.join(os.path.dirname(checkpoint.weights_path), CONFIG_NAME))
+        config, notes = resized_config(dict(checkpoint.config or {}), settings, self._ranks)
+        with open(target / SAFETENSORS_NAME, "wb") as handle:
+            write_safetensors(handle, self._tensors(), _metadata(self._source, peft=True))
+            handle.flush()
+            os.fsync(handle.fileno())
+        with open(target / CONFIG_NAME, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(config, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return WriteResult(SAFETENSORS_NAME, self._sizes, notes)
 
 
-def _write_bare(checkpoint: Checkpoint, modules: Sequence[ResizedModule], target: "Path | IO[bytes]", dtype: str | None) -> WriteResult:
-    assert not isinstance(target, Path)
-    tensors, sizes, source = _tensors(checkpoint, modules, dtype)
-    write_safetensors(target, tensors, _metadata(source, peft=False))
-    return WriteResult(None, sizes, ["no config: scale 1, the new factors hold the truncated update"])
+def _open_peft(checkpoint: Checkpoint, dtype: str | None) -> _PeftKeyedSink:
+    return _PeftKeyedSink(checkpoint, dtype, directory=True)
+
+
+def _open_bare(checkpoint: Checkpoint, dtype: str | None) -> _PeftKeyedSink:
+    return _PeftKeyedSink(checkpoint, dtype, directory=False)
 
 
 PEFT_RESIZE = ResizeWriter(
     output="directory",
     check=_check_peft_keyed,
-    write=_write_peft,
+    open=_open_peft,
     summary="a PEFT directory (adapter_config.json with rank_pattern/alpha_pattern keeping every scale, "
     "adapter_model.safetensors)",
 )
@@ -217,13 +233,13 @@ PEFT_RESIZE = ResizeWriter(
 SAFETENSORS_RESIZE = ResizeWriter(
     output="file",
     check=_check_peft_keyed,
-    write=_write_bare,
+    open=_open_bare,
     summary="a bare .safetensors file with the same keys (scale 1 folded into the factors)",
 )
 
 NORA_RESIZE = ResizeWriter(
     output="directory",
     check=_check_nora,
-    write=_write_peft,
+    open=_open_peft,
     summary="refused: a NoRA branch is not linear, so it has no Eckart-Young optimum",
 )

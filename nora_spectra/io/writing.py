@@ -2,16 +2,18 @@
 
 A format that ``spectra resize`` can write gives its :class:`~nora_spectra.io.registry.Format` a
 ``resize`` :class:`ResizeWriter`: ``check(checkpoint)`` refuses, before any tensor is read, what this
-format cannot resize (a NoRA adapter, DoRA layers); ``write(checkpoint, modules, target, dtype)``
-writes the new checkpoint into ``target`` (a temporary directory or an open file, made atomic by
-:mod:`nora_spectra.outputs`) from :class:`ResizedModule` s, the new factors in the orientation of
-:mod:`nora_spectra.updates` (``scale * B @ A`` with the scale the reader gave). Formats without a
-writer are refused by ``spectra resize`` with a message naming those that have one.
+format cannot resize (a NoRA adapter, DoRA layers); ``open(checkpoint, dtype)`` returns a
+:class:`ResizeSink` that takes each module's :class:`ResizedModule` as soon as it is computed (the new
+factors in the orientation of :mod:`nora_spectra.updates`: ``scale * B @ A`` with the scale the reader
+gave) and stores it in the output's dtype at once, so the float64 factors never pile up; its
+``write(target)`` then writes the new checkpoint into ``target`` (a temporary directory or an open file,
+made atomic by :mod:`nora_spectra.outputs`). Formats without a writer are refused by ``spectra resize``
+with a message naming those that have one.
 
 :func:`encode` turns float64 factors into the bytes of a stored dtype (bfloat16 rounded to nearest,
 ties to even, directly from float64: no double rounding through float32), and
 :func:`write_safetensors` streams tensors into a file (header padded to 8 bytes, tensors ordered by
-item size so that each one is aligned), never holding the file in memory twice.
+item size so that each one is aligned); a tensor copied from the input is read only when it is written.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ENCODABLE",
     "OutTensor",
+    "ResizeSink",
     "ResizeWriter",
     "ResizedModule",
     "WriteResult",
@@ -46,10 +49,6 @@ ENCODABLE: dict[str, str] = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "
 
 #: readable dtype name (``"bfloat16"``) -> safetensors tag (``"BF16"``), for ``--dtype``.
 TAG_OF_NAME: dict[str, str] = {DTYPES[tag][1]: tag for tag in ENCODABLE}
-
-#: bfloat16 keeps 8 significant bits; its smallest subnormal is 2**-133.
-_BF16_BITS = 8
-_BF16_MIN_EXPONENT = -133
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +91,16 @@ class WriteResult:
     notes: list[str] = field(default_factory=list)
 
 
+class ResizeSink(Protocol):
+    """Where a format collects a resized checkpoint, module by module, before writing it."""
+
+    def add(self, module: ResizedModule) -> None:
+        """Take one module (its factors are stored in the output dtype now; the float64 ones can go)."""
+
+    def write(self, target: "Path | IO[bytes]") -> WriteResult:
+        """Write the checkpoint into ``target``: a directory (``output == "directory"``) or an open file."""
+
+
 @dataclass(frozen=True)
 class ResizeWriter:
     """How ``spectra resize`` writes one format.
@@ -101,40 +110,61 @@ class ResizeWriter:
             (the target is an open binary file).
         check: raises :class:`~nora_spectra.errors.CheckpointError` / ``UsageError`` when this checkpoint
             cannot be resized (before any tensor is read).
-        write: ``write(checkpoint, modules, target, dtype) -> WriteResult``; ``dtype`` is a safetensors
-            tag for every new factor, or None to keep each tensor's stored dtype.
+        open: ``open(checkpoint, dtype) -> ResizeSink``; ``dtype`` is a safetensors tag for every new
+            factor, or None to keep each tensor's stored dtype.
         summary: one line for the docs (what is written and how the scale is kept).
     """
 
     output: str
     check: Callable[["Checkpoint"], None]
-    write: Callable[["Checkpoint", Sequence[ResizedModule], "Path | IO[bytes]", "str | None"], WriteResult]
+    open: Callable[["Checkpoint", "str | None"], ResizeSink]
     summary: str
 
 
 @dataclass(frozen=True, eq=False)
 class OutTensor:
-    """One tensor to write: its key, safetensors dtype tag, shape and stored bytes."""
+    """One tensor to write: its key, safetensors dtype tag, shape and stored bytes (or how to read them).
+
+    ``data`` is the bytes, or a callable returning them when the tensor is written (a tensor copied from
+    the input is read only then).
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    data: bytes
+    data: Union[bytes, Callable[[], bytes]]
 
-    def __post_init__(self) -> None:
-        expected = math.prod(self.shape) * DTYPES[self.dtype][0]
-        if len(self.data) != expected:  # an internal invariant, not a user error
-            raise AssertionError(f"{self.name}: {len(self.data)} bytes for shape {self.shape} x {self.dtype}")
+    @property
+    def nbytes(self) -> int:
+        """Stored size: ``prod(shape) * itemsize``."""
+        return math.prod(self.shape) * DTYPES[self.dtype][0]
+
+    def payload(self) -> bytes:
+        """The stored bytes (checked against :attr:`nbytes`)."""
+        data = self.data() if callable(self.data) else self.data
+        if len(data) != self.nbytes:  # an internal invariant, not a user error
+            raise AssertionError(f"{self.name}: {len(data)} bytes for shape {self.shape} x {self.dtype}")
+        return data
 
 
 def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """IEEE round-to-nearest-even of float64 values to bfloat16, as raw ``uint16`` bits."""
-    _, exponent = np.frexp(x)  # x = m * 2**exponent, 0.5 <= |m| < 1
-    quantum = np.maximum(exponent - _BF16_BITS, _BF16_MIN_EXPONENT)
-    rounded = np.ldexp(np.rint(np.ldexp(x, -quantum)), quantum)  # np.rint: ties to even
+    """IEEE round-to-nearest-even of float64 values to bfloat16, as raw ``uint16`` bits.
+
+    Two roundings through float32 would round twice (a value just above a bfloat16 tie can land on the
+    tie in float32 and then go to even, the wrong way). The first rounding is therefore to odd: float64
+    to float32 toward zero, with the last bit set when that was inexact; with 16 spare bits between the
+    two formats, round-to-odd then round-to-nearest-even equals one direct rounding (Boldo & Melquiond,
+    "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008).
+    """
     with np.errstate(over="ignore"):
-        single = rounded.astype(np.float32)  # exact (8 significant bits), or inf past the bfloat16 range
-    return (single.view(np.uint32) >> 16).astype("<u2")
+        single = x.astype(np.float32)  # nearest; fixed up to round-to-odd below
+    back = single.astype(np.float64)
+    bits = single.view(np.uint32)
+    inexact = back != x
+    bits -= (inexact & (np.abs(back) > np.abs(x))).astype(np.uint32)  # rounded away from zero: step back
+    bits |= inexact.astype(np.uint32)  # the sticky bit
+    bits += 0x7FFF + ((bits >> 16) & 1)  # nearest, ties to even, on the 16 bits dropped
+    return (bits >> 16).astype("<u2")
 
 
 def encode(array: np.ndarray, dtype: str) -> bytes:
@@ -157,23 +187,27 @@ def encode(array: np.ndarray, dtype: str) -> bytes:
 
 
 def raw_tensor(source: object, name: str) -> OutTensor:
-    """A tensor of ``source`` exactly as stored: its bytes from a safetensors file, else re-encoded.
+    """A tensor of ``source`` exactly as stored, read when it is written.
 
     A :class:`~nora_spectra.io.safetensors_file.SafetensorsFile` gives its bytes as they are (any
     dtype); another container (a torch pickle) is read as float64, which every float dtype upcasts to
     exactly, and encoded back to its own dtype, bit for bit.
     """
-    info = source.info(name)  # type: ignore[attr-defined]
     from nora_spectra.io.safetensors_file import SafetensorsFile
 
-    if isinstance(source, SafetensorsFile):
-        data = np.fromfile(source.path, dtype=np.uint8, count=info.nbytes, offset=info.start).tobytes()
-        if len(data) != info.nbytes:
-            from nora_spectra.errors import CheckpointError
+    info = source.info(name)  # type: ignore[attr-defined]
 
-            raise CheckpointError(source.path, f"truncated while reading tensor {name!r}")
-        return OutTensor(name, info.dtype, tuple(info.shape), data)
-    return OutTensor(name, info.dtype, tuple(info.shape), encode(source.read(name), info.dtype))  # type: ignore[attr-defined]
+    def read() -> bytes:
+        if isinstance(source, SafetensorsFile):
+            data = np.fromfile(source.path, dtype=np.uint8, count=info.nbytes, offset=info.start).tobytes()
+            if len(data) != info.nbytes:
+                from nora_spectra.errors import CheckpointError
+
+                raise CheckpointError(source.path, f"truncated while reading tensor {name!r}")
+            return data
+        return encode(source.read(name), info.dtype)  # type: ignore[attr-defined]
+
+    return OutTensor(name, info.dtype, tuple(info.shape), read)
 
 
 def write_safetensors(handle: IO[bytes], tensors: Sequence[OutTensor], metadata: dict[str, str] | None = None) -> int:
@@ -200,12 +234,12 @@ def write_safetensors(handle: IO[bytes], tensors: Sequence[OutTensor], metadata:
         if tensor.name in header:
             raise AssertionError(f"tensor {tensor.name!r} written twice")
         header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape),
-                               "data_offsets": [offset, offset + len(tensor.data)]}
-        offset += len(tensor.data)
+                               "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
     handle.write(struct.pack("<Q", len(blob)))
     handle.write(blob)
     for i in order:
-        handle.write(tensors[i].data)
+        handle.write(tensors[i].payload())
     return 8 + len(blob) + offset

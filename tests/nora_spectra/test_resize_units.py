@@ -197,7 +197,14 @@ def test_make_policy_refuses(kwargs, message):
 
 def test_encode_bfloat16_rounds_to_nearest_even_from_float64():
     rng = np.random.default_rng(6)
+    # midpoints between neighbouring bfloat16 values, nudged below float32's resolution: where two
+    # roundings through float32 would go wrong
+    low = (rng.integers(0x0001, 0x7F7F, 600).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    high = ((low.astype(np.float32).view(np.uint32) + 0x10000)).view(np.float32).astype(np.float64)
+    middle = (low + high) / 2
+    nudged = np.concatenate([middle, middle * (1 + 2.0**-40), middle * (1 - 2.0**-40), -middle * (1 + 2.0**-40)])
     values = np.concatenate([
+        nudged,
         rng.standard_normal(2000) * 10.0 ** rng.integers(-40, 38, 2000),
         [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-40, -(1 + 2**-8), 3.3895313892515355e38, 3.4e38, 2.0**-133,
          2.0**-134, 1.5 * 2.0**-133, 2.0**-127 * 1.00390625, 0.0, -0.0],
