@@ -41,36 +41,39 @@ def _spectra() -> str:
 
 
 def _profile_resize(directory: Path, output: Path, energy: float) -> dict[str, float]:
-    """In a fresh interpreter: seconds in imports, reading, the spectrum, the factored SVD and writing."""
+    """In a fresh interpreter, resize's own steps timed one by one (seconds, summed over modules)."""
     code = r"""
-import json, sys, time
+import json, os, shutil, sys, time
 t0 = time.perf_counter()
-import numpy
 from nora_spectra.io import load_checkpoint
+from nora_spectra.io.registry import get_format
+from nora_spectra.io.writing import ResizedModule
+from nora_spectra.outputs import output_directory
 from nora_spectra.rank_policy import make_policy
 from nora_spectra.spectrum import spectrum
-from nora_spectra.subspaces import factored_svd
+from nora_spectra.subspaces import factor_bases
 t1 = time.perf_counter()
 ck = load_checkpoint(sys.argv[1])
 policy = make_policy(energy=float(sys.argv[3]))
-t_read = t_spec = t_svd = 0.0
+sink = get_format(ck.format).resize.open(ck, None)
+times = dict.fromkeys(["read+upcast", "bases (Gram, Cholesky)", "spectrum of core+policy", "truncated factors",
+                       "encode (sink.add)"], 0.0)
 for entry in ck.entries:
-    a = time.perf_counter()
-    update = entry.read()
-    b = time.perf_counter()
-    sigma = spectrum(update).values
-    k = policy.choose(sigma, shape=entry.shape, rank=entry.rank)
-    c = time.perf_counter()
-    if k < entry.rank:
-        factored_svd(update.A, update.B, update.scale, top_k=k)
-    d = time.perf_counter()
-    t_read += b - a; t_spec += c - b; t_svd += d - c
-t2 = time.perf_counter()
-from nora_spectra.resize import resize
-resize(sys.argv[1], sys.argv[2], energy=float(sys.argv[3]), overwrite=True)
-t3 = time.perf_counter()
-print(json.dumps({"imports": t1 - t0, "read+upcast": t_read, "spectrum+policy": t_spec, "factored svd": t_svd,
-                  "whole resize() call": t3 - t2}))
+    a = time.perf_counter(); update = entry.read()
+    b = time.perf_counter(); bases = factor_bases(update.A, update.B, update.scale)
+    c = time.perf_counter(); sigma = spectrum(bases.core).values; k = policy.choose(sigma, shape=entry.shape, rank=entry.rank)
+    d = time.perf_counter(); factors = bases.truncated_factors(k) if k < entry.rank else (None, None)
+    e = time.perf_counter(); sink.add(ResizedModule(entry.module, k, *factors))
+    f = time.perf_counter()
+    for key, dt in zip(times, (b - a, c - b, d - c, e - d, f - e)):
+        times[key] += dt
+shutil.rmtree(sys.argv[2], ignore_errors=True)
+g = time.perf_counter()
+with output_directory(sys.argv[2]) as tmp:
+    sink.write(tmp)
+times["write (copy, fsync, rename)"] = time.perf_counter() - g
+times = {"imports": t1 - t0, **times}
+print(json.dumps(times))
 """
     out = subprocess.run([sys.executable, "-c", code, str(directory), str(output), str(energy)],
                          capture_output=True, text=True, check=True)
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("where resize's time goes (one in-process run, seconds):")
         for key, value in _profile_resize(adapter, output, args.energy).items():
-            print(f"  {key:<22}{value:8.3f}")
+            print(f"  {key:<30}{value:8.3f}")
     finally:
         if args.keep:
             print(f"kept {root}")

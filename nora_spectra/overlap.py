@@ -170,7 +170,7 @@ def _basis(layer: "ModuleUpdate") -> tuple[str, FactoredSVD | None, int]:
         return "unsupported", None, 0
     try:
         bases = factor_bases(update.A, update.B, update.scale)
-        values = spectrum(bases.core).values  # the update's singular values, from its r x r core
+        values = bases.singular_values()  # the update's singular values, from its r x r core
     except (NonFiniteUpdateError, NonFiniteFactorsError):
         return "non_finite", None, 0
     n = numerical_rank(values, layer.shape)
@@ -291,3 +291,4 @@ def overlap(
             bar.close()
     return Overlap(labels=labels, checkpoints=names, top_k=top_k, modules=rows, only_in=only_in,
                    summary=_summary(rows), phi=phi)
+

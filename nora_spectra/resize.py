@@ -254,7 +254,7 @@ def resize(
                 raise CheckpointError(source, f"module {entry.module!r} is not a low-rank pair; it cannot be resized")
             try:
                 bases = factor_bases(update.A, update.B, update.scale)  # one Gram matrix per factor
-                sigma = spectrum(bases.core).values  # exactly the update's singular values (module docstring)
+                sigma = bases.singular_values()  # exactly the update's singular values (module docstring)
             except (NonFiniteUpdateError, NonFiniteFactorsError) as exc:
                 raise CheckpointError(
                     source, f"module {entry.module!r} has NaN or Inf factors ({exc}): cannot resize it; nothing written"
@@ -325,3 +325,4 @@ def resize(
     log.debug("%s: resized %d modules (%s)", source, len(rows), policy)
     return Resize(input=source, output=None if dry_run else out, format=checkpoint.format, policy=policy,
                   modules=rows, summary=summary)
+

@@ -12,8 +12,9 @@ orthonormal rows (the right ones). :class:`FactorBases` holds ``R_A`` and ``R_B`
 factor, ``O((d_out + d_in) r^2)``) and gives
 
 * :attr:`FactorBases.core`: the ``r x r`` update ``s R_B R_A^T``, which has exactly the singular values of
-  ``s B A`` (``Q_B`` and ``Q_A`` are orthonormal), so ``spectrum(bases.core)`` is the update's spectrum
-  from the one spectrum function at ``O(r^3)`` cost instead of a second pass over the factors;
+  ``s B A`` (``Q_B`` and ``Q_A`` are orthonormal), so :meth:`FactorBases.singular_values`,
+  ``spectrum(bases.core)``, is the update's spectrum from the one spectrum function
+  (:func:`nora_spectra.spectrum.spectrum`) at ``O(r^3)`` cost instead of a second pass over the factors;
 * :meth:`FactorBases.svd`: the leading ``top_k`` singular triplets (:class:`FactoredSVD`);
 * :meth:`FactorBases.truncated_factors`: the factors of the best rank-``k`` approximation.
 
@@ -24,24 +25,23 @@ Cholesky factors whose reciprocal condition number is under :data:`CHOLESKY_RCON
 is ill-conditioned or rank-deficient (a collapsed adapter has columns of B that are zero) goes through
 Householder QR with an explicit ``Q`` instead. All arithmetic is float64; factors are first scaled by an
 exact power of two when their Gram matrix would overflow or underflow, which changes no vector and is
-undone exactly. The core SVD and the ``n x r`` by ``r x k`` products run on one BLAS thread (``threadpoolctl``):
-OpenBLAS spreads such small or skinny products over threads that, on a shared machine, spend far longer
-waiting than computing (measured on 2 shared cores: a 64 x 64 SVD with vectors 150 ms threaded, about
-1 ms on one thread).
+undone exactly. The core SVD and the ``n x r`` by ``r x k`` products run on one BLAS thread
+(:func:`nora_spectra._threads.one_blas_thread`); the Gram matrices keep BLAS's threads, as in
+:mod:`nora_spectra.spectrum`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ContextManager
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy.linalg import lapack, solve_triangular
 
+from nora_spectra._threads import one_blas_thread
+from nora_spectra.spectrum import spectrum
 from nora_spectra.updates import LowRankUpdate
 
 __all__ = ["CHOLESKY_RCOND_LIMIT", "FactorBases", "FactoredSVD", "NonFiniteUpdateError", "factor_bases", "factored_svd"]
@@ -56,21 +56,6 @@ _GRAM_TRACE_RANGE = (2.0**-900, 2.0**900)
 
 class NonFiniteUpdateError(ValueError):
     """A factor or the scale holds NaN or Inf: the update has no singular vectors."""
-
-
-_CONTROLLER: Any = None
-
-
-def _one_blas_thread() -> ContextManager[Any]:
-    """A context limiting BLAS to one thread (a no-op without ``threadpoolctl``)."""
-    global _CONTROLLER
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay correct without it
-        return contextlib.nullcontext()
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,17 +165,28 @@ class FactorBases:
         scale = math.ldexp(self.scale, self._exp_a + self._exp_b) if self.scale else 0.0
         return LowRankUpdate(np.ascontiguousarray(self._a.R.T), self._b.R, scale)
 
+    def singular_values(self) -> np.ndarray:
+        """The update's singular values: :func:`~nora_spectra.spectrum.spectrum` of :attr:`core` (one BLAS thread).
+
+        Equal to ``spectrum(LowRankUpdate(A, B, s)).values`` to rounding (tested to 1e-13 relative).
+
+        Raises:
+            nora_spectra.spectrum.NonFiniteFactorsError: the scale overflowed (an update beyond float64).
+        """
+        with one_blas_thread():
+            return spectrum(self.core).values
+
     @cached_property
     def _core_svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """SVD of ``R_B R_A^T`` (the scaled factors' core, no scale)."""
-        with _one_blas_thread():  # LAPACK's gesdd calls threaded BLAS even on a 64 x 64 core
+        with one_blas_thread():  # LAPACK's gesdd calls threaded BLAS even on a 64 x 64 core
             return np.linalg.svd(self._b.R @ self._a.R.T, full_matrices=False)
 
     def svd(self, top_k: int | None = None) -> FactoredSVD:
         """The leading ``top_k`` singular triplets (all ``min(r, d_out, d_in)`` when None)."""
         u_c, s_c, vt_c = self._core_svd
         k = s_c.size if top_k is None else min(top_k, s_c.size)
-        with _one_blas_thread():
+        with one_blas_thread():
             left = self._b.columns(u_c[:, :k])  # (d_out, k)
             right = self._a.rows(vt_c[:k].T)  # (k, d_in): V_c^T Q_A^T
         if self.scale < 0:
@@ -208,7 +204,7 @@ class FactorBases:
         u_c, s_c, vt_c = self._core_svd
         k = min(k, s_c.size)
         root = np.sqrt(s_c[:k])
-        with _one_blas_thread():
+        with one_blas_thread():
             b_new = self._b.columns(u_c[:, :k] * root)
             a_new = self._a.rows(vt_c[:k].T * root)
         return np.ldexp(a_new, self._exp_a), np.ldexp(b_new, self._exp_b)

@@ -147,14 +147,12 @@ class OutTensor:
         return data
 
 
-def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """IEEE round-to-nearest-even of float64 values to bfloat16, as raw ``uint16`` bits.
+def _bfloat16_bits_to_odd(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even of float64 to bfloat16 (raw bits), exactly, through float32 rounded to odd.
 
-    Two roundings through float32 would round twice (a value just above a bfloat16 tie can land on the
-    tie in float32 and then go to even, the wrong way). The first rounding is therefore to odd: float64
-    to float32 toward zero, with the last bit set when that was inexact; with 16 spare bits between the
-    two formats, round-to-odd then round-to-nearest-even equals one direct rounding (Boldo & Melquiond,
-    "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008).
+    float64 to float32 toward zero, with the last bit set when that was inexact; with 16 spare bits
+    between the two formats, round-to-odd then round-to-nearest-even equals one direct rounding (Boldo &
+    Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008).
     """
     with np.errstate(over="ignore"):
         single = x.astype(np.float32)  # nearest; fixed up to round-to-odd below
@@ -165,6 +163,25 @@ def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
     bits |= inexact.astype(np.uint32)  # the sticky bit
     bits += 0x7FFF + ((bits >> 16) & 1)  # nearest, ties to even, on the 16 bits dropped
     return (bits >> 16).astype("<u2")
+
+
+def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """IEEE round-to-nearest-even of float64 values to bfloat16, as raw ``uint16`` bits.
+
+    Fast path: float64 to float32 (nearest), then float32 to bfloat16 (nearest, ties to even, on the 16
+    bits dropped). Rounding twice can only go wrong when the first rounding lands exactly on a bfloat16
+    midpoint: midpoints are float32 values and rounding is monotonic, so the float32 value cannot cross
+    one. Those elements (low 16 bits ``0x8000``, about one in 65536) are redone exactly by
+    :func:`_bfloat16_bits_to_odd`.
+    """
+    with np.errstate(over="ignore"):
+        single = x.astype(np.float32)
+    bits = single.view(np.uint32)
+    ties = np.flatnonzero((bits & 0xFFFF) == 0x8000)
+    out = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype("<u2")
+    if ties.size:
+        out[ties] = _bfloat16_bits_to_odd(x[ties])
+    return out
 
 
 def encode(array: np.ndarray, dtype: str) -> bytes:

@@ -213,6 +213,10 @@ def test_encode_bfloat16_rounds_to_nearest_even_from_float64():
     got = got.view(np.float32).astype(np.float64)
     want = [nearest_bfloat16(float(x)) for x in values]
     assert got.tolist() == want
+    from nora_spectra.io.writing import _bfloat16_bits_to_odd  # the exact fallback, on every value
+
+    with np.errstate(over="ignore"):
+        assert _bfloat16_bits_to_odd(values).tolist() == np.frombuffer(encode(values, "BF16"), "<u2").tolist()
     with np.errstate(over="ignore"):
         assert np.frombuffer(encode(values, "F16"), "<f2").tolist() == values.astype(np.float16).tolist()
     with pytest.raises(ValueError):
