@@ -166,7 +166,7 @@ def _bfloat16_bits_to_odd(x: np.ndarray) -> np.ndarray:
 
 
 def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """IEEE round-to-nearest-even of float64 values to bfloat16, as raw ``uint16`` bits.
+    """IEEE round-to-nearest-even of float64 values to bfloat16, as raw ``uint16`` bits (flat, C order).
 
     Fast path: float64 to float32 (nearest), then float32 to bfloat16 (nearest, ties to even, on the 16
     bits dropped). Rounding twice can only go wrong when the first rounding lands exactly on a bfloat16
@@ -174,6 +174,7 @@ def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
     one. Those elements (low 16 bits ``0x8000``, about one in 65536) are redone exactly by
     :func:`_bfloat16_bits_to_odd`.
     """
+    x = x.reshape(-1)
     with np.errstate(over="ignore"):
         single = x.astype(np.float32)
     bits = single.view(np.uint32)

@@ -215,6 +215,10 @@ def test_encode_bfloat16_rounds_to_nearest_even_from_float64():
     assert got.tolist() == want
     from nora_spectra.io.writing import _bfloat16_bits_to_odd  # the exact fallback, on every value
 
+    grid = rng.permutation(values[: 40 * 60]).reshape(40, 60)  # 2-D, with ties at scattered positions
+    flat = np.frombuffer(encode(grid, "BF16"), "<u2").astype(np.uint32) << 16
+    assert flat.view(np.float32).astype(np.float64).tolist() == [nearest_bfloat16(float(x)) for x in grid.ravel()]
+
     with np.errstate(over="ignore"):
         assert _bfloat16_bits_to_odd(values).tolist() == np.frombuffer(encode(values, "BF16"), "<u2").tolist()
     with np.errstate(over="ignore"):
