@@ -207,7 +207,11 @@ class FactorBases:
         with one_blas_thread():
             b_new = self._b.columns(u_c[:, :k] * root)
             a_new = self._a.rows(vt_c[:k].T * root)
-        return np.ldexp(a_new, self._exp_a), np.ldexp(b_new, self._exp_b)
+        if self._exp_a:
+            a_new = np.ldexp(a_new, self._exp_a)
+        if self._exp_b:
+            b_new = np.ldexp(b_new, self._exp_b)
+        return a_new, b_new
 
 
 def factor_bases(A: ArrayLike, B: ArrayLike, scale: float = 1.0) -> FactorBases:
