@@ -16,6 +16,7 @@ from nora_spectra.resize import resize
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning")
 transformers = pytest.importorskip("transformers")
 nn = torch.nn
 
