@@ -285,3 +285,14 @@ def test_library_errors_are_typed(tmp_path, adapter, capsys):
     with pytest.raises(UsageError, match="--dtype"):
         resize(directory, tmp_path / "out", rank=1, dtype="int8")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_untrained_module_keeps_rank_one_and_stays_zero(tmp_path):
+    tensors = _decaying()
+    tensors[f"{PREFIX}model.layers.1.self_attn.q_proj.lora_B.weight"][:] = 0.0  # B is zero at initialisation
+    directory = peft_dir(tmp_path / "fresh", tensors, r=8, lora_alpha=8)
+    result = resize(directory, tmp_path / "out", energy=0.9)
+    row = next(r for r in result.modules if r["module"] == "model.layers.1.self_attn.q_proj")
+    assert (row["rank_after"], row["energy_kept"], row["spectral_error"], row["frobenius_error_rel"]) == (1, 1.0, 0.0, 0.0)
+    layer = load_checkpoint(tmp_path / "out").layer("model.layers.1.self_attn.q_proj")
+    assert layer.rank == 1 and not np.any(layer.update.B @ layer.update.A)
