@@ -22,9 +22,13 @@ __all__ = [
     "DEFAULT_COLLAPSE_THRESHOLD",
     "DEFAULT_PROBE_SAMPLES",
     "LAYER_COLUMNS",
+    "OVERLAP_COLUMNS",
+    "RESIZE_COLUMNS",
+    "RESIZE_MODULE_FIELDS",
     "SPACES",
     "SPACE_COLUMNS",
     "STATUSES",
+    "SUGGEST_COLUMNS",
     "SUMMARY_METRICS",
     "json_text",
     "layer_index",
@@ -127,6 +131,53 @@ COMPARISON_GROUP_COLUMNS: tuple[str, ...] = (
     "d_mean_effective_rank",
     "d_mean_utilization",
     "d_weighted_utilization",
+)
+
+#: keys of each module object of ``spectra resize --format json`` (exactly these, in this order).
+RESIZE_MODULE_FIELDS: tuple[str, ...] = (
+    "module",
+    "key",
+    "rank_before",
+    "rank_after",
+    "energy_kept",
+    "spectral_error",
+    "frobenius_error_rel",
+)
+
+#: columns of ``Resize.table`` (one row per module): the JSON fields, then shape and stored bytes.
+RESIZE_COLUMNS: tuple[str, ...] = RESIZE_MODULE_FIELDS + ("shape", "bytes_before", "bytes_after")
+
+#: columns of ``Suggestion.table`` (one row per module), in order.
+SUGGEST_COLUMNS: tuple[str, ...] = (
+    "module",
+    "module_type",
+    "layer_index",
+    "rank",
+    "status",
+    "energy_rank",
+    "energy_curve",
+    "saturated",
+    "collapsed",
+    "suggested_rank",
+    "predicted_utilization",
+)
+
+#: columns of ``Overlap.table`` (one row per module present in both adapters), in order.
+OVERLAP_COLUMNS: tuple[str, ...] = (
+    "module",
+    "module_type",
+    "layer_index",
+    "shape",
+    "rank_a",
+    "rank_b",
+    "status",
+    "k",
+    "left_overlap",
+    "right_overlap",
+    "chance_left",
+    "chance_right",
+    "left_angles",
+    "right_angles",
 )
 
 _INTEGER = re.compile(r"^\d+$")

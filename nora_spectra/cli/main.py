@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("nora_spectra.cli.compare", "Compare the spectra of several checkpoints module by module."),
     "report": ("nora_spectra.cli.report", "Write a self-contained HTML or Markdown report with plots."),
     "check": ("nora_spectra.cli.check", "CI gate: fail when rank utilization drops below limits."),
+    "resize": ("nora_spectra.cli.resize", "Write a smaller adapter: each module's best rank-k approximation."),
+    "suggest": ("nora_spectra.cli.suggest", "Suggest a rank and a per-module rank_pattern for the next run."),
+    "overlap": ("nora_spectra.cli.overlap", "Subspace overlap of two adapters, module by module (LoRA paper's phi)."),
     "demo": ("nora_spectra.cli.demo", "Build small LoRA and NoRA checkpoints and analyse them (no downloads)."),
 }
 

@@ -26,6 +26,7 @@ from nora_spectra.io.safetensors_file import SafetensorsFile
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.io.checkpoint import Checkpoint
+    from nora_spectra.io.writing import ResizeWriter
 
 __all__ = ["Format", "Probe", "detect_format", "formats", "get_format", "load_checkpoint"]
 
@@ -43,12 +44,15 @@ class Format:
         sniff: True when the path is in this format; reads configs and headers only, never raises.
         open: validate the path and return its :class:`~nora_spectra.io.checkpoint.Checkpoint`; raises
             :class:`~nora_spectra.errors.CheckpointError` naming the file on anything wrong.
+        resize: how ``spectra resize`` writes this format (:class:`~nora_spectra.io.writing.ResizeWriter`),
+            or None when it cannot yet (resize then refuses it, naming the formats it can write).
     """
 
     name: str
     summary: str
     sniff: Callable[["Probe"], bool]
     open: Callable[["Probe", "str | None"], "Checkpoint"]
+    resize: "ResizeWriter | None" = None
 
 
 class Probe:
