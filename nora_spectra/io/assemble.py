@@ -8,7 +8,10 @@ becomes a :class:`~nora_spectra.io.checkpoint.ModuleEntry` whose ``read`` return
 
 from __future__ import annotations
 
+import math
 from functools import partial
+
+import numpy as np
 
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
@@ -16,9 +19,10 @@ from nora_spectra.io.adapter_config import AdapterSettings
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
 from nora_spectra.io.peft_keys import PEFT_PREFIX, LayerPlan, _dense_module, scan_keys
 from nora_spectra.io.safetensors_file import check_readable
+from nora_spectra.schema import DORA_PROXY_WARNING
 from nora_spectra.updates import LowRankUpdate
 
-__all__ = ["assemble_checkpoint", "read_pair"]
+__all__ = ["assemble_checkpoint", "read_magnitude", "read_pair"]
 
 
 def read_pair(source: TensorSource, plan: LayerPlan, scale: float) -> LowRankUpdate:
@@ -36,6 +40,32 @@ def read_pair(source: TensorSource, plan: LayerPlan, scale: float) -> LowRankUpd
         b = b.reshape(b.shape[0], plan.rank)
     assert a.shape == (plan.rank, plan.shape[1]) and b.shape == (plan.shape[0], plan.rank)
     return LowRankUpdate(a, b, scale)
+
+
+def read_magnitude(source: TensorSource, plan: LayerPlan) -> np.ndarray:
+    """Read a DoRA module's ``lora_magnitude_vector`` (float64, 1-D).
+
+    PEFT stores ``(d_out,)`` for linear layers (also ``fan_in_fan_out``), ``(1, c_out, 1, 1)`` for conv
+    and ``(embedding_dim,)`` for embeddings; the vector is returned flat, one value per norm of
+    :func:`nora_spectra.dora.dora_update`.
+    """
+    assert plan.key_magnitude is not None
+    return source.read(plan.key_magnitude).reshape(-1)
+
+
+def _check_magnitude(path: str, source: TensorSource, plan: LayerPlan) -> None:
+    """The magnitude vector must hold one float per output feature (embeddings: per embedding dimension)."""
+    assert plan.key_magnitude is not None
+    info = source.info(plan.key_magnitude)
+    check_readable(path, info)
+    expected = plan.shape[1] if plan.layer_type == "embedding" else plan.shape[0]
+    if math.prod(info.shape) != expected or sum(n != 1 for n in info.shape) > 1:
+        what = "embedding dimension" if plan.layer_type == "embedding" else "output feature"
+        raise CheckpointError(
+            path,
+            f"module {plan.module!r}: lora_magnitude_vector has shape {list(info.shape)}, expected {expected} "
+            f"values (one per {what})",
+        )
 
 
 def _skipped_warning(skipped: list[tuple[str, str]], names: list[str]) -> str:
@@ -112,6 +142,7 @@ def assemble_checkpoint(
             layer_notes.append("lora_B.bias present: not part of the spectrum")
         if plan.dora:
             layer_notes.append("DoRA: spectrum of the direction update B A; the magnitude vector is not included")
+            _check_magnitude(weights, source, plan)
         entries.append(
             ModuleEntry(
                 module=plan.module,
@@ -124,6 +155,7 @@ def assemble_checkpoint(
                 read=partial(read_pair, source, plan, scale),
                 dora=plan.dora,
                 notes=tuple(layer_notes),
+                read_magnitude=partial(read_magnitude, source, plan) if plan.key_magnitude else None,
             )
         )
     if settings is None:
@@ -136,7 +168,7 @@ def assemble_checkpoint(
         if settings.use_dora and not any(plan.dora for plan in scan.plans):
             warnings.append("use_dora is set but no lora_magnitude_vector was found")
     if any(plan.dora for plan in scan.plans):
-        warnings.append("DoRA layers: spectra are of the direction update B A only (magnitude vector not included)")
+        warnings.append(DORA_PROXY_WARNING)
     if any(plan.has_bias for plan in scan.plans):
         warnings.append("lora_B.bias tensors are ignored: a bias is not part of the update's spectrum")
     if scan.skipped:

@@ -47,6 +47,7 @@ class LayerPlan:
             differ).
         dora: a DoRA magnitude vector exists.
         has_bias: a ``lora_B.bias`` exists.
+        key_magnitude: tensor key of the DoRA magnitude vector, or None.
     """
 
     module: str
@@ -59,6 +60,7 @@ class LayerPlan:
     dtype: str
     dora: bool = False
     has_bias: bool = False
+    key_magnitude: str | None = None
 
 
 @dataclass
@@ -222,6 +224,7 @@ def _plan(path: str, module: str, found: _Parts, by_key: dict[str, TensorInfo]) 
         dtype=dtype,
         dora="lora_magnitude_vector" in parts,
         has_bias="lora_B.bias" in parts,
+        key_magnitude=parts.get("lora_magnitude_vector"),
     )
 
 
