@@ -10,9 +10,9 @@ Accepted layouts (Hugging Face's ``save_pretrained`` writes both):
 
 :func:`open_model_weights` validates everything from the index and the shard headers (every shard
 named by the index exists, parses and holds the tensors the index places there) before any tensor is
-read; :meth:`ModelWeights.read` then reads one tensor (float64), so memory stays near one matrix, not
-the model. :meth:`ModelWeights.digest` is a content hash of one tensor's stored bytes, read in
-chunks: the key of the on-disk cache of base-model SVDs (:mod:`nora_spectra.svd_cache`).
+read; :meth:`ModelWeights.read` then reads one tensor (float64, upcast chunk by chunk into the result),
+so memory stays near one matrix, not the model. :meth:`ModelWeights.digest` is a content hash of one
+tensor's stored bytes: the key of the on-disk cache of base-model SVDs (:mod:`nora_spectra.svd_cache`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,19 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
 from nora_spectra.errors import CheckpointError
-from nora_spectra.io.safetensors_file import FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from nora_spectra.io.safetensors_file import (
+    FLOAT_DTYPES,
+    SafetensorsFile,
+    TensorInfo,
+    check_readable,
+    raw_dtype,
+    upcast,
+)
 
 __all__ = [
     "INDEX_NAME",
@@ -45,8 +53,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 #: an index larger than this is refused (real ones are well under 1 MB; the header limit is 100 MB).
 MAX_INDEX_BYTES = 100_000_000
-#: bytes hashed per read when computing a tensor's digest (bounds the memory a digest needs).
-_DIGEST_CHUNK = 1 << 24
+#: elements read and upcast at a time (32 MiB of float64): bounds the memory a read needs beyond its result.
+_CHUNK_ELEMENTS = 1 << 22
 #: bumped whenever what a digest covers changes, so old cache entries are never mistaken for new ones.
 _DIGEST_VERSION = b"nora-spectra tensor digest v1\0"
 
@@ -103,37 +111,82 @@ class ModelWeights:
         return self._placements[name].file.path
 
     def read(self, name: str) -> np.ndarray:
-        """Read one tensor, upcast exactly to float64 (see :meth:`SafetensorsFile.read`)."""
-        return self._placements[name].file.read(name)
+        """Read one tensor, upcast exactly to float64, in its stored shape.
+
+        The stored bits are read and upcast in chunks of :data:`_CHUNK_ELEMENTS` elements straight into
+        the result, so reading costs the float64 tensor and one chunk, not the several full-size
+        temporaries of a whole-tensor upcast.
+
+        Raises:
+            CheckpointError: a non-float dtype, or the file cannot be read or changed since its header was
+                validated.
+        """
+        out = np.empty(self.info(name).numel, dtype=np.float64)
+        for start, chunk in self._chunks(name):
+            out[start : start + chunk.size] = chunk
+        return out.reshape(self.info(name).shape)
+
+    def read_with_digest(self, name: str) -> tuple[np.ndarray, str]:
+        """:meth:`read` and :meth:`digest` of one tensor in a single pass over its bytes."""
+        hasher = self._hasher(name)
+        out = np.empty(self.info(name).numel, dtype=np.float64)
+        for start, chunk in self._chunks(name, hasher):
+            out[start : start + chunk.size] = chunk
+        return out.reshape(self.info(name).shape), hasher.hexdigest()
+
+    def subtract_from(self, name: str, out: np.ndarray) -> np.ndarray:
+        """``out -= tensor`` in place, chunk by chunk (``out`` float64, C-contiguous, as many elements)."""
+        flat = out.reshape(-1)
+        assert flat.size == self.info(name).numel and np.shares_memory(flat, out)
+        for start, chunk in self._chunks(name):
+            flat[start : start + chunk.size] -= chunk
+        return out
 
     def digest(self, name: str) -> str:
         """A content hash of tensor ``name``: BLAKE2b-160 of its dtype, shape and stored bytes.
 
         Two tensors with the same digest hold the same values, whatever file or model they come from,
-        so a result derived from one (its SVD) is valid for the other. The bytes are read in 16 MiB
-        chunks: memory stays bounded whatever the tensor's size.
+        so a result derived from one (its SVD) is valid for the other. The bytes are read in chunks:
+        memory stays bounded whatever the tensor's size.
 
         Raises:
             CheckpointError: the file cannot be read or changed size since its header was validated.
         """
-        placement = self._placements[name]
-        info, path = placement.info, placement.file.path
+        hasher = self._hasher(name)
+        for _ in self._chunks(name, hasher, upcast_chunks=False):
+            pass
+        return hasher.hexdigest()
+
+    def _hasher(self, name: str) -> "hashlib._Hash":
+        info = self.info(name)
         hasher = hashlib.blake2b(digest_size=20)
         hasher.update(_DIGEST_VERSION)
         hasher.update(json.dumps([info.dtype, list(info.shape)]).encode())
+        return hasher
+
+    def _chunks(
+        self, name: str, hasher: "hashlib._Hash | None" = None, *, upcast_chunks: bool = True
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first element, float64 chunk)`` over tensor ``name``, read sequentially; feeds ``hasher``."""
+        placement = self._placements[name]
+        info, path = placement.info, placement.file.path
+        check_readable(path, info)
+        stored = raw_dtype(info.dtype)
         try:
             with open(path, "rb") as handle:
                 handle.seek(info.start)
-                left = info.nbytes
-                while left:
-                    chunk = handle.read(min(left, _DIGEST_CHUNK))
-                    if not chunk:
+                done = 0
+                while done < info.numel:
+                    count = min(_CHUNK_ELEMENTS, info.numel - done)
+                    raw = np.fromfile(handle, dtype=stored, count=count)
+                    if raw.size != count:
                         raise CheckpointError(path, f"truncated while reading tensor {name!r}")
-                    hasher.update(chunk)
-                    left -= len(chunk)
+                    if hasher is not None:
+                        hasher.update(raw)
+                    yield done, (upcast(raw, info.dtype) if upcast_chunks else raw)
+                    done += count
         except OSError as exc:
             raise CheckpointError(path, f"cannot read tensor {name!r}: {exc.strerror or exc}") from exc
-        return hasher.hexdigest()
 
     # ------------------------------------------------------------------ module names -> tensors
 

@@ -224,18 +224,24 @@ class BaseAware:
         self._plans[module] = BaseTensor(name, transposed, (rows, cols))
         return self._plans[module]
 
+    def load(self, plan: BaseTensor) -> tuple[np.ndarray, str | None]:
+        """``W0`` of ``plan`` in the update's orientation (float64, C-contiguous) and its cache key.
+
+        The key is the tensor's content digest and orientation (``<digest>-N`` / ``-T``), computed in the
+        same pass over the bytes as the read; None without a disk cache.
+        """
+        if self.cache.root is None:
+            w, key = self.base.read(plan.name), None
+        else:
+            w, digest = self.base.read_with_digest(plan.name)
+            key = f"{digest}-{'T' if plan.transposed else 'N'}"
+        if plan.transposed:
+            return np.ascontiguousarray(w.T), key
+        return w.reshape(plan.shape), key
+
     def matrix(self, plan: BaseTensor) -> np.ndarray:
         """``W0`` of ``plan`` in the update's orientation, float64, C-contiguous."""
-        w = self.base.read(plan.name)
-        if plan.transposed:
-            return np.ascontiguousarray(w.T)
-        return w.reshape(plan.shape)
-
-    def key(self, plan: BaseTensor) -> str | None:
-        """The cache key of ``plan``'s matrix (content digest and orientation), None without a disk cache."""
-        if self.cache.root is None:
-            return None
-        return f"{self.base.digest(plan.name)}-{'T' if plan.transposed else 'N'}"
+        return self.load(plan)[0]
 
     def true_dora(self, update: Update, base: np.ndarray, magnitude: np.ndarray, layer_type: str) -> DenseUpdate:
         """DoRA's true update ``m * (W0 + dW) / ||W0 + dW|| - W0`` as a dense update (``dW`` the proxy)."""
@@ -246,15 +252,22 @@ class BaseAware:
             raise CheckpointError(self.source_path, f"DoRA on a {layer_type} layer is not supported")
         return DenseUpdate(dora_update(base, direction, magnitude, layer_type=layer_type))
 
-    def fields(self, plan: BaseTensor, base: np.ndarray, update: Update, spec: Spectrum | None) -> dict[str, Any]:
-        """``base_tensor``, the relative sizes and (``intruders``) the intruder fields of one module."""
+    def fields(
+        self, plan: BaseTensor, base: np.ndarray, key: str | None, update: Update, spec: Spectrum | None
+    ) -> dict[str, Any]:
+        """``base_tensor``, the relative sizes and (``intruders``) the intruder fields of one module.
+
+        Args:
+            plan, base, key: the module's base tensor, ``W0`` and its cache key (:meth:`load`).
+            update: the update analysed (the true one for DoRA).
+            spec: its spectrum, or None when it holds NaN/Inf.
+        """
         out: dict[str, Any] = {"base_tensor": plan.name, "relative_sigma_max": None, "relative_frobenius_norm": None}
         if self.intruders:
             out.update(intruders=None, intruder_indices=None, intruder_max_cos=None)
         if not np.isfinite(base).all():
             self.problems.append(plan.name)
             return out
-        key = self.key(plan)
         if spec is not None:
             base_2 = self.cache.sigma_max(key, base)
             base_f = float(np.linalg.norm(base))

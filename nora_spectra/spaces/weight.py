@@ -127,10 +127,10 @@ class WeightRun:
             "scale": float(getattr(update, "scale", 1.0)),
             "shape": layer.shape,
         }
-        base_aware, plan, base = self.base_aware, None, None
+        base_aware, plan, base, key = self.base_aware, None, None, None
         if base_aware is not None:
             plan = base_aware.plan(layer.module, layer.layer_type, tuple(layer.shape))
-            base = base_aware.matrix(plan)
+            base, key = base_aware.load(plan)
             read_magnitude = getattr(layer, "read_magnitude", None)
             if dora and read_magnitude is not None:
                 update = base_aware.true_dora(update, base, read_magnitude(), layer.layer_type)
@@ -149,7 +149,7 @@ class WeightRun:
             if layer.kind == "full" and fields["top_k"] is not None:
                 identity["rank"] = fields["top_k"]  # no rank budget: the values analysed
         if base_aware is not None and plan is not None and base is not None:
-            identity.update(base_aware.fields(plan, base, update, spec))
+            identity.update(base_aware.fields(plan, base, key, update, spec))
         return LayerSpectrum(identity, None if spec is None else spec.values, dora=dora)
 
     def fields(self) -> dict[str, Any]:

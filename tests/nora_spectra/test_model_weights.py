@@ -137,3 +137,55 @@ def test_index_names_only_files_inside_the_model_directory(tmp_path: Path) -> No
     path, _ = _index('{"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}')(tmp_path)
     with pytest.raises(CheckpointError, match="not a file name in the model directory"):
         open_model_weights(path)
+
+
+def test_chunked_reads_are_exact_across_chunk_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nora_spectra.io.model_weights as model_weights
+    from nora_spectra.io.safetensors_file import SafetensorsFile
+    from tests.nora_spectra.golden_fixtures import write_safetensors
+
+    monkeypatch.setattr(model_weights, "_CHUNK_ELEMENTS", 7)  # 7 does not divide 6 x 5 = 30
+    values = RNG.standard_normal((6, 5))
+    path = write_safetensors(tmp_path / "m.safetensors", {"bf": ("BF16", values), "f16": ("F16", values),
+                                                         "f32": ("F32", values), "f64": ("F64", values)})
+    weights, whole = open_model_weights(path), SafetensorsFile(path)
+    for name in ("bf", "f16", "f32", "f64"):
+        np.testing.assert_array_equal(weights.read(name), whole.read(name))
+        read, digest = weights.read_with_digest(name)
+        np.testing.assert_array_equal(read, whole.read(name))
+        assert digest == weights.digest(name)
+        out = np.ones((6, 5))
+        np.testing.assert_array_equal(weights.subtract_from(name, out), 1.0 - whole.read(name))
+
+
+def test_opening_reads_no_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nora_spectra.io import load_checkpoint
+    from nora_spectra.io.model_weights import ModelWeights
+    from nora_spectra.io.safetensors_file import SafetensorsFile
+
+    base = write_sharded(tmp_path / "base", TENSORS, SHARDS)
+    tuned = write_model(tmp_path / "tuned.safetensors", {k: v + 1 for k, v in TENSORS.items()})
+
+    def refuse(self, name, *args, **kwargs):  # pragma: no cover - failing is the point
+        raise AssertionError(f"read tensor {name} while opening")
+
+    for cls, method in ((SafetensorsFile, "read"), (ModelWeights, "_chunks")):
+        monkeypatch.setattr(cls, method, refuse)
+    checkpoint = load_checkpoint(tuned, base=base)
+    assert checkpoint.format == "full" and len(checkpoint) == 3
+
+
+def test_base_aware_analysis_needs_no_torch(tmp_path: Path) -> None:
+    from tests.nora_spectra.test_layering import _BLOCK_TORCH, _python
+
+    base = write_sharded(tmp_path / "base", TENSORS, SHARDS)
+    tuned = write_model(tmp_path / "tuned.safetensors", {k: v + 1 for k, v in TENSORS.items()})
+    code = _BLOCK_TORCH + (
+        "import sys\n"
+        "from nora_spectra.analysis import analyze\n"
+        f"a = analyze({str(tuned)!r}, base={str(base)!r}, intruders=True, cache={str(tmp_path / 'c')!r}, emit_warnings=False)\n"
+        "print(a.format, len(a.records), 'torch' in sys.modules)\n"
+    )
+    out = _python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["full", "3", "False"]

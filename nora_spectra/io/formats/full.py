@@ -27,8 +27,6 @@ from __future__ import annotations
 import math
 from functools import partial
 
-import numpy as np
-
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry
@@ -74,10 +72,10 @@ def _sniff(probe: Probe) -> bool:
 def read_difference(tuned: ModelWeights, base: ModelWeights, name: str, base_name: str, shape: tuple[int, int]) -> DenseUpdate:
     """``W_tuned - W_base`` of one tensor, as a dense ``(rows, cols)`` update (conv kernels flattened).
 
-    Holds at most two float64 copies of the matrix at a time (the difference is taken in place).
+    Holds one float64 copy of the matrix (the base is subtracted in place, chunk by chunk).
     """
     delta = tuned.read(name)
-    np.subtract(delta, base.read(base_name), out=delta)
+    base.subtract_from(base_name, delta)
     return DenseUpdate(delta.reshape(shape))
 
 
