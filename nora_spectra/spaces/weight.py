@@ -47,6 +47,13 @@ DORA_TRUE_WARNING = (
 )
 
 
+#: a NoRA branch is s * B act(A x): the base-aware fields describe its linear skeleton s * B @ A.
+NORA_SKELETON_WARNING = (
+    "NoRA layers: W0 + s B A is the linear skeleton of the tuned layer (the activation sits between A and B); "
+    "relative size and intruder dimensions describe that skeleton"
+)
+
+
 def open_checkpoint(
     source: "str | os.PathLike[str] | Checkpoint",
     adapter: str | None,
@@ -93,6 +100,8 @@ class WeightRun:
         if base_aware is not None:
             columns += BASE_COLUMNS + (INTRUDER_COLUMNS if base_aware.intruders else ())
             self._dora_warning()
+            if any(getattr(entry, "kind", None) == "nora" for entry in getattr(checkpoint, "entries", None) or []):
+                self.info.warnings.append(NORA_SKELETON_WARNING)
         self.columns = columns
 
     def _dora_warning(self) -> None:

@@ -170,3 +170,15 @@ def test_option_errors(lora_and_base) -> None:
         analyze(adapter, top_k=0, emit_warnings=False)
     with pytest.raises(UsageError, match="--base applies only to --space weight"):
         analyze(adapter, space="probe", base=base_path, emit_warnings=False)
+
+
+def test_nora_checkpoints_are_measured_by_their_linear_skeleton(tmp_path: Path) -> None:
+    from nora_spectra.spaces.weight import NORA_SKELETON_WARNING
+
+    tensors = lora_tensors(MODULES, dtype=np.float64, seed=8)
+    adapter = peft_dir(tmp_path / "nora", tensors, r=3, lora_alpha=6, peft_type="NORA")
+    rng = np.random.default_rng(9)
+    base = {f"{m}.weight": rng.standard_normal((d_out, d_in)) for m, (d_out, d_in, _) in MODULES.items()}
+    analysis = analyze(adapter, base=write_model(tmp_path / "base.safetensors", base), cache=False, emit_warnings=False)
+    assert analysis.method == "nora" and NORA_SKELETON_WARNING in analysis.warnings
+    assert all(rec["relative_sigma_max"] > 0 for rec in analysis.records)
