@@ -39,7 +39,7 @@ from nora_spectra.io import load_checkpoint
 from nora_spectra.labels import default_labels
 from nora_spectra.metrics import numerical_rank
 from nora_spectra.schema import OVERLAP_COLUMNS, layer_index, module_type, to_jsonable
-from nora_spectra.spectrum import NonFiniteFactorsError, spectrum
+from nora_spectra.spectrum import NonFiniteFactorsError
 from nora_spectra.subspaces import FactoredSVD, NonFiniteUpdateError, factor_bases
 from nora_spectra.updates import HadamardUpdate, LowRankUpdate
 

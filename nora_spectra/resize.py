@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nora_spectra._progress import ProgressArg, progress_callback
@@ -41,7 +40,7 @@ from nora_spectra.io.registry import formats, get_format
 from nora_spectra.io.writing import TAG_OF_NAME, ResizedModule
 from nora_spectra.rank_policy import RankPolicy, make_policy, optimal_threshold, truncation
 from nora_spectra.schema import RESIZE_COLUMNS, RESIZE_MODULE_FIELDS, to_jsonable
-from nora_spectra.spectrum import NonFiniteFactorsError, spectrum
+from nora_spectra.spectrum import NonFiniteFactorsError
 from nora_spectra.subspaces import NonFiniteUpdateError, factor_bases
 from nora_spectra.updates import LowRankUpdate
 

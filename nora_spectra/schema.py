@@ -16,15 +16,26 @@ from nora_core.jsonable import to_jsonable
 __all__ = [
     "ACTIVATION_COLUMNS",
     "AVERAGED_STATUSES",
+    "BASE_COLUMNS",
+    "BASE_FIELDS",
     "COMPARED_METRICS",
     "COMPARISON_GROUP_COLUMNS",
     "COMPARISON_ROW_COLUMNS",
     "DEFAULT_COLLAPSE_THRESHOLD",
+    "DEFAULT_INTRUDER_EPS",
+    "DEFAULT_INTRUDER_K",
     "DEFAULT_PROBE_SAMPLES",
+    "DEFAULT_TOP_K",
+    "DORA_PROXY_WARNING",
+    "DORA_PROXY_WARNING_PREFIX",
+    "EXACT_SVD_MAX_DIM",
+    "INTRUDER_COLUMNS",
     "LAYER_COLUMNS",
+    "OPTIONAL_COLUMNS",
     "OVERLAP_COLUMNS",
     "RESIZE_COLUMNS",
     "RESIZE_MODULE_FIELDS",
+    "SPECTRUM_COLUMNS",
     "SPACES",
     "SPACE_COLUMNS",
     "STATUSES",
@@ -41,6 +52,26 @@ DEFAULT_COLLAPSE_THRESHOLD = 0.25
 
 #: Gaussian inputs per layer of a probe-space spectrum (``--probe-samples``).
 DEFAULT_PROBE_SAMPLES = 4096
+
+#: dense updates (full fine-tunes, DoRA's true update) with ``min(d_out, d_in)`` above this get only their
+#: leading :data:`DEFAULT_TOP_K` singular values (randomized SVD with an error bound) unless ``--top-k`` says
+#: otherwise; smaller ones get an exact SVD.
+EXACT_SVD_MAX_DIM = 1024
+
+#: leading singular values computed for a large dense update by default (``--top-k``).
+DEFAULT_TOP_K = 64
+
+#: intruder dimensions: leading directions tested (``--intruder-k``) and the cosine threshold
+#: (``--intruder-eps``), Shuttleworth et al. (2024) and PEFT's defaults.
+DEFAULT_INTRUDER_K = 10
+DEFAULT_INTRUDER_EPS = 0.5
+
+#: the reader warning of a checkpoint with DoRA layers analysed without the base weight (the proxy
+#: ``s * B @ A``); a base-aware analysis that computes the true update replaces it.
+DORA_PROXY_WARNING = "DoRA layers: spectra are of the direction update B A only (magnitude vector not included)"
+
+#: how every reader's proxy warning for DoRA layers starts (each names its format's magnitude tensor).
+DORA_PROXY_WARNING_PREFIX = "DoRA layers: spectra are of the direction update"
 
 #: the spaces a spectrum can be measured in (``analyze(..., space=...)``).
 SPACES: tuple[str, ...] = ("weight", "activation", "probe")
@@ -72,6 +103,22 @@ LAYER_COLUMNS: tuple[str, ...] = (
     "tail_energy",
     "singular_values",
 )
+
+#: columns of weight-space records whose spectrum may be truncated (an analysis with ``base`` or
+#: ``top_k``, or a full fine-tune): how many leading values were computed and how accurately.
+SPECTRUM_COLUMNS: tuple[str, ...] = ("top_k", "captured_energy", "sigma_error_bound")
+
+#: columns of base-aware records (``base`` given): the base tensor and the update's size relative to it.
+BASE_COLUMNS: tuple[str, ...] = ("base_tensor", "relative_sigma_max", "relative_frobenius_norm")
+
+#: columns of records with intruder dimensions (``intruders=True``).
+INTRUDER_COLUMNS: tuple[str, ...] = ("intruders", "intruder_indices", "intruder_max_cos")
+
+#: columns a weight-space record has only in some analyses, in the order they follow :data:`LAYER_COLUMNS`.
+OPTIONAL_COLUMNS: tuple[str, ...] = SPECTRUM_COLUMNS + BASE_COLUMNS + INTRUDER_COLUMNS
+
+#: the fields a base-aware or truncated analysis adds to its JSON, in order.
+BASE_FIELDS: tuple[str, ...] = ("base", "top_k", "intruder_k", "intruder_eps")
 
 #: the columns activation- and probe-space records add after :data:`LAYER_COLUMNS`.
 SPACE_COLUMNS: tuple[str, ...] = ("space", "tokens")

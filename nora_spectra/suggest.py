@@ -31,7 +31,7 @@ import math
 import os
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping
 
 from nora_spectra.analysis import analyze
 from nora_spectra.check_config import CheckSettings

@@ -163,7 +163,8 @@ def kohya_lora_entry(
     read_magnitude = None
     if "dora" in keys:
         axis = dora_axis(path, prefix, source.info(keys["dora"]), shape[0], shape[1])
-        read_magnitude = partial(read_vector, source, keys["dora"])
+        if axis == "output":  # the true update (--base) normalises rows; per-column magnitudes stay a proxy
+            read_magnitude = partial(read_vector, source, keys["dora"])
         notes.append(f"DoRA magnitude (dora_scale) per {axis} {'row' if axis == 'output' else 'column'}; "
                      "spectrum of the direction update only")
     return ModuleEntry(

@@ -22,7 +22,16 @@ import numpy as np
 
 from nora_spectra.errors import CheckpointError
 
-__all__ = ["MAX_HEADER_BYTES", "DTYPES", "FLOAT_DTYPES", "TensorInfo", "SafetensorsFile", "check_readable"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "DTYPES",
+    "FLOAT_DTYPES",
+    "TensorInfo",
+    "SafetensorsFile",
+    "check_readable",
+    "raw_dtype",
+    "upcast",
+]
 
 #: The official parser rejects headers larger than this (100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -229,6 +238,17 @@ def check_readable(path: str, info: TensorInfo) -> None:
                 f"tensor {info.name!r} is {info.dtype} (float8); reading it needs the ml_dtypes package "
                 "(pip install ml_dtypes)",
             ) from exc
+
+
+def raw_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of a float tensor's stored bits (``<u2`` for BF16, ``u1`` for F8), for :func:`upcast`."""
+    return np.dtype(_RAW_NUMPY[dtype])
+
+
+def upcast(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Exact upcast to float64 of stored bits read as :func:`raw_dtype` (1-D in, 1-D out); chunks of a
+    tensor may be upcast separately (readers that bound their memory do)."""
+    return _upcast(raw, dtype)
 
 
 def _upcast(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -5,7 +5,7 @@ Every number comes from the Overlap (its ``phi`` matrices and module rows); noth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nora_spectra._text import name_list
 from nora_spectra.plots._common import color, figure

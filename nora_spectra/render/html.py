@@ -18,7 +18,7 @@ import html
 import json
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from nora_spectra.render._cells import COLUMN_SETS, NUMERIC_KEYS, cell, signed
+from nora_spectra.render._cells import NUMERIC_KEYS, cell, layer_columns, signed
 from nora_spectra.schema import to_jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,7 +113,7 @@ def module_table(analysis: "Analysis", label: str | None = None) -> str:
 
     ``label`` (the checkpoint's label in a report) becomes the table's ``data-label`` attribute.
     """
-    columns = COLUMN_SETS["full"]
+    columns = layer_columns("full", analysis.records)
     rows = []
     for rec in analysis.records:
         cells = []

@@ -210,7 +210,8 @@ def _entry(path: str, source: TensorSource, prefix: str, keys: Mapping[str, str]
     read_magnitude = None
     if "dora" in keys:
         axis = dora_axis(path, prefix, s.infos["dora"], shape[0], shape[1])
-        read_magnitude = partial(read_vector, source, keys["dora"])
+        if axis == "output":  # the true update (--base) normalises rows; per-column magnitudes stay a proxy
+            read_magnitude = partial(read_vector, source, keys["dora"])
         notes += (f"DoRA magnitude (dora_scale) per {axis} {'row' if axis == 'output' else 'column'}; "
                   "spectrum of the direction update only",)
     factors = [info for role, info in s.infos.items() if role not in ("alpha", "dora")]
