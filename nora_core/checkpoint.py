@@ -26,6 +26,7 @@ from torch import nn
 
 from nora_core.atomic import atomic_write_bytes, atomic_write_text
 from nora_core.config import AdapterConfig
+from nora_core.parsing import ParseError, read_json, type_name
 from nora_core.inject import adapter_config, adapter_layers, inject_adapters, matching_modules, unload
 
 __all__ = [
@@ -98,9 +99,14 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> AdapterConfig:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (an adapter directory needs {CONFIG_NAME})")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = read_json(file)
+    except ParseError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type_name(data)}")
+    try:
         return AdapterConfig.from_dict(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"{file}: {exc}") from None
 
 

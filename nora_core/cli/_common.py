@@ -8,10 +8,7 @@ from typing import Any
 
 import click
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 uses the backport declared in pyproject.toml
-    import tomli as tomllib
+from nora_core.parsing import ParseError, read_toml, type_name
 
 __all__ = [
     "ExistingPath",
@@ -45,12 +42,11 @@ def load_toml(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value is None:
         return None
     try:
-        with open(value, "rb") as handle:
-            data = tomllib.load(handle)
+        data = read_toml(value)
     except OSError as exc:
-        raise UserError(f"{value}: cannot read ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{value}: invalid TOML ({exc})") from None
+        raise UserError(f"{value}: cannot read ({exc.strerror or exc})") from None
+    except ParseError as exc:
+        raise UserError(str(exc)) from None
     known: dict[str, str] = {}  # "model", "model_dir" -> "model_dir"; "r", "rank" -> "rank"
     paths: set[str] = set()  # options whose value is a path: relative ones are relative to the file
     for p in ctx.command.params:
@@ -64,6 +60,8 @@ def load_toml(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         name = known.get(key.replace("-", "_"))
         if name is None:
             raise UserError(f"{value}: unknown key {key!r} (use the option names of `nora train --help`)")
+        if isinstance(item, dict) or (isinstance(item, list) and any(isinstance(v, (list, dict)) for v in item)):
+            raise UserError(f"{value}: {key} must be a value or a list of values, got {type_name(item)}")
         if isinstance(item, list):
             item = ",".join(str(v) for v in item)
         if name in paths and isinstance(item, str):
