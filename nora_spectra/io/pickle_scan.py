@@ -17,7 +17,7 @@ import pickletools
 import re
 import zipfile
 
-__all__ = ["ALLOWED_GLOBALS", "forbidden_globals", "pickle_globals"]
+__all__ = ["ALLOWED_GLOBALS", "declared_storage_problem", "forbidden_globals", "pickle_globals"]
 
 #: (module, name) pairs a tensor state dict may use; torch storage classes are matched by pattern.
 ALLOWED_GLOBALS = frozenset(
@@ -80,3 +80,99 @@ def pickle_globals(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
 def forbidden_globals(path: str | os.PathLike[str]) -> list[str]:
     """``module.name`` of every global in the pickle at ``path`` that a tensor state dict never uses."""
     return sorted({f"{m}.{n}" for m, n in pickle_globals(path) if not _allowed(m, n)})
+
+
+#: bytes per element of torch's storage classes (``torch.FloatStorage`` ...); unknown ones count 16.
+_STORAGE_ITEMSIZE = {
+    "BoolStorage": 1, "ByteStorage": 1, "CharStorage": 1, "UntypedStorage": 1,
+    "ShortStorage": 2, "HalfStorage": 2, "BFloat16Storage": 2,
+    "IntStorage": 4, "FloatStorage": 4,
+    "LongStorage": 8, "DoubleStorage": 8, "ComplexFloatStorage": 8,
+    "ComplexDoubleStorage": 16,
+}
+_LITERAL_OPS = _STRING_OPS | frozenset({"BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4", "NONE"})
+
+
+def _storages_of(stream: io.BufferedIOBase) -> dict[str, int]:
+    """``key -> declared bytes`` of the storages one pickle refers to (its persistent ids).
+
+    torch writes each storage as the persistent id ``("storage", torch.XStorage, key, location, numel, ...)``,
+    built by ``MARK ... TUPLE`` then ``BINPERSID``. Only literal operands are followed (strings, ints,
+    globals and the memo); anything else is an opaque value, so a pickle that hides its ids gains
+    nothing: ``torch.load`` checks what it actually reads.
+    """
+    frames: list[list[object]] = [[]]
+    memo: dict[object, object] = {}
+    found: dict[str, int] = {}
+    opaque = object()
+    for opcode, arg, _ in pickletools.genops(stream):
+        name = opcode.name
+        if name == "MARK":
+            frames.append([])
+        elif name == "TUPLE" and len(frames) > 1:
+            items = frames.pop()
+            frames[-1].append(tuple(items))
+        elif name in _LITERAL_OPS:
+            frames[-1].append(arg)
+        elif name == "GLOBAL":
+            frames[-1].append(("global", str(arg)))
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[arg] = frames[-1][-1] if frames[-1] else opaque
+        elif name == "MEMOIZE":
+            memo[len(memo)] = frames[-1][-1] if frames[-1] else opaque
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            frames[-1].append(memo.get(arg, opaque))
+        elif name == "BINPERSID" and frames[-1]:
+            pid = frames[-1][-1]
+            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+                kind = pid[1][1].rpartition(" ")[2] if isinstance(pid[1], tuple) else ""
+                numel = pid[4]
+                if isinstance(pid[2], str) and isinstance(numel, int):
+                    found[pid[2]] = max(numel, 0) * _STORAGE_ITEMSIZE.get(kind, 16)
+        else:
+            frames[-1].append(opaque)
+    return found
+
+
+def declared_storage_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the tensor storages a torch checkpoint declares cannot be real, or None.
+
+    ``torch.load`` allocates each storage at the size its pickle declares before reading the bytes
+    (the legacy format) and a zip member may be compressed, so a file of a few bytes could make it
+    allocate terabytes. Checked without unpickling: in a zip checkpoint every member must be stored
+    uncompressed (as ``torch.save`` writes them; no member larger than the file) and each storage's
+    declared size must equal its ``data/<key>`` member's; in the legacy format the declared storages
+    must fit in the file.
+
+    Returns:
+        A one-line problem, or None when the sizes are consistent (or the pickle is unreadable: the
+        caller's ``torch.load`` reports that itself).
+    """
+    size = os.path.getsize(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                infos = archive.infolist()
+                total = sum(info.file_size for info in infos)
+                if total > size:
+                    return f"its zip members unpack to {total} bytes, more than the file's {size}: not a torch checkpoint"
+                members = {info.filename: info.file_size for info in infos}
+                for member in members:
+                    if not member.endswith("data.pkl"):
+                        continue
+                    prefix = member[: -len("data.pkl")]
+                    for key, nbytes in _storages_of(io.BytesIO(archive.read(member))).items():
+                        stored = members.get(f"{prefix}data/{key}")
+                        if stored is not None and nbytes > stored:
+                            return f"tensor storage {key!r} declares {nbytes} bytes but holds {stored}"
+            return None
+        with open(path, "rb") as handle:
+            declared: dict[str, int] = {}
+            for _ in range(_LEGACY_PICKLES):
+                declared.update(_storages_of(handle))
+        total = sum(declared.values())
+        if total > size:
+            return f"its tensor storages declare {total} bytes but the file holds only {size}"
+    except Exception:  # noqa: BLE001 - a damaged file: torch.load reports it
+        return None
+    return None
