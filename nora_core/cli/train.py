@@ -42,7 +42,8 @@ def tracking_callbacks(track_every: int) -> list[Any]:
               help="Compute the loss on the answer only, or on prompt and answer.")
 @click.option("--skip-malformed", is_flag=True, help="Skip malformed JSONL lines (counted) instead of failing.")
 @click.option("--method", type=click.Choice(["lora", "nora"]), default="nora", show_default=True)
-@click.option("--r", "rank", type=int, default=8, show_default=True, help="Adapter rank.")
+@click.option("--rank", "--r", "rank", type=int, default=8, show_default=True,
+              help="Adapter rank r (--r also works, but not under torchrun, which takes --r for its own options).")
 @click.option("--alpha", type=float, help="Scale numerator (scale = alpha / r); default alpha = r.")
 @click.option("--rslora", is_flag=True, help="Scale alpha / sqrt(r).")
 @click.option("--activation", type=click.Choice(["silu", "relu", "gelu", "identity"]), default="silu",

@@ -228,3 +228,44 @@ def test_demo_in_miniature_writes_analyses_and_caches_the_base(tmp_path: Path, c
     # with the base cached (nothing pretrained first), the run is the same: seeded before the adapters
     again = _adapter_and_losses(tmp_path / "demo" / "runs" / "lora-r2")
     assert again[1] == first[1] and all(torch.equal(again[0][k], first[0][k]) for k in first[0])
+
+
+def test_the_documented_torchrun_command_with_rank(setup: dict) -> None:
+    """docs/training.md's command, run by the real torchrun (2 gloo processes on CPU): --rank reaches
+    nora train (torchrun read --r as an ambiguous prefix of its own options); rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [
+        str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "nora_core.cli", "train",
+        "--model", str(setup["base"]), "--data", str(setup["train"]), "--run-dir", str(setup["run"]),
+        "--method", "nora", "--rank", "8", "--steps", "2", "--batch-size", "4", "--save-every", "2",
+        "--track-every", "0", "--eval-every", "0", "--device", "cpu", "--no-progress",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run_dir:") == 1 and "steps: 2" in done.stdout  # rank 0 reports once
+    config = json.loads((setup["run"] / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "NORA"
+    assert sorted(p.name for p in (setup["run"] / "checkpoints").iterdir()) == ["step-000002"]
+    assert len((setup["run"] / "metrics.jsonl").read_text().splitlines()) == 1
+    # --r still works outside torchrun
+    code = subprocess.run([sys.executable, "-m", "nora_core.cli", "train", "--help"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert "--rank, --r INTEGER" in code.stdout
+
+
+def test_a_learning_rate_adamw_cannot_take_is_one_line_and_exit_2(setup: dict, capsys) -> None:
+    code, out, err = run(
+        ["train", "--model", str(setup["base"]), "--data", str(setup["train"]), "--run-dir", str(setup["run"]),
+         "--steps", "2", "--batch-size", "4", "--lr", "1e39", "--no-progress"],
+        capsys,
+    )
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("nora: error: TrainConfig.lr 1e+39 is too large for AdamW on float32 parameters")
+    assert not setup["run"].exists()  # refused before anything was written
