@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -121,6 +122,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ValueError(
+                f"TrainConfig.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}"
+            )
         if self.run_dir is None and (self.save_every or self.resume):
             raise ValueError("TrainConfig.save_every and resume need a run_dir")
         if self.run_dir is not None:
@@ -158,6 +163,9 @@ def check_step_size(lr: float, beta1: float, largest: float, dtype: str) -> None
             f"TrainConfig.lr {lr:g} is too large for AdamW on {dtype} parameters: its first step, "
             f"lr / (1 - beta1) = {step:g}, exceeds the largest {dtype} value, {largest:.4g}"
         )
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,4})?|mps")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -283,6 +284,15 @@ def summary_rows(labels: Sequence[str], analyses: Sequence[Analysis]) -> list[di
 
 
 def _figures(labels: Sequence[str], analyses: Sequence[Analysis], runs: Sequence[RunData], dpi: int) -> list[ReportFigure]:
+    # matplotlib warns on stderr about what it cannot draw well (a glyph missing from the font for a
+    # control character in a module name, a flat axis): the figures are drawn anyway, and a command's
+    # stderr carries only its own lines.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _draw_figures(labels, analyses, runs, dpi)
+
+
+def _draw_figures(labels: Sequence[str], analyses: Sequence[Analysis], runs: Sequence[RunData], dpi: int) -> list[ReportFigure]:
     from nora_spectra import plots
 
     pairs = list(zip(labels, analyses))

@@ -11,6 +11,7 @@ import click
 from nora_core.parsing import ParseError, read_toml, type_name
 
 __all__ = [
+    "BoundedInt",
     "ExistingPath",
     "UserError",
     "csv_list",
@@ -20,6 +21,7 @@ __all__ = [
     "run_or_fail",
     "seed_everything",
     "user_errors",
+    "with_config",
 ]
 
 
@@ -60,17 +62,28 @@ def load_toml(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         name = known.get(key.replace("-", "_"))
         if name is None:
             raise UserError(f"{value}: unknown key {key!r} (use the option names of `nora train --help`)")
-        if isinstance(item, dict) or (isinstance(item, list) and any(isinstance(v, (list, dict)) for v in item)):
-            raise UserError(f"{value}: {key} must be a value or a list of values, got {type_name(item)}")
+        scalar = (str, int, float, bool)
+        if not (isinstance(item, scalar) or (isinstance(item, list) and all(isinstance(v, scalar) for v in item))):
+            raise UserError(
+                f"{value}: {key} must be a string, number, boolean or a list of them, got {type_name(item)}"
+            )
         if isinstance(item, list):
             item = ",".join(str(v) for v in item)
-        if name in paths and isinstance(item, str):
+        if name in paths and not isinstance(item, str):
+            raise UserError(f"{value}: {key} must be a path (a string), got {type_name(item)}")
+        if name in paths:
             # as `spectra check` configs: a path in the file means the same wherever the command runs
             item = os.path.join(os.path.dirname(value), os.path.expanduser(item))
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["nora.config"] = value
     return value
+
+
+class BoundedInt(click.IntRange):
+    """An integer option with bounds; a non-integer reads "'abc' is not a valid integer." as with ``int``."""
+
+    name = "integer"
 
 
 class ExistingPath(click.ParamType):
@@ -115,12 +128,27 @@ def one_line(message: str) -> str:
 
 def run_or_fail(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a ``ValueError`` a user can cause (bad setting) becomes one line, exit 2."""
+    from nora_core.data import DataFormatError
+
     try:
         return fn(*args, **kwargs)
+    except (DataFormatError, FileNotFoundError) as exc:  # name the config the path came from, if any
+        raise UserError(with_config(str(exc), click.get_current_context(silent=True))) from None
     except user_errors():
         raise
     except (ValueError, TypeError) as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(with_config(str(exc), click.get_current_context(silent=True))) from None
+
+
+def with_config(message: str, ctx: click.Context | None) -> str:
+    """``message``, followed by `` (options from FILE)`` when a ``--config`` file gave option values,
+    so that an error about a value names the file it came from."""
+    while ctx is not None:
+        config = ctx.meta.get("nora.config")
+        if config is not None:
+            return message if config in message else f"{message} (options from {config})"
+        ctx = ctx.parent
+    return message
 
 
 def seed_everything(seed: int) -> None:

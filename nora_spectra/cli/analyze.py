@@ -145,9 +145,10 @@ def command(
             emit_warnings=False,
             **space_options,
         )
-        if not quiet:
+        analyses.append(analysis)
+    if not quiet:  # once every checkpoint is read: a failing command prints its one error line only
+        for analysis in analyses:
             for message in analysis.warnings:
                 click.echo(f"spectra: warning: {analysis.display_name}: {message}", err=True)
-        analyses.append(analysis)
     result = analyses[0] if len(analyses) == 1 else analyses
     write_result(render(result, fmt, effective_rank=effective_rank, by_layer=by_layer), output, quiet=quiet)

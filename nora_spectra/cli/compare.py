@@ -49,14 +49,13 @@ def command(
 
     analyses = []
     for path in paths:
-        found = load_analyses(
+        analyses.extend(load_analyses(
             path, adapter=adapter, format=format_in, collapse_threshold=collapse_threshold, emit_warnings=False
-        )
-        if not quiet:
-            for analysis in found:
-                for message in analysis.warnings:
-                    click.echo(f"spectra: warning: {analysis.display_name}: {message}", err=True)
-        analyses.extend(found)
+        ))
+    if not quiet:  # once every input is read: a failing command prints its one error line only
+        for analysis in analyses:
+            for message in analysis.warnings:
+                click.echo(f"spectra: warning: {analysis.display_name}: {message}", err=True)
     if len(analyses) < 2:
         raise UsageError("compare needs at least two checkpoints")
     names = None if labels is None else [s.strip() for s in labels.split(",")]
