@@ -125,14 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                 total[key] += part[key]
             for code, n in part["codes"].items():
                 total["codes"][code] = total["codes"].get(code, 0) + n
+            for i, problem in part["problems"][:3]:
+                print(f"PROBLEM {part['class']} case {i}: {problem[:600]}", flush=True)
             if total["cases"] == args.cases:
                 _print_row(part["class"], total)
     elapsed = time.perf_counter() - started
     print(f"total {sum(t['cases'] for t in merged.values())} cases in {elapsed:.0f} s with {args.jobs} workers")
     failures = sum(len(t["problems"]) for t in merged.values())
     for name, total in merged.items():
-        for i, problem in total["problems"][:5]:
-            print(f"PROBLEM {name} case {i}: {problem}")
         for i, seconds, note in total["slow"][:5]:
             print(f"SLOW {name} case {i}: {seconds} s {note}")
         for i, mb, argv in total["heavy"][:5]:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted!", err=True)
         sys.exit(130)
     except user_errors() as exc:
-        click.echo(f"nora: error: {exc}", err=True)
+        click.echo(f"nora: error: {one_line(str(exc))}", err=True)
         sys.exit(2)
 
 
