@@ -176,6 +176,29 @@ def _check_scalar(value: Any, parts: Sequence[Any], path: "str | os.PathLike[str
         raise ParseError(path, f"{_where(parts)}{what} is not accepted: numbers must be finite")
 
 
+#: a JSON string literal; TOML strings (basic, literal, multi-line) and comments.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_TOML_SKIP = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*')
+_BRACKETS = re.compile(r"[^\[\]{}]+")
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of brackets and braces in ``text`` (strings already removed), without recursion.
+
+    The standard parsers recurse once per level; past about 1000 levels they raise ``RecursionError``
+    from deep inside (and may print "Exception ignored" lines while unwinding), so depth is measured
+    first: the brackets are kept (a C-speed regex) and their running sum taken by numpy.
+    """
+    import numpy as np
+
+    brackets = _BRACKETS.sub("", text)
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1).astype(np.int64)
+    return int(np.cumsum(steps).max())
+
+
 def _int(text: str) -> Any:
     return int(text) if len(text) <= _MAX_INT_CHARS else _OversizedInt(text)
 
@@ -218,6 +241,8 @@ def parse_json(
         ParseError: not UTF-8, not JSON, a repeated key, too deep, or a number that is not a finite float64.
     """
     text = decode_utf8(data, path, "JSON") if isinstance(data, bytes) else data
+    if _bracket_depth(_JSON_STRING.sub('""', text)) > max_depth:  # before the recursive C parser sees it
+        raise ParseError(path, f"not valid JSON: nested deeper than {max_depth} levels")
     hook = _no_duplicates if reject_duplicates else None
     try:
         value = json.loads(text, parse_int=_int, object_pairs_hook=hook)
@@ -279,6 +304,8 @@ def parse_toml(data: "str | bytes", path: "str | os.PathLike[str]", *, max_depth
     else:  # pragma: no cover - Python 3.10 uses the backport declared in pyproject.toml
         import tomli as tomllib
     text = decode_utf8(data, path, "TOML") if isinstance(data, bytes) else data
+    if _bracket_depth(_TOML_SKIP.sub("", text)) > max_depth:  # before the recursive parser sees it
+        raise ParseError(path, f"not valid TOML: nested deeper than {max_depth} levels")
     try:
         value = tomllib.loads(text)
     except RecursionError:

@@ -581,9 +581,11 @@ class _Window:
 
 
 def _record_step(line: str) -> int:
+    from nora_core.parsing import parse_json
+
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        return int(parse_json(line, METRICS_NAME)["step"])
+    except (ValueError, KeyError, TypeError, IndexError):
         return sys.maxsize  # an unreadable (half-written) line is dropped
 
 

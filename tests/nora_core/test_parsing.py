@@ -13,7 +13,8 @@ from nora_core.parsing import MAX_DEPTH, ParseError, json_path, parse_json, pars
     ("text", "problem"),
     [
         ("[" * 100_000, f"not valid JSON: nested deeper than {MAX_DEPTH} levels"),
-        ("[" * 65 + "]" * 65, f"nested deeper than {MAX_DEPTH} levels (under [0][0][0])"),
+        ("[" * 65 + "]" * 65, f"not valid JSON: nested deeper than {MAX_DEPTH} levels"),
+        ('{"a": "[[[[", "b": ' + "[" * 65 + "]" * 65 + "}", f"not valid JSON: nested deeper than {MAX_DEPTH} levels"),
         ('{"r": ' + "9" * 5000 + "}", "r: integer of 5000 digits is out of range"),
         ('{"lora_alpha": ' + "9" * 401 + "}", "lora_alpha: integer of 401 digits is out of range"),
         ('{"a": [1, {"b": 1e400}]}', "a[1].b: an infinite number (or one beyond the float range) is not accepted"),
@@ -32,6 +33,8 @@ def test_json_refusals_name_the_file_and_the_path(text: str, problem: str) -> No
 
 def test_depth_64_is_accepted_and_numbers_at_the_float_edge_too() -> None:
     assert parse_json("[" * 64 + "]" * 64, "f") is not None
+    assert parse_json('{"s": "' + "[" * 500 + '\\" {"}', "f") == {"s": "[" * 500 + '" {'}  # brackets in strings
+    assert parse_toml('a = "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["  # [[[[[[[[[', "t")
     big = 2**1023
     assert parse_json(f'{{"a": {big}, "b": -1.7976931348623157e308}}', "f") == {"a": big, "b": -1.7976931348623157e308}
 
