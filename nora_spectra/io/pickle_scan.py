@@ -17,7 +17,11 @@ import pickletools
 import re
 import zipfile
 
-__all__ = ["ALLOWED_GLOBALS", "declared_storage_problem", "forbidden_globals", "pickle_globals"]
+__all__ = ["ALLOWED_GLOBALS", "MAX_PICKLE_STRING", "declared_storage_problem", "forbidden_globals", "pickle_globals",
+           "pickle_problem"]
+
+#: the longest string a state-dict pickle may hold (tensor names, storage keys, dtypes are short).
+MAX_PICKLE_STRING = 4096
 
 #: (module, name) pairs a tensor state dict may use; torch storage classes are matched by pattern.
 ALLOWED_GLOBALS = frozenset(
@@ -37,9 +41,9 @@ def _allowed(module: str, name: str) -> bool:
     return (module, name) in ALLOWED_GLOBALS or (module == "torch" and _STORAGE.fullmatch(name) is not None)
 
 
-def _globals_of(stream: io.BufferedIOBase) -> list[tuple[str, str]]:
-    """Globals named by one pickle read from ``stream`` (``STACK_GLOBAL`` only when its operands are literal)."""
-    found: list[tuple[str, str]] = []
+def _globals_of(stream: io.BufferedIOBase, found: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Append to ``found`` the globals named by one pickle read from ``stream`` (``STACK_GLOBAL`` only when
+    its operands are literal); those met before a damaged opcode stay in ``found``."""
     strings: list[str] = []
     for opcode, arg, _ in pickletools.genops(stream):
         if opcode.name == "GLOBAL":
@@ -67,11 +71,11 @@ def pickle_globals(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
             with zipfile.ZipFile(path) as archive:
                 for member in archive.namelist():
                     if member.endswith(".pkl"):
-                        found += _globals_of(io.BytesIO(archive.read(member)))
+                        _globals_of(io.BytesIO(archive.read(member)), found)
             return found
         with open(path, "rb") as handle:
             for _ in range(_LEGACY_PICKLES):
-                found += _globals_of(handle)
+                _globals_of(handle, found)
     except Exception:  # noqa: BLE001 - a damaged file: report what was read; torch.load says the rest
         pass
     return found
@@ -175,4 +179,40 @@ def declared_storage_problem(path: str | os.PathLike[str]) -> str | None:
             return f"its tensor storages declare {total} bytes but the file holds only {size}"
     except Exception:  # noqa: BLE001 - a damaged file: torch.load reports it
         return None
+    return None
+
+
+def pickle_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the pickle(s) of a torch checkpoint are not a readable state dict, from their opcodes, or None.
+
+    Every opcode must parse (``pickletools.genops``: a truncated or damaged pickle is refused here, with
+    our one-line reason) and no string operand may exceed :data:`MAX_PICKLE_STRING` characters. Both
+    keep hostile bytes away from ``torch.load``, whose error path runs regular expressions such as
+    ``(\\S+) must be (\\S+) to load`` over its message in quadratic time: a 100 KB run of ``[`` in a
+    damaged file kept it busy for minutes.
+    """
+
+    def scan(stream: io.BufferedIOBase) -> str | None:
+        for opcode, arg, _ in pickletools.genops(stream):
+            if isinstance(arg, (str, bytes)) and len(arg) > MAX_PICKLE_STRING:
+                return f"its pickle holds a {len(arg)}-character {opcode.name} operand: not a tensor state dict"
+        return None
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".pkl"):
+                        problem = scan(io.BytesIO(archive.read(member)))
+                        if problem:
+                            return problem
+            return None
+        with open(path, "rb") as handle:
+            for _ in range(_LEGACY_PICKLES):
+                problem = scan(handle)
+                if problem:
+                    return problem
+    except Exception as exc:  # noqa: BLE001 - pickletools raises ValueError and others on damage
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return f"damaged pickle ({text})"
     return None

@@ -82,3 +82,29 @@ def test_bin_storage_larger_than_the_file_is_refused_before_torch_allocates(tmp_
         path.write_bytes(bigger(path.read_bytes(), b"N"))
     with pytest.raises(CheckpointError, match=r"refused to load: .*declares? \d+ bytes"):
         load_checkpoint(directory)
+
+
+def test_a_damaged_bin_never_reaches_torch_load(tmp_path: Path, monkeypatch) -> None:
+    """A 100 KB run of '[' spliced into a legacy pickle kept torch.load's error-message regexes busy for
+    minutes (fuzz case torch_bin-8061): damaged pickles and huge string operands are refused from the opcodes."""
+    torch = pytest.importorskip("torch")
+    import nora_spectra.io.torch_bin  # noqa: F401 - imported before torch.load is replaced
+
+    directory = tmp_path / "ck"
+    write_config(directory, r=2, lora_alpha=2)
+    path = directory / "adapter_model.bin"
+    torch.save({A: torch.ones(2, 3), B: torch.ones(3, 2)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    at = raw.index(b"torch._utils")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    path.write_bytes(raw[: at + 12] + b"[" * 100_000 + raw[at + 12 :])
+    with pytest.raises(CheckpointError, match=r"refused to unpickle: it refers to torch._utils\[\[\["):
+        load_checkpoint(directory)
+    path.write_bytes(raw[: at + 40] + b"[" * 100_000)
+    with pytest.raises(CheckpointError, match=r"not a readable torch checkpoint: damaged pickle \("):
+        load_checkpoint(directory)
+    key = raw.index(A.encode())
+    long_key = raw[: key - 4] + (10_000).to_bytes(4, "little") + b"k" * 10_000 + raw[key + len(A) :]
+    path.write_bytes(long_key)
+    with pytest.raises(CheckpointError, match=r"its pickle holds a 10000-character BINUNICODE operand"):
+        load_checkpoint(directory)
