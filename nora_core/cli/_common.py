@@ -51,12 +51,15 @@ def load_toml(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise UserError(str(exc)) from None
     known: dict[str, str] = {}  # "model", "model_dir" -> "model_dir"; "r", "rank" -> "rank"
     paths: set[str] = set()  # options whose value is a path: relative ones are relative to the file
+    flags: set[str] = set()  # boolean options: the file must say true or false
     for p in ctx.command.params:
         if p.name and p.name != "config":
             for alias in [p.name, *getattr(p, "opts", [])]:
                 known[alias.lstrip("-").replace("-", "_")] = p.name
             if isinstance(p.type, (click.Path, ExistingPath)):
                 paths.add(p.name)
+            if isinstance(p.type, click.types.BoolParamType):
+                flags.add(p.name)
     defaults = {}
     for key, item in data.items():
         name = known.get(key.replace("-", "_"))
@@ -71,6 +74,10 @@ def load_toml(ctx: click.Context, param: click.Parameter, value: str | None) -> 
             item = ",".join(str(v) for v in item)
         if name in paths and not isinstance(item, str):
             raise UserError(f"{value}: {key} must be a path (a string), got {type_name(item)}")
+        if name in flags and not isinstance(item, bool):
+            raise UserError(f"{value}: {key} must be true or false, got {type_name(item)}")
+        if "\0" in str(item):
+            raise UserError(f"{value}: {key} holds a NUL character")
         if name in paths:
             # as `spectra check` configs: a path in the file means the same wherever the command runs
             item = os.path.join(os.path.dirname(value), os.path.expanduser(item))
@@ -134,6 +141,9 @@ def run_or_fail(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except (DataFormatError, FileNotFoundError) as exc:  # name the config the path came from, if any
         raise UserError(with_config(str(exc), click.get_current_context(silent=True))) from None
+    except OSError as exc:  # e.g. a run directory whose name is too long, or not writable
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise UserError(with_config(f"{where}{exc.strerror or exc}", click.get_current_context(silent=True))) from None
     except user_errors():
         raise
     except (ValueError, TypeError) as exc:

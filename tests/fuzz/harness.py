@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,9 @@ def run_binary(case: Case) -> Outcome:
                    time.perf_counter() - start, None)
 
 
+_PROGRESS = re.compile(r"^\w+: +\d+%\|")  # a tqdm bar, asked for with --progress
+
+
 def _strict_json(text: str) -> None:
     def refuse(token: str) -> None:
         raise ValueError(f"non-strict JSON token {token}")
@@ -185,8 +189,9 @@ def check(case: Case, run: Any = run_in_process) -> tuple[Outcome, list[str]]:
             if output.exists():
                 problems.append(f"partial output: {output} exists after exit 2")
     elif outcome.code in (0, 1) and not outcome.crash:
-        for line in outcome.stderr.splitlines():
-            if not line.startswith(prefix):
+        for line in outcome.stderr.split("\n"):
+            line = line.rsplit("\r", 1)[-1]  # a progress bar redraws its line with carriage returns
+            if line and not line.startswith(prefix) and not _PROGRESS.search(line):
                 problems.append(f"stray stderr line: {line[:300]!r}")
                 break
         if case.json_stdout and not case.outputs:

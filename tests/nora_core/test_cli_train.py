@@ -269,3 +269,26 @@ def test_a_learning_rate_adamw_cannot_take_is_one_line_and_exit_2(setup: dict, c
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith("nora: error: TrainConfig.lr 1e+39 is too large for AdamW on float32 parameters")
     assert not setup["run"].exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("progress = 2", "progress must be true or false, got an integer"),
+        ('run_dir = "a\\u0000b"', "run_dir holds a NUL character"),
+        ("data = 5", "data must be a path (a string), got an integer"),
+        ("seed = 1979-05-27T07:32:00Z", "seed must be a string, number, boolean or a list of them, got a datetime"),
+        ("batch_size = 100000", "Invalid value for '--batch-size': 100000 is not in the range x<=65536. (options from"),
+        ('device = "meta"', "TrainConfig.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'meta' (options from"),
+        ('run_dir = "' + "a" * 5000 + '"', "File name too long (options from"),
+    ],
+)
+def test_hostile_config_values_are_one_line_naming_the_config(setup: dict, tmp_path: Path, capsys, line, problem) -> None:
+    toml = tmp_path / "run.toml"
+    base = {"model": f'"{setup["base"]}"', "data": f'"{setup["train"]}"', "run_dir": '"run"', "steps": "1",
+            "batch_size": "2"}
+    base.pop(line.split(" = ")[0], None)
+    toml.write_text("".join(f"{k} = {v}\n" for k, v in base.items()) + line + "\n")
+    code, out, err = run(["train", "--config", str(toml), "--no-progress"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("nora: error: ") and problem in err and str(toml) in err
