@@ -7,7 +7,8 @@ A checkpoint directory holds
 * ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r, d_in) and
   ``...lora_B.weight`` (d_out, r), in the model's dtype, header metadata ``{"format": "pt"}``.
 
-Both files are written atomically. Legacy ``adapter_model.bin`` files are read with
+Both files are written as one unit (a temporary directory, fsync, then one rename or exchange): a
+crash never leaves new weights beside an old config. Legacy ``adapter_model.bin`` files are read with
 ``torch.load(weights_only=True)``, never unpickled.
 """
 
@@ -17,6 +18,8 @@ import json
 import math
 import os
 import pickle
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,8 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from nora_core.atomic import atomic_write_bytes, atomic_write_text
+from nora_core.atomic import fsync_directory, replace_directory
 from nora_core.config import AdapterConfig
+from nora_core.parsing import ParseError, read_json, type_name
 from nora_core.inject import adapter_config, adapter_layers, inject_adapters, matching_modules, unload
 
 __all__ = [
@@ -65,7 +69,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` (created if needed).
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` as one unit.
+
+    Both files are written into a temporary directory beside ``directory`` (same parent, so the same
+    file system), each fsynced, then that directory takes ``directory``'s place in one step
+    (:func:`nora_core.atomic.replace_directory`); anything else ``directory`` held (a README, other
+    adapters' sub-directories) is hard-linked (else copied) into it first. A crash at any point leaves
+    the old pair, or the new pair, never new weights beside an old config. Parents are created.
 
     Returns:
         The directory as a ``Path``.
@@ -77,11 +87,47 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     if config is None:
         raise ValueError("the model holds no adapter config (call inject_adapters or load_adapter first)")
     tensors = {KEY_PREFIX + k: v.contiguous() for k, v in adapter_state_dict(model).items()}
+    weights = save(tensors, metadata={"format": "pt"})
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    atomic_write_text(path / CONFIG_NAME, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        if path.is_dir():
+            _carry_over(path, tmp)
+        for name, data in ((WEIGHTS_NAME, weights), (CONFIG_NAME, text.encode("utf-8"))):
+            with open(tmp / name, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        fsync_directory(tmp)
+        replace_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (else copy) everything of ``old`` but the adapter pair into ``new``, keeping the tree."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in os.scandir(old):
+        if entry.name in (CONFIG_NAME, WEIGHTS_NAME):
+            continue
+        target = new / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, target, symlinks=True, copy_function=link)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry.path), target)
+        else:
+            link(entry.path, os.fspath(target))
 
 
 def read_adapter_config(directory: str | os.PathLike[str]) -> AdapterConfig:
@@ -98,9 +144,14 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> AdapterConfig:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (an adapter directory needs {CONFIG_NAME})")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = read_json(file)
+    except ParseError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type_name(data)}")
+    try:
         return AdapterConfig.from_dict(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"{file}: {exc}") from None
 
 

@@ -33,6 +33,8 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
+from nora_core.parsing import ParseError, parse_json
+
 __all__ = [
     "IGNORE_INDEX",
     "FORMATS",
@@ -210,12 +212,12 @@ def read_jsonl(
                 line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                samples.append(parse_record(json.loads(line), format))
-            except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+                samples.append(parse_record(parse_json(line, src), format))
+            except (UnicodeDecodeError, ParseError, ValueError) as exc:
                 if isinstance(exc, UnicodeDecodeError):
                     problem = f"not valid UTF-8 ({exc.reason})"
-                elif isinstance(exc, json.JSONDecodeError):
-                    problem = f"invalid JSON ({exc.msg})"
+                elif isinstance(exc, ParseError):
+                    problem = exc.problem.replace("not valid JSON", "invalid JSON", 1)
                 else:
                     problem = str(exc)
                 if not skip_malformed:

@@ -22,6 +22,8 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+import numpy as np
+
 from nora_spectra._progress import ProgressArg, progress_callback
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import UsageError
@@ -126,11 +128,14 @@ def analyze(
         callback, bar = progress_callback(progress, run.total, unit=run.unit, desc=run.desc)
         records = []
         try:
-            for layer in run.layers(callback):
-                records.append(
-                    layer_record(layer.identity, layer.sigma, collapse_threshold=collapse_threshold,
-                                 columns=run.columns, dora=layer.dora)
-                )
+            # Huge factors (a hostile scale or float64 values near 1e300) overflow sigma**2 in the metrics:
+            # the result is an infinite or null field of the record, not a numpy warning on stderr.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+                for layer in run.layers(callback):
+                    records.append(
+                        layer_record(layer.identity, layer.sigma, collapse_threshold=collapse_threshold,
+                                     columns=run.columns, dora=layer.dora)
+                    )
         finally:
             if bar is not None:
                 bar.close()

@@ -14,12 +14,12 @@ Anything else is a :class:`~nora_spectra.errors.CheckpointError` naming the path
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nora_core.parsing import ParseError, read_json
 from nora_spectra.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,9 +139,11 @@ def load_model(path: "str | os.PathLike[str]", *, dtype: "torch.dtype | None" = 
             raise CheckpointError(src, "this is an adapter checkpoint, not a base model (no config.json)")
         raise CheckpointError(src, "no config.json: not a nora_core GPT or transformers model directory")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(config_file, f"unreadable model config ({exc})") from None
+        config = read_json(config_file)
+    except OSError as exc:
+        raise CheckpointError(config_file, f"unreadable model config ({exc.strerror or exc})") from None
+    except ParseError as exc:
+        raise CheckpointError(config_file, f"unreadable model config: {exc.problem}") from None
     if not isinstance(config, dict):
         raise CheckpointError(config_file, "model config is not a JSON object")
     if "model_type" in config:

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from nora_core.parsing import ParseError, read_json, read_json_lines, type_name
 from nora_spectra._text import package_version
 from nora_spectra.comparison import Comparison, compare, load_analyses
 from nora_spectra.errors import CheckpointError, UsageError
@@ -149,25 +150,18 @@ def read_run(path: "str | os.PathLike[str]", label: str | None = None) -> RunDat
     file = root / METRICS_NAME
     history: list[dict[str, Any]] = []
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(file, f"cannot read the training log ({exc})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise CheckpointError(file, f"line {number} is not valid JSON") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise CheckpointError(file, f"line {number} is not a step record (a JSON object with 'step')")
-        history.append(record)
+        for number, record in read_json_lines(file):
+            history.append(_step_record(file, number, record))
+    except OSError as exc:
+        raise CheckpointError(file, f"cannot read the training log ({exc.strerror or exc})") from None
+    except ParseError as exc:
+        raise CheckpointError(file, exc.problem) from None
     config = None
     config_file = root / "train_config.json"
     if config_file.is_file():
         try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = read_json(config_file)
+        except (OSError, ParseError):
             config = None
     return RunData(
         label=label or root.resolve().name,
@@ -176,6 +170,51 @@ def read_run(path: "str | os.PathLike[str]", label: str | None = None) -> RunDat
         config=config if isinstance(config, dict) else None,
         adapter=_run_adapter(root),
     )
+
+
+#: fields of a metrics.jsonl record that the plots read, and what each must be.
+_NUMBER_FIELDS = ("train_loss", "lr", "tokens_per_s", "val_loss", "val_ppl")
+_SPECTRA_FIELDS = ("module", "module_type", "rank", "effective_rank", "utilization", "stable_rank", "sigma_max", "status")
+
+
+def _step_record(file: Path, number: int, record: Any) -> dict[str, Any]:
+    """One ``metrics.jsonl`` record, checked: the fields the report plots have the trainer's types.
+
+    Raises:
+        CheckpointError: naming the file, the line and the bad field.
+    """
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(file, f"line {number}: {problem}")
+
+    if not isinstance(record, dict) or "step" not in record:
+        raise bad("not a step record (a JSON object with 'step')")
+    step = record["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 2**53:
+        raise bad(f"step: expected an integer in [0, 2**53], got {type_name(step)}")
+    for name in _NUMBER_FIELDS:
+        value = record.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad(f"{name}: expected a number or null, got {type_name(value)}")
+    spectra = record.get("spectra")
+    if spectra is not None:
+        if not isinstance(spectra, list):
+            raise bad(f"spectra: expected a list, got {type_name(spectra)}")
+        for i, entry in enumerate(spectra):
+            if not isinstance(entry, dict):
+                raise bad(f"spectra[{i}]: expected an object, got {type_name(entry)}")
+            rank = entry.get("rank")
+            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= 2**40):
+                raise bad(f"spectra[{i}].rank: expected an integer in [0, 2**40] or null, got {type_name(rank)}")
+            for name in _SPECTRA_FIELDS:
+                value = entry.get(name)
+                text = name in ("module", "module_type", "status")
+                ok = value is None or (isinstance(value, str) if text else
+                                       isinstance(value, (int, float)) and not isinstance(value, bool))
+                if not ok:
+                    want = "a string" if text else "a number"
+                    raise bad(f"spectra[{i}].{name}: expected {want} or null, got {type_name(value)}")
+    return record
 
 
 def _run_adapter(root: Path) -> str | None:
@@ -252,6 +291,22 @@ def summary_rows(labels: Sequence[str], analyses: Sequence[Analysis]) -> list[di
 
 
 def _figures(
+    labels: Sequence[str],
+    analyses: Sequence[Analysis],
+    runs: Sequence[RunData],
+    dpi: int,
+    overlaps: Sequence[Overlap] = (),
+    overlap_module: str | None = None,
+) -> list[ReportFigure]:
+    # matplotlib warns on stderr about what it cannot draw well (a glyph missing from the font for a
+    # control character in a module name, a flat axis): the figures are drawn anyway, and a command's
+    # stderr carries only its own lines.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _draw_figures(labels, analyses, runs, dpi, overlaps, overlap_module)
+
+
+def _draw_figures(
     labels: Sequence[str],
     analyses: Sequence[Analysis],
     runs: Sequence[RunData],

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
+from nora_core.parsing import ParseError, parse_json, read_json
 from nora_spectra._text import package_version
+from nora_spectra.analysis_schema import validate_analysis
 from nora_spectra.errors import UsageError
 from nora_spectra.plot_methods import PlotMethods
 from nora_spectra.schema import (
@@ -30,7 +33,14 @@ from nora_spectra.summary import summarize
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["SPACE_FIELDS", "Analysis", "analyses_from_data", "analyses_to_json", "analysis_items"]
+__all__ = [
+    "SPACE_FIELDS",
+    "Analysis",
+    "analyses_from_data",
+    "analyses_to_json",
+    "analysis_items",
+    "read_analyses",
+]
 
 #: the fields that activation- and probe-space analyses add to their JSON, in order.
 SPACE_FIELDS: tuple[str, ...] = ("space", "tokens", "samples", "model", "data", "probe_scale")
@@ -180,35 +190,25 @@ class Analysis(PlotMethods):
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Analysis":
-        """Rebuild an Analysis from :meth:`to_dict` output (e.g. a stored baseline).
+    def from_dict(cls, data: Mapping[str, Any], *, where: tuple[Any, ...] = ()) -> "Analysis":
+        """Rebuild an Analysis from :meth:`to_dict` output (e.g. a stored baseline), validating every value.
+
+        The rules are those of :mod:`nora_spectra.analysis_schema`; a missing ``summary`` is recomputed
+        from the records, a missing ``adapter`` (analyses written before the field existed) is None.
+
+        Args:
+            data: the parsed analysis object.
+            where: its JSON path inside a larger document (for messages), e.g. ``("checkpoints", 1)``.
 
         Raises:
-            UsageError: when ``data`` is not an analysis object (no ``layers`` list).
+            UsageError: ``data`` is not an analysis object (``not a spectra analysis: ...``), or a value
+                has the wrong type or range (the message starts with its JSON path,
+                ``layers[3].utilization: expected a number >= 0, got a list``).
         """
-        if not isinstance(data, Mapping) or not isinstance(data.get("layers"), list):
-            raise UsageError("not a spectra analysis: expected a JSON object with a 'layers' list")
-        records = [dict(rec) for rec in data["layers"]]
-        summary = data.get("summary")
-        skipped = [(item.get("name", ""), item.get("reason", "")) for item in data.get("skipped") or []]
-        adapter = data.get("adapter")  # absent from analyses written before the field existed
-        space = {name: data.get(name) for name in SPACE_FIELDS + BASE_FIELDS if data.get(name) is not None}
-        metadata = data.get("metadata")
-        metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
-        return cls(
-            checkpoint=str(data.get("checkpoint", "")),
-            format=str(data.get("format", "")),
-            method=str(data.get("method", "")),
-            records=records,
-            summary=dict(summary) if isinstance(summary, Mapping) else summarize(records),
-            config=data.get("config"),
-            warnings=list(data.get("warnings") or []),
-            skipped=skipped,
-            collapse_threshold=float(data.get("collapse_threshold", DEFAULT_COLLAPSE_THRESHOLD)),
-            adapter=None if adapter is None else str(adapter),
-            metadata=metadata,
-            **space,
-        )
+        clean = validate_analysis(data, where)
+        records = clean.pop("records")
+        summary = clean.pop("summary")
+        return cls(records=records, summary=summary if summary is not None else summarize(records), **clean)
 
     @classmethod
     def from_json(cls, text: str) -> "Analysis":
@@ -218,9 +218,9 @@ class Analysis(PlotMethods):
             UsageError: when ``text`` is not JSON or not an analysis object.
         """
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"not a spectra analysis: invalid JSON ({exc})") from None
+            data = parse_json(text, "analysis")
+        except ParseError as exc:
+            raise UsageError(f"not a spectra analysis: {exc.problem}") from None
         return cls.from_dict(data)
 
 
@@ -241,9 +241,33 @@ def analyses_from_data(data: Any) -> list[Analysis]:
     """The analyses in parsed ``spectra analyze --format json`` output: one object, or ``{"checkpoints": [...]}``.
 
     Raises:
-        UsageError: ``data`` holds no analysis (the message starts "not a spectra analysis").
+        UsageError: ``data`` holds no analysis (the message starts "not a spectra analysis"), or a value
+            is invalid (the message starts with its JSON path, ``checkpoints[1].layers[0].module: ...``).
     """
-    return [Analysis.from_dict(item) for item in analysis_items(data)]
+    items = analysis_items(data)
+    several = isinstance(data, Mapping) and "checkpoints" in data and "layers" not in data
+    return [Analysis.from_dict(item, where=("checkpoints", i) if several else ()) for i, item in enumerate(items)]
+
+
+def read_analyses(path: "str | os.PathLike[str]") -> list[Analysis]:
+    """The analyses in a JSON file written by ``spectra analyze --format json`` (one, or ``checkpoints``).
+
+    The file is parsed by :func:`nora_core.parsing.read_json` (UTF-8, depth, number and size limits)
+    and every analysis validated by :meth:`Analysis.from_dict`.
+
+    Raises:
+        OSError: the file cannot be read (callers word "not found" themselves).
+        UsageError: the file is not a valid analysis JSON; the message starts with the file and, for a
+            bad value, its JSON path (``base.json: layers[3].utilization: expected ...``).
+    """
+    try:
+        data = read_json(path)
+    except ParseError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        return analyses_from_data(data)
+    except UsageError as exc:
+        raise UsageError(f"{os.fspath(path)}: {exc}") from None
 
 
 def analyses_to_json(analyses: Union[Analysis, Sequence[Analysis]], *, indent: int | None = 2) -> str:

@@ -13,6 +13,8 @@ import sys
 
 import click
 
+from nora_spectra._text import one_line
+
 from nora_spectra.schema import (
     DEFAULT_COLLAPSE_THRESHOLD,
     DEFAULT_INTRUDER_EPS,
@@ -210,9 +212,10 @@ def command(
             emit_warnings=False,
             **space_options,
         )
-        if not quiet:
-            for message in analysis.warnings:
-                click.echo(f"spectra: warning: {analysis.display_name}: {message}", err=True)
         analyses.append(analysis)
+    if not quiet:  # once every checkpoint is read: a failing command prints its one error line only
+        for analysis in analyses:
+            for message in analysis.warnings:
+                click.echo(one_line(f"spectra: warning: {analysis.display_name}: {message}"), err=True)
     result = analyses[0] if len(analyses) == 1 else analyses
     write_result(render(result, fmt, effective_rank=effective_rank, by_layer=by_layer), output, quiet=quiet)

@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from nora_spectra._text import one_line
 from nora_spectra.errors import SpectraError
 
 __all__ = ["cli", "main"]
@@ -71,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="spectra", standalone_mode=False)
     except SpectraError as exc:
-        click.echo(f"spectra: error: {exc}", err=True)
+        click.echo(f"spectra: error: {one_line(str(exc))}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:  # bad option or argument: one line, like every user error
         where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(f"spectra: error: {exc.format_message()}{where}", err=True)
+        click.echo(f"spectra: error: {one_line(exc.format_message())}{where}", err=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

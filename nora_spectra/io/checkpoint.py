@@ -148,11 +148,13 @@ class Checkpoint:
 
 def materialize(entry: ModuleEntry) -> ModuleUpdate:
     """Read ``entry``'s tensors and return the :class:`ModuleUpdate`."""
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf bits are reported as a status, not warned
+        update = entry.read()
     return ModuleUpdate(
         module=entry.module,
         key=entry.key,
         kind=entry.kind,
-        update=entry.read(),
+        update=update,
         rank=entry.rank,
         shape=entry.shape,
         layer_type=entry.layer_type,

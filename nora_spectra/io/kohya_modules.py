@@ -31,7 +31,15 @@ import numpy as np
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import ModuleEntry, TensorSource
-from nora_spectra.io.factors import alpha_scale, check_float, check_vector, dtype_of, plan_pair, read_scalar, read_vector
+from nora_spectra.io.factors import (
+    alpha_scale,
+    check_float,
+    check_vector,
+    dtype_of,
+    plan_pair,
+    read_scalar,
+    read_vector,
+)
 from nora_spectra.io.kohya_names import dotted_module
 from nora_spectra.io.safetensors_file import TensorInfo
 from nora_spectra.updates import LowRankUpdate

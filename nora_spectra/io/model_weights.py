@@ -27,6 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
+from nora_core.parsing import ParseError, read_json
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.safetensors_file import (
     FLOAT_DTYPES,
@@ -313,12 +314,11 @@ def _sharded(index_path: str) -> dict[str, _Placement]:
         size = os.path.getsize(index_path)
         if size > MAX_INDEX_BYTES:
             raise CheckpointError(index_path, f"index of {size} bytes exceeds the {MAX_INDEX_BYTES // 1_000_000} MB limit")
-        with open(index_path, encoding="utf-8") as handle:
-            index = json.load(handle)
+        index = read_json(index_path, max_bytes=MAX_INDEX_BYTES)
     except OSError as exc:
-        raise CheckpointError(index_path, f"cannot read the index: {exc.strerror or exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(index_path, f"invalid index: not valid JSON ({exc})") from exc
+        raise CheckpointError(index_path, f"cannot read the index: {exc.strerror or exc}") from None
+    except ParseError as exc:
+        raise CheckpointError(index_path, f"invalid index: {exc.problem}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(index_path, "invalid index: expected an object with a non-empty 'weight_map'")

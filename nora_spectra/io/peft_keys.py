@@ -212,6 +212,10 @@ def _plan(path: str, module: str, found: _Parts, by_key: dict[str, TensorInfo]) 
         shape = (b.shape[0], math.prod(a.shape[1:]))
     if rank == 0:
         raise CheckpointError(path, f"module {module!r}: factors have rank 0")
+    if 0 in shape or 0 in a.shape or 0 in b.shape:
+        raise CheckpointError(
+            path, f"module {module!r}: a factor has an empty dimension ({names[0]} {list(a.shape)}, {names[1]} {list(b.shape)})"
+        )
     dtype = a.dtype_name if a.dtype == b.dtype else f"{a.dtype_name}/{b.dtype_name}"
     key_magnitude = parts.get("lora_magnitude_vector")
     if key_magnitude is not None:

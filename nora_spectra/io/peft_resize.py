@@ -35,12 +35,25 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 from nora_spectra.errors import CheckpointError
-from nora_spectra.io.adapter_config import CONFIG_NAME, AdapterSettings, match_pattern, read_adapter_config
+from nora_spectra.io.adapter_config import (
+    CONFIG_NAME,
+    AdapterSettings,
+    match_pattern,
+    read_adapter_config,
+)
 from nora_spectra.io.checkpoint import Checkpoint, TensorSource
 from nora_spectra.io.peft import SAFETENSORS_NAME
 from nora_spectra.io.peft_keys import LayerPlan, natural_key, scan_keys
 from nora_spectra.io.safetensors_file import SafetensorsFile
-from nora_spectra.io.writing import OutTensor, ResizedModule, ResizeWriter, WriteResult, encode, raw_tensor, write_safetensors
+from nora_spectra.io.writing import (
+    OutTensor,
+    ResizedModule,
+    ResizeWriter,
+    WriteResult,
+    encode,
+    raw_tensor,
+    write_safetensors,
+)
 
 __all__ = ["NORA_RESIZE", "PEFT_RESIZE", "SAFETENSORS_RESIZE", "resized_config"]
 

@@ -14,13 +14,13 @@ directory, the bare-safetensors reader for a safetensors file).
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pkgutil
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable
 
+from nora_core.parsing import ParseError, read_json
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.io.safetensors_file import SafetensorsFile
 
@@ -95,9 +95,8 @@ class Probe:
         """The parsed JSON at ``path``, or None when it is missing or unreadable (sniffers never raise)."""
         if path not in self._json:
             try:
-                with open(path, encoding="utf-8") as handle:
-                    self._json[path] = json.load(handle)
-            except (OSError, ValueError, RecursionError):
+                self._json[path] = read_json(path)
+            except (OSError, ParseError):
                 self._json[path] = None
         return self._json[path]
 

@@ -13,16 +13,17 @@ near the size of the tensor being read, not of the file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from nora_core.parsing import ParseError, parse_json
 from nora_spectra.errors import CheckpointError
 
 __all__ = [
+    "MAX_DIMENSION",
     "MAX_HEADER_BYTES",
     "DTYPES",
     "FLOAT_DTYPES",
@@ -35,6 +36,11 @@ __all__ = [
 
 #: The official parser rejects headers larger than this (100 MB).
 MAX_HEADER_BYTES = 100_000_000
+
+#: The largest dimension a tensor may declare (2**40). Offsets tiling the file bound every non-empty
+#: tensor by the file's size; this bounds the dimensions of empty ones (``[0, 10**30]``), which
+#: would otherwise reach the maths as sizes to allocate.
+MAX_DIMENSION = 2**40
 
 #: safetensors dtype tag -> (item size in bytes, readable name).
 DTYPES: dict[str, tuple[int, str]] = {
@@ -203,11 +209,9 @@ class SafetensorsFile:
         except OSError as exc:
             raise CheckpointError(path, f"cannot read file: {exc.strerror or exc}") from exc
         try:
-            header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(path, f"corrupt safetensors header: not valid JSON ({exc})") from exc
-        except _DuplicateKey as exc:
-            raise CheckpointError(path, f"corrupt safetensors header: key {exc.args[0]!r} appears twice") from exc
+            header = parse_json(raw_header, path, reject_duplicates=True)
+        except ParseError as exc:
+            raise CheckpointError(path, f"corrupt safetensors header: {exc.problem}") from None
         if not isinstance(header, dict):
             raise CheckpointError(
                 path, f"corrupt safetensors header: expected a JSON object, got {type(header).__name__}"
@@ -289,14 +293,16 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, data_len:
     if dtype not in DTYPES:
         raise bad(f"has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise bad(f"has an invalid shape {shape!r}")
+        raise bad(f"has an invalid shape {_short(shape)}")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise bad(f"declares a dimension beyond 2**40 in shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(o) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise bad(f"has invalid data_offsets {offsets!r}")
+        raise bad(f"has invalid data_offsets {_short(offsets)}")
     begin, end = offsets
     if end > data_len:
         raise bad(f"has data_offsets {offsets} out of range (data region is {data_len} bytes; truncated file?)")
@@ -332,17 +338,10 @@ def _check_tiling(path: str, tensors: list[TensorInfo], data_start: int, data_le
         )
 
 
-class _DuplicateKey(Exception):
-    """A JSON object in the header repeats a key (json.loads would silently keep the last one)."""
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a hostile header cannot flood a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value: object) -> bool:

@@ -26,17 +26,24 @@ A file with both ``.alpha`` tensors and ``lora_adapter_metadata`` is refused, as
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from functools import partial
 from typing import Any
 
+from nora_core.parsing import ParseError, parse_json
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import AdapterSettings, settings_from_dict
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
-from nora_spectra.io.factors import check_vector, group_keys, plan_pair, read_low_rank, read_scalar, read_vector
+from nora_spectra.io.factors import (
+    check_vector,
+    group_keys,
+    plan_pair,
+    read_low_rank,
+    read_scalar,
+    read_vector,
+)
 from nora_spectra.io.peft import is_adapter_weights_file
 from nora_spectra.io.peft_keys import natural_key
 from nora_spectra.io.registry import Format, Probe
@@ -111,9 +118,9 @@ def _metadata_configs(path: str, metadata: dict[str, str]) -> dict[str, dict[str
     if text is None:
         return None
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(path, f"invalid {METADATA_KEY} header entry: not valid JSON ({exc})") from None
+        raw = parse_json(text, path)
+    except ParseError as exc:
+        raise CheckpointError(path, f"invalid {METADATA_KEY} header entry: {exc.problem}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(path, f"invalid {METADATA_KEY} header entry: expected a JSON object")
     configs: dict[str, dict[str, Any]] = {}

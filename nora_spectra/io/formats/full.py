@@ -30,7 +30,12 @@ from functools import partial
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry
-from nora_spectra.io.model_weights import ModelWeights, is_float_matrix, is_model_layout, open_model_weights
+from nora_spectra.io.model_weights import (
+    ModelWeights,
+    is_float_matrix,
+    is_model_layout,
+    open_model_weights,
+)
 from nora_spectra.io.peft_keys import natural_key
 from nora_spectra.io.registry import Format, Probe
 from nora_spectra.io.safetensors_file import FLOAT_DTYPES

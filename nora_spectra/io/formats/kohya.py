@@ -14,7 +14,12 @@ from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import Checkpoint
 from nora_spectra.io.factors import group_keys
-from nora_spectra.io.kohya_modules import KOHYA_SUFFIXES, ModuleNames, alpha_warnings, kohya_lora_entry
+from nora_spectra.io.kohya_modules import (
+    KOHYA_SUFFIXES,
+    ModuleNames,
+    alpha_warnings,
+    kohya_lora_entry,
+)
 from nora_spectra.io.peft import is_adapter_weights_file
 from nora_spectra.io.peft_keys import natural_key
 from nora_spectra.io.registry import Format, Probe

@@ -32,14 +32,32 @@ import numpy as np
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
-from nora_spectra.io.factors import alpha_scale, check_float, check_vector, dtype_of, group_keys, read_scalar, read_vector
-from nora_spectra.io.kohya_modules import KOHYA_SUFFIXES, ModuleNames, dora_axis, kohya_lora_entry
+from nora_spectra.io.factors import (
+    alpha_scale,
+    check_float,
+    check_vector,
+    dtype_of,
+    group_keys,
+    read_scalar,
+    read_vector,
+)
+from nora_spectra.io.kohya_modules import (
+    KOHYA_SUFFIXES,
+    ModuleNames,
+    dora_axis,
+    kohya_lora_entry,
+)
 from nora_spectra.io.peft import is_adapter_weights_file
 from nora_spectra.io.peft_keys import natural_key
 from nora_spectra.io.registry import Format, Probe
 from nora_spectra.io.safetensors_file import TensorInfo
 from nora_spectra.io.signatures import LYCORIS_FACTORS, lycoris_keys
-from nora_spectra.updates import DenseUpdate, HadamardUpdate, KroneckerUpdate, LowRankUpdate
+from nora_spectra.updates import (
+    DenseUpdate,
+    HadamardUpdate,
+    KroneckerUpdate,
+    LowRankUpdate,
+)
 
 _SUFFIXES = {**KOHYA_SUFFIXES, **{f".{name}": name for name in sorted(LYCORIS_FACTORS)}}
 

@@ -15,16 +15,22 @@ reader does not claim it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from functools import partial
 from typing import Any
 
+from nora_core.parsing import ParseError, read_json
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry
-from nora_spectra.io.factors import check_float, check_vector, dtype_of, group_keys, read_vector
+from nora_spectra.io.factors import (
+    check_float,
+    check_vector,
+    dtype_of,
+    group_keys,
+    read_vector,
+)
 from nora_spectra.io.peft_keys import natural_key
 from nora_spectra.io.registry import Format, Probe
 from nora_spectra.io.safetensors_file import SafetensorsFile
@@ -56,12 +62,11 @@ def _sniff(probe: Probe) -> bool:
 def _config(path: str) -> tuple[dict[str, Any], int, float, bool]:
     """(config, rank, scale, dora) from an mlx-lm ``adapter_config.json``."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
+        raw = read_json(path)
     except OSError as exc:
         raise CheckpointError(path, f"cannot read adapter config: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"invalid mlx-lm adapter config: not valid JSON ({exc})") from None
+    except ParseError as exc:
+        raise CheckpointError(path, f"invalid mlx-lm adapter config: {exc.problem}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(path, "invalid mlx-lm adapter config: expected a JSON object")
     kind = raw.get("fine_tune_type", "dora" if raw.get("use_dora") is True else "lora")

@@ -23,7 +23,13 @@ from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import CONFIG_NAME, read_adapter_config
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
-from nora_spectra.io.factors import check_vector, group_keys, plan_pair, read_low_rank, read_vector
+from nora_spectra.io.factors import (
+    check_vector,
+    group_keys,
+    plan_pair,
+    read_low_rank,
+    read_vector,
+)
 from nora_spectra.io.peft import is_adapter_weights_file
 from nora_spectra.io.peft_keys import natural_key
 from nora_spectra.io.pickle_scan import pickle_strings
