@@ -20,6 +20,7 @@ _EXPORTS = {
     "Comparison": "comparison",
     "check": "gates",
     "CheckResult": "gates",
+    "load_scan": "scan",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,6 +22,9 @@ __all__ = [
     "DEFAULT_COLLAPSE_THRESHOLD",
     "DEFAULT_PROBE_SAMPLES",
     "LAYER_COLUMNS",
+    "SCAN_ADAPTER_COLUMNS",
+    "SCAN_LAYER_COLUMNS",
+    "SCAN_STATUSES",
     "SPACES",
     "SPACE_COLUMNS",
     "STATUSES",
@@ -127,6 +130,19 @@ COMPARISON_GROUP_COLUMNS: tuple[str, ...] = (
     "d_mean_utilization",
     "d_weighted_utilization",
 )
+
+#: statuses of an adapter row of a scan (``spectra scan``): analysed, or the one-line reason it was not.
+SCAN_STATUSES: tuple[str, ...] = ("ok", "error")
+
+#: columns of a scan's ``adapters.parquet``, in order (manifest metadata columns follow them).
+SCAN_ADAPTER_COLUMNS: tuple[str, ...] = (
+    ("path", "format", "method", "base_model", "r", "modules", "analysed", "collapsed", "total_rank")
+    + tuple(f"mean_{name}" for name in SUMMARY_METRICS)
+    + ("weighted_utilization", "skipped", "warnings", "status", "error", "seconds", "size", "mtime", "content_key")
+)
+
+#: columns of a scan's ``layers.parquet``: the adapter's ``path``, then every layer column of ``analyze``.
+SCAN_LAYER_COLUMNS: tuple[str, ...] = ("path",) + LAYER_COLUMNS
 
 _INTEGER = re.compile(r"^\d+$")
 

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("nora_spectra.cli.compare", "Compare the spectra of several checkpoints module by module."),
     "report": ("nora_spectra.cli.report", "Write a self-contained HTML or Markdown report with plots."),
     "check": ("nora_spectra.cli.check", "CI gate: fail when rank utilization drops below limits."),
+    "scan": ("nora_spectra.cli.scan", "Analyse every adapter under some directories into Parquet tables."),
+    "census": ("nora_spectra.cli.census", "Write an HTML census (utilization by r, module type, base model) of a scan."),
     "demo": ("nora_spectra.cli.demo", "Build small LoRA and NoRA checkpoints and analyse them (no downloads)."),
 }
 
