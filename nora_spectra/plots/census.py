@@ -69,7 +69,8 @@ def box_plot(
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         line = ax.axhline
-    if threshold is not None:
+    if threshold is not None:  # utilization: the whole [0, 1] scale, so low values read as low
+        (ax.set_xlim if horizontal else ax.set_ylim)(0.0, 1.02)
         line(float(threshold), color=color(1), linestyle=":", linewidth=1.2, label=f"collapse threshold {threshold:g}")
         ax.legend(loc="best", fontsize="small")
     if budget and not horizontal:

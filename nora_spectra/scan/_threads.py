@@ -2,17 +2,16 @@
 
 A worker process analyses one adapter at a time and the engines run one worker per core, so a BLAS
 library starting its own thread pool in every worker would oversubscribe the cores. The thread-count
-variables are read once, when the BLAS library loads: :func:`single_threaded` must run before numpy is
-imported in the worker, which is why this module imports nothing but ``os`` (the local engine's
-process-pool initializer, imported and run before the analysis code).
+variables are read once, when the BLAS library loads, so they are put in the worker's environment
+before its interpreter starts (local engine: the worker's ``env``; Ray: the job's ``runtime_env``).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+from typing import Mapping
 
-__all__ = ["BLAS_THREAD_VARIABLES", "single_threaded"]
+__all__ = ["BLAS_THREAD_VARIABLES", "worker_environment"]
 
 #: the variables OpenBLAS, OpenMP, MKL, BLIS, Apple Accelerate and numexpr read for their thread count.
 BLAS_THREAD_VARIABLES: tuple[str, ...] = (
@@ -25,14 +24,8 @@ BLAS_THREAD_VARIABLES: tuple[str, ...] = (
 )
 
 
-def single_threaded(warm_up: str | None = None) -> None:
-    """Set every BLAS thread-count variable to 1 in this process (a process-pool initializer).
-
-    Args:
-        warm_up: then import this module and call its ``warm_up()``, so the imports an analysis needs are
-            paid when the worker starts, not in the first adapter's ``seconds``.
-    """
-    for name in BLAS_THREAD_VARIABLES:
-        os.environ[name] = "1"
-    if warm_up is not None:
-        importlib.import_module(warm_up).warm_up()
+def worker_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with every BLAS thread count set to 1."""
+    env = dict(os.environ if base is None else base)
+    env.update({name: "1" for name in BLAS_THREAD_VARIABLES})
+    return env

@@ -63,7 +63,7 @@ class Found:
 class _Walker:
     def __init__(self, skip: Iterable[str]) -> None:
         self.skip = {os.path.realpath(p) for p in skip}
-        self.visited: set[tuple[int, int]] = set()
+        self.visited: set[tuple[int, int]] = set()  # per root (a root inside another is walked again)
         self.claims: dict[str, "str | CheckpointError | None"] = {}
 
     def claim(self, path: str) -> "str | CheckpointError | None":
@@ -153,6 +153,7 @@ def discover(roots: Iterable["str | os.PathLike[str]"], *, skip: Iterable[str] =
         if not os.path.lexists(root):
             raise UsageError(f"{root}: no such file or directory")
         if os.path.isdir(root):
+            walker.visited = set()
             here = walker.walk(root)
         elif os.path.isfile(root):
             here = [Found(root)] if walker.claim(root) is not None else []
@@ -170,7 +171,8 @@ def discover(roots: Iterable["str | os.PathLike[str]"], *, skip: Iterable[str] =
 
 
 def _unique(found: list[Found]) -> list[Found]:
-    """One entry per adapter: by path, then by the real file behind a file adapter."""
+    """One entry per adapter: by path, then by the real file behind a file adapter (a file that is a part
+    of a directory adapter, or reached by a second link, is not an adapter of its own)."""
     ordered = sorted({f.path: f for f in found}.values(), key=lambda f: f.path)
     inside_dirs: set[str] = set()
     for item in ordered:

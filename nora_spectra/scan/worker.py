@@ -1,0 +1,69 @@
+"""A local scan worker: ``python -m nora_spectra.scan.worker [--task MODULE:FUNCTION]``.
+
+Reads jobs from stdin and writes results to stdout, each message an 8-byte little-endian length then
+a pickle: a job is ``(ScanItem, AnalysisSettings)``, a result the task's
+:class:`~nora_spectra.scan.task.ItemResult`. The process exits at the end of its input. The pickles
+come only from the scan that started this process through its private pipes (never from a user's
+file). Anything the analysis code prints goes to stderr, so stdout carries only results.
+
+The parent (:mod:`~nora_spectra.scan.local_engine`) starts it with single-threaded BLAS in its
+environment, so numpy loads with one thread.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import sys
+from typing import BinaryIO, Callable
+
+__all__ = ["DEFAULT_TASK", "main", "read_message", "write_message"]
+
+#: the function a worker runs per job unless ``--task`` names another.
+DEFAULT_TASK = "nora_spectra.scan.task:analyse_item"
+
+_HEADER = 8
+
+
+def read_message(stream: BinaryIO) -> bytes | None:
+    """The next message's bytes, or None at the end of the stream (or a message cut short)."""
+    header = stream.read(_HEADER)
+    if len(header) < _HEADER:
+        return None
+    size = int.from_bytes(header, "little")
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def write_message(stream: BinaryIO, data: bytes) -> None:
+    """Write one message (length, then ``data``) and flush."""
+    stream.write(len(data).to_bytes(_HEADER, "little") + data)
+    stream.flush()
+
+
+def _task(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    target = importlib.import_module(module)
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve jobs until stdin ends; returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    spec = args[1] if len(args) == 2 and args[0] == "--task" else DEFAULT_TASK
+    jobs, results = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print must not corrupt the results
+    from nora_spectra.scan.task import warm_up
+
+    warm_up()  # the imports are paid now, not in the first adapter's ``seconds``
+    task = _task(spec)
+    while (message := read_message(jobs)) is not None:
+        item, settings = pickle.loads(message)
+        write_message(results, pickle.dumps(task(item, settings), protocol=pickle.HIGHEST_PROTOCOL))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
