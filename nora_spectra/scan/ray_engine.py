@@ -80,12 +80,13 @@ def run_ray(
     """
     ray = import_ray()
     started_here = not ray.is_initialized()
+    joining = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    local_cluster = started_here and not joining  # a cluster of our own, sized by ``workers``
     if started_here:
-        joining = address is not None or bool(os.environ.get("RAY_ADDRESS"))
         try:
             ray.init(
                 address=address,
-                num_cpus=None if joining else workers,
+                num_cpus=workers if local_cluster else None,
                 include_dashboard=False,
                 log_to_driver=False,
                 logging_level=logging.ERROR,
@@ -103,7 +104,7 @@ def run_ray(
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         options: dict[str, Any] = {"batch_size": 1, "num_cpus": 1, "batch_format": "numpy",
                                    "fn_kwargs": {"settings": settings}}
-        if workers is not None and not started_here:
+        if workers is not None and not local_cluster:
             options["concurrency"] = workers
         dataset = dataset.map_batches(_analyse_batch, **options)
         pending = {item.path: item for item in items}

@@ -351,6 +351,11 @@ class ScanStore:
         except OSError as exc:
             raise UsageError(f"{name}: cannot write the scan: {exc.strerror or exc}") from None
         _clean(root)
+        # pyarrow's imports (its first array loads pandas: about a second on a busy machine) are paid
+        # now, not while the workers wait for the driver at the first commit
+        import pyarrow.parquet  # noqa: F401
+
+        _pa().array([0])
         return cls(root, part_size=part_size, part_seconds=part_seconds)
 
     def completed(self) -> dict[str, tuple[str, str]]:
