@@ -20,7 +20,7 @@ __all__ = ["command"]
 
 
 @click.command("scan")
-@click.argument("roots", nargs=-1, metavar="ROOT...")
+@click.argument("roots", nargs=-1, metavar="[ROOT]...")
 @click.option("-o", "--output-dir", "output", required=True, type=click.Path(file_okay=False),
               help="Directory of the tables (adapters.parquet, layers.parquet); created when missing.")
 @click.option("--manifest", type=click.Path(dir_okay=False),
@@ -28,7 +28,8 @@ __all__ = ["command"]
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: a process pool on this machine; ray: a Ray Data pipeline (pip install 'nora-spectra[ray]').")
 @click.option("--workers", type=click.IntRange(min=1),
-              help="Worker processes (local), or CPUs of the local Ray cluster [default: the cores].")
+              help="Worker processes (local), CPUs of the local Ray cluster, or adapters at once on a joined "
+              "Ray cluster [default: the cores; a joined cluster: its CPUs].")
 @click.option("--ray-address", metavar="ADDRESS",
               help="Ray cluster to join (ray.init(address=...)); default RAY_ADDRESS, else a new local cluster.")
 @click.option("--resume", is_flag=True, help="Continue the scan in OUT_DIR: skip adapters already done (same content key).")

@@ -397,6 +397,8 @@ class ScanStore:
     def finish(self, paths: Iterable[str], *, csv_too: bool = False) -> tuple["pa.Table", "pa.Table"]:
         """Commit what is buffered, then write the final tables (the adapters of ``paths`` only) and drop the parts.
 
+        The CSV files are written with ``csv_too``, and removed otherwise (they would be stale).
+
         The adapters table is renamed into place before the layers table; a kill between the two is
         harmless (see the module docstring). Returns the final ``(adapters, layers)`` tables.
         """
@@ -406,10 +408,12 @@ class ScanStore:
             _write_parquet(self.directory / ADAPTERS_FILE, adapters)
             _write_parquet(self.directory / LAYERS_FILE, layers)
             _fsync_dir(self.directory)
-            if csv_too:
-                for file, table in zip(CSV_FILES, (adapters, layers)):
+            for file, table in zip(CSV_FILES, (adapters, layers)):
+                if csv_too:
                     with atomic_write(self.directory / file, "w") as handle:
                         handle.write(csv_text(table))
+                elif (self.directory / file).exists():
+                    (self.directory / file).unlink()  # a CSV of an earlier run would no longer match
         except OSError as exc:
             raise UsageError(f"{self.directory}: cannot write the scan's tables: {exc.strerror or exc}") from None
         for _, adapters_file, layers_file in _parts(self.directory):

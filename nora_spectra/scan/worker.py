@@ -4,7 +4,8 @@ Reads jobs from stdin and writes results to stdout, each message an 8-byte littl
 a pickle: a job is ``(ScanItem, AnalysisSettings)``, a result the task's
 :class:`~nora_spectra.scan.task.ItemResult`. The process exits at the end of its input. The pickles
 come only from the scan that started this process through its private pipes (never from a user's
-file). Anything the analysis code prints goes to stderr, so stdout carries only results.
+file). The results keep the original stdout descriptor; file descriptor 1 is pointed at stderr, so
+nothing the analysis code prints (Python or a C library) can corrupt them.
 
 The parent (:mod:`~nora_spectra.scan.local_engine`) starts it with single-threaded BLAS in its
 environment, so numpy loads with one thread.
@@ -13,6 +14,7 @@ environment, so numpy loads with one thread.
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import sys
 from typing import BinaryIO, Callable
@@ -53,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     """Serve jobs until stdin ends; returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
     spec = args[1] if len(args) == 2 and args[0] == "--task" else DEFAULT_TASK
-    jobs, results = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # a stray print must not corrupt the results
+    jobs = sys.stdin.buffer
+    sys.stdout.flush()
+    results = os.fdopen(os.dup(1), "wb")  # results get a descriptor of their own ...
+    os.dup2(2, 1)  # ... and whatever prints to stdout (Python or C code) goes to stderr
     from nora_spectra.scan.task import warm_up
 
     warm_up()  # the imports are paid now, not in the first adapter's ``seconds``

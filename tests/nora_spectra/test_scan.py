@@ -270,6 +270,28 @@ def dying_task(item, settings):
     return analyse_item(item, settings)
 
 
+def noisy_task(item, settings):
+    """A worker task whose code prints to stdout, from Python and at the file-descriptor level."""
+    from nora_spectra.scan.task import analyse_item
+
+    print("chatter from Python")
+    os.write(1, b"chatter from C\n")
+    return analyse_item(item, settings)
+
+
+def test_what_the_analysis_prints_cannot_corrupt_the_results(tmp_path: Path) -> None:
+    from nora_spectra.scan.content_key import content_key
+    from nora_spectra.scan.local_engine import run_local
+    from nora_spectra.scan.task import AnalysisSettings, ScanItem
+
+    _many_adapters(tmp_path, 2)
+    items = [ScanItem(str(p), content_key(str(p), is_dir=True)) for p in sorted(tmp_path.iterdir())]
+    results = []
+    run_local(items, AnalysisSettings(), results.append, workers=1, task=noisy_task)
+    assert sorted(r.adapter["path"] for r in results) == [i.path for i in items]
+    assert all(r.ok and len(r.layers) == 2 for r in results)
+
+
 def blas_task(item, settings):
     """Reports what a worker's BLAS was told and how many threads OpenBLAS runs."""
     import ctypes
