@@ -65,6 +65,7 @@ class _Walker:
         self.skip = {os.path.realpath(p) for p in skip}
         self.visited: set[tuple[int, int]] = set()  # per root (a root inside another is walked again)
         self.claims: dict[str, "str | CheckpointError | None"] = {}
+        self.listings: dict[str, list[str]] = {}  # directory -> its entries, as listed on the walk
 
     def claim(self, path: str) -> "str | CheckpointError | None":
         """The format claiming ``path``, None, or the CheckpointError a sniffer raised (cached per path)."""
@@ -91,7 +92,7 @@ class _Walker:
                 continue
             self.visited.add((info.st_dev, info.st_ino))
             try:
-                entries = sorted(os.listdir(directory))
+                entries = self.listings[directory] = sorted(os.listdir(directory))
             except OSError as exc:
                 found.append(Found(directory, is_dir=True, problem=f"cannot list the directory: {exc.strerror or exc}"))
                 continue
@@ -167,27 +168,34 @@ def discover(roots: Iterable["str | os.PathLike[str]"], *, skip: Iterable[str] =
         if not here:
             raise UsageError(f"{root}: no adapter found (formats looked for: {', '.join(formats())})")
         found.extend(here)
-    return _unique(found)
+    return _unique(found, walker.listings)
 
 
-def _unique(found: list[Found]) -> list[Found]:
+def _unique(found: list[Found], listings: dict[str, list[str]]) -> list[Found]:
     """One entry per adapter: by path, then by the real file behind a file adapter (a file that is a part
     of a directory adapter, or reached by a second link, is not an adapter of its own)."""
     ordered = sorted({f.path: f for f in found}.values(), key=lambda f: f.path)
+    files = {item.path: os.path.realpath(item.path) for item in ordered if not item.is_dir and item.problem is None}
+    wanted = set(files.values())
     inside_dirs: set[str] = set()
-    for item in ordered:
+    for item in ordered if wanted else ():
         if item.is_dir and item.problem is None:
             try:
-                names = os.listdir(item.path)
+                names = listings[item.path] if item.path in listings else os.listdir(item.path)
             except OSError:
                 continue
-            inside_dirs.update(os.path.realpath(os.path.join(item.path, n)) for n in names)
+            real_dir = os.path.realpath(item.path)
+            for name in names:
+                member = os.path.join(item.path, name)
+                real = os.path.realpath(member) if os.path.islink(member) else os.path.join(real_dir, name)
+                if real in wanted:
+                    inside_dirs.add(real)
     out, seen = [], set()
     for item in ordered:
-        if item.is_dir or item.problem is not None:
+        if item.path not in files:
             out.append(item)
             continue
-        real = os.path.realpath(item.path)
+        real = files[item.path]
         if real in seen or real in inside_dirs:
             continue
         seen.add(real)

@@ -93,11 +93,7 @@ class _Worker:
                 stream.close()
             except OSError:
                 pass
-        try:
-            self.process.wait(timeout=None if kill else 60)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a worker stuck at exit
-            self.process.kill()
-            self.process.wait()
+        self.process.wait()  # its input closed, a worker exits at once (a timed wait would poll)
         self.stderr.close()
 
 

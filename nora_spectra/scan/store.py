@@ -171,14 +171,24 @@ def _segments(directory: Path) -> list[tuple[Path, Path]]:
     return out
 
 
-def _merge(directory: Path, keep: Iterable[str] | None = None) -> tuple["pa.Table", "pa.Table"]:
-    """The merged state: each adapter's rows from the last segment holding its adapter row."""
+def _merge(
+    directory: Path, keep: Iterable[str] | None = None, written: Mapping[str, "pa.Table"] | None = None
+) -> tuple["pa.Table", "pa.Table"]:
+    """The merged state: each adapter's rows from the last segment holding its adapter row.
+
+    ``written``: file name -> the table this process wrote there (read from memory, not from disk).
+    """
     pa = _pa()
+    written = written or {}
+
+    def read(path: Path) -> "pa.Table":
+        return written[path.name] if path.name in written else _read_parquet(path)
+
     adapters, layers = [], []
     for index, (adapters_file, layers_file) in enumerate(_segments(directory)):
-        a = _read_parquet(adapters_file)
+        a = read(adapters_file)
         adapters.append(a.append_column("_segment", pa.array([index] * a.num_rows, pa.int64())))
-        lay = _read_parquet(layers_file)
+        lay = read(layers_file)
         layers.append(lay.append_column("_segment", pa.array([index] * lay.num_rows, pa.int64())))
     adapter_table = _concat(adapters, SCAN_ADAPTER_COLUMNS)
     layer_table = _concat(layers, SCAN_LAYER_COLUMNS)
@@ -282,6 +292,7 @@ class ScanStore:
         self.part_size = part_size
         self.part_seconds = part_seconds
         self._buffer: list["ItemResult"] = []
+        self._written: dict[str, "pa.Table"] = {}  # the parts this run wrote, by file name
         self._last_commit = time.monotonic()
         parts = _parts(directory)
         self._next_part = (parts[-1][0] + 1) if parts else 1
@@ -384,13 +395,15 @@ class ScanStore:
         adapter_columns = list(SCAN_ADAPTER_COLUMNS) + list(dict.fromkeys(extra))
         parts_dir = self.directory / PARTS_DIR
         number = f"{self._next_part:06d}"
+        tables = {f"{number}.layers.parquet": rows_table(layer_rows, SCAN_LAYER_COLUMNS),
+                  f"{number}.adapters.parquet": rows_table(adapter_rows, adapter_columns)}
         try:
-            _write_parquet(parts_dir / f"{number}.layers.parquet", rows_table(layer_rows, SCAN_LAYER_COLUMNS))
-            _fsync_dir(parts_dir)
-            _write_parquet(parts_dir / f"{number}.adapters.parquet", rows_table(adapter_rows, adapter_columns))
-            _fsync_dir(parts_dir)
+            for name, table in tables.items():  # layers first: the adapters file commits the part
+                _write_parquet(parts_dir / name, table)
+                _fsync_dir(parts_dir)
         except OSError as exc:
             raise UsageError(f"{parts_dir}: cannot write a part of the scan: {exc.strerror or exc}") from None
+        self._written.update(tables)
         self._next_part += 1
         self._buffer = []
 
@@ -403,7 +416,7 @@ class ScanStore:
         harmless (see the module docstring). Returns the final ``(adapters, layers)`` tables.
         """
         self.commit()
-        adapters, layers = _merge(self.directory, keep=paths)
+        adapters, layers = _merge(self.directory, keep=paths, written=self._written)
         try:
             _write_parquet(self.directory / ADAPTERS_FILE, adapters)
             _write_parquet(self.directory / LAYERS_FILE, layers)
