@@ -18,7 +18,10 @@ Printed: seconds, adapters per second, the per-adapter overhead against the loop
 (``N * seconds_N / seconds_loop - 1``; goal < 10 % at 2 workers) and in CPU time (driver thread plus
 reaped worker processes against the loop's ``process_time``: what the overhead is when other jobs
 share the cores and wall-clock ratios are noise),
-the speed-up from 1 to 2 local workers (goal >= 1.7x), the peak RSS of each worker process (sampled
+the speed-up from 1 to 2 local workers (goal >= 1.7x), how busy each worker was (CPU time over CPU
+time plus time spent waiting for its next adapter, from ``/proc/PID/schedstat``: time waiting for a CPU
+taken by other jobs is not counted, so this shows whether the engine starves its workers even when the
+machine is shared), the peak RSS of each worker process (sampled
 VmHWM of every descendant process) and the load average around each measurement. Results also go to
 ``--out`` as JSON.
 
@@ -127,7 +130,7 @@ class PeakSampler:
     """Samples VmHWM (peak RSS) of every descendant process, by pid, every ``interval`` seconds."""
 
     def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peaks, self.names = interval, {}, {}
+        self.interval, self.peaks, self.names, self.times = interval, {}, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -162,8 +165,16 @@ class PeakSampler:
                         status = dict(line.split(":", 1) for line in handle if ":" in line)
                     with open(f"/proc/{pid}/cmdline", "rb") as handle:
                         cmd = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-                except OSError:
+                    with open(f"/proc/{pid}/schedstat") as handle:
+                        cpu_ns, wait_ns = (int(x) for x in handle.read().split()[:2])
+                    with open(f"/proc/{pid}/stat") as handle:
+                        start = int(handle.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+                    with open("/proc/uptime") as handle:
+                        now = float(handle.read().split()[0])
+                except (OSError, ValueError, IndexError):
                     continue
+                # lifetime = on a CPU + waiting for a CPU + waiting for work (its next adapter)
+                self.times[pid] = (cpu_ns / 1e9, wait_ns / 1e9, now - start)
                 hwm = int(status.get("VmHWM", "0 kB").split()[0]) / 1024
                 self.peaks[pid] = max(self.peaks.get(pid, 0.0), hwm)
                 self.names[pid] = cmd or status.get("Name", "").strip()
@@ -171,6 +182,14 @@ class PeakSampler:
 
     def workers(self, marker: str) -> list[float]:
         return sorted((mb for pid, mb in self.peaks.items() if marker in self.names.get(pid, "")), reverse=True)
+
+    def busy(self, marker: str) -> list[float]:
+        """Per worker: CPU time / (CPU time + time waiting for work); waiting for a CPU is not counted."""
+        shares = []
+        for pid, (cpu, wait, life) in self.times.items():
+            if marker in self.names.get(pid, "") and cpu > 0.5:
+                shares.append(cpu / max(cpu, life - wait))
+        return sorted(shares)
 
 
 def _load() -> float:
@@ -227,6 +246,7 @@ def measure_scan(root: Path, out: Path, **options) -> dict:
         "adapters": summary.adapters,
         "errors": summary.errors,
         "worker_peak_mb": peaks[: max(2, options.get("workers") or 2)],
+        "worker_busy": sampler.busy(marker),
         "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load_before": before,
         "load_after": _load(),
@@ -274,6 +294,10 @@ def main() -> None:
     print(f"speed-up 1 -> 2 local workers: {speedup:.2f}x (goal >= 1.7x)")
     print(f"overhead at 2 local workers: {2 * results['local x2']['seconds'] / baseline - 1:+.1%} wall-clock, "
           f"{results['local x2']['cpu_seconds'] / cpu_baseline - 1:+.1%} CPU time (goal < 10 %)")
+    for name in ("local x1", "local x2", "ray x2"):
+        if name in results:
+            busy = ", ".join(f"{b:.1%}" for b in results[name]["worker_busy"])
+            print(f"{name}: workers busy (CPU / (CPU + waiting for work)): {busy}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "results": results, "speedup": speedup}, indent=2))

@@ -3,15 +3,16 @@
 Each worker is a fresh interpreter (``python -m nora_spectra.scan.worker``) started with
 single-threaded BLAS in its environment (:mod:`~nora_spectra.scan._threads`), so numpy loads with one
 thread whatever the parent did. Jobs and results travel over the worker's stdin and stdout
-(:mod:`~nora_spectra.scan.worker`); the parent sends a worker its next adapter as soon as it returns
-a result, so results come back as they finish and memory stays bounded whatever the number of
-adapters.
+(:mod:`~nora_spectra.scan.worker`); each worker has two adapters queued (the one it analyses and the
+next), so it never waits for the parent to be scheduled, results come back as they finish, and memory
+stays bounded whatever the number of adapters.
 
 Workers are plain subprocesses rather than a ``multiprocessing`` pool: no import of the caller's
 ``__main__`` in the workers (a ``spawn`` pool re-imports the calling script), an environment fixed
 before the interpreter starts, and a worker that dies (the out-of-memory killer, a crash in a native
-library) is known to have been holding exactly one adapter: that adapter gets a row with status
-``error`` (with the worker's exit status and last line of stderr) and a new worker takes the next one.
+library) was analysing the first adapter it held: that adapter gets a row with status ``error`` (with
+the worker's exit status and last line of stderr), the one queued behind it goes back to the queue,
+and a new worker takes over.
 If the parent is killed, the workers see their input end and exit.
 """
 
@@ -33,6 +34,10 @@ from nora_spectra.scan.worker import DEFAULT_TASK, read_message, write_message
 __all__ = ["default_workers", "run_local"]
 
 Task = Callable[[ScanItem, AnalysisSettings], ItemResult]
+
+#: adapters queued in each worker: the next one is already in its pipe when it finishes one, so a busy
+#: machine's delay in scheduling this process does not leave the worker idle.
+PREFETCH = 2
 
 #: bytes of a dead worker's stderr quoted in the error row (its last line).
 _STDERR_TAIL = 4096
@@ -60,21 +65,26 @@ class _Worker:
             command += ["--task", spec]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.stderr, env=env, close_fds=True)
-        self.item: ScanItem | None = None
+        self.inflight: Deque[ScanItem] = collections.deque()  # sent, no result yet; the first is being analysed
+        self.sent = 0
 
     def send(self, item: ScanItem, settings: AnalysisSettings) -> bool:
-        """Give the worker ``item``; False when it is already dead."""
-        self.item = item
+        """Queue ``item`` in the worker; False (and nothing queued) when it is already dead."""
         try:
             write_message(self.process.stdin, pickle.dumps((item, settings), protocol=pickle.HIGHEST_PROTOCOL))
         except (BrokenPipeError, OSError):
             return False
+        self.inflight.append(item)
+        self.sent += 1
         return True
 
     def receive(self) -> ItemResult | None:
-        """The result of the held adapter, or None when the worker died before sending it."""
+        """The result of the first adapter in flight, or None when the worker died before sending it."""
         message = read_message(self.process.stdout)
-        return None if message is None else pickle.loads(message)
+        if message is None:
+            return None
+        self.inflight.popleft()
+        return pickle.loads(message)
 
     def death(self) -> str:
         """How the worker died: exit status and the last line it wrote to stderr."""
@@ -124,42 +134,51 @@ def run_local(
     selector = selectors.DefaultSelector()
 
     def replace(worker: _Worker) -> _Worker:
+        if worker.inflight:
+            selector.unregister(worker.process.stdout)
         pool.remove(worker)
         worker.stop(kill=True)
         fresh = _Worker(spec, env)
         pool.append(fresh)
         return fresh
 
-    def start_next(worker: _Worker) -> None:
-        """Send the next queued adapter (to a new worker if this one died while idle)."""
-        if not queue:
-            return
-        item = queue.popleft()
-        if not worker.send(item, settings):
-            worker = replace(worker)
-            if not worker.send(item, settings):
+    def fill(worker: _Worker) -> None:
+        """Keep :data:`PREFETCH` adapters queued in the worker (a new worker replaces one found dead)."""
+        while queue and len(worker.inflight) < PREFETCH:
+            item = queue.popleft()
+            if worker.send(item, settings):
+                if len(worker.inflight) == 1:
+                    selector.register(worker.process.stdout, selectors.EVENT_READ, worker)
+                continue
+            if worker.inflight:
+                queue.appendleft(item)  # its death shows when the adapters it holds come back
+                return
+            if worker.sent:  # it died idle: a new worker takes the adapter
+                queue.appendleft(item)
+            else:  # a new worker that could not take its first adapter: no endless restarts
                 emit(error_result(item, f"no worker process could take it ({worker.death()})"))
-                return start_next(replace(worker))
-        selector.register(worker.process.stdout, selectors.EVENT_READ, worker)
+            worker = replace(worker)
 
     try:
         for _ in range(min(workers, len(queue))):
             pool.append(_Worker(spec, env))
         for worker in list(pool):
-            start_next(worker)
+            fill(worker)
         while selector.get_map():
             for key, _ in selector.select():
                 worker: _Worker = key.data
-                selector.unregister(key.fileobj)
-                item = worker.item
+                item = worker.inflight[0]
                 result = worker.receive()
-                if result is None:
+                if result is None:  # it died analysing ``item``; the adapters queued behind it go back
                     emit(error_result(item, f"the worker process analysing it died ({worker.death()})"))
-                    if queue:
-                        start_next(replace(worker))
+                    queue.extendleft(reversed(list(worker.inflight)[1:]))
+                    worker = replace(worker)
+                    fill(worker)
                     continue
                 emit(result)
-                start_next(worker)
+                if not worker.inflight:
+                    selector.unregister(worker.process.stdout)
+                fill(worker)
     finally:
         kill = bool(selector.get_map())  # interrupted: the workers still busy are ended
         for worker in pool:

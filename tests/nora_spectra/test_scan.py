@@ -409,13 +409,16 @@ def test_progress_callback_and_the_summary_line(tmp_path: Path, capsys) -> None:
     root = tmp_path / "tree"
     _many_adapters(root, 3)
     (root / "corrupt.safetensors").write_bytes(b"\xff" * 20)
+    write_numpy(root / "bare.safetensors", lora_tensors({"m.q_proj": (8, 8, 2)}, prefix=""))  # warns: no config
     calls = []
     scan([root], output=tmp_path / "lib", workers=1, progress=lambda *a: calls.append(a))
-    assert [c[0] for c in calls] == [1, 2, 3, 4] and {c[1] for c in calls} == {4} and calls[-1][2] == 1
+    assert [c[0] for c in calls] == [1, 2, 3, 4, 5] and {c[1] for c in calls} == {5} and calls[-1][2] == 1
     code, stdout, err = run(["scan", str(root), "-o", str(tmp_path / "cli"), "--workers", "1"], capsys)
     assert code == 0 and stdout == ""
-    (line,) = err.strip().splitlines()  # not a terminal: no bar, one summary line
-    assert line.startswith(f"spectra: scanned 4 adapters into {tmp_path / 'cli'}: 3 ok, 1 error (4 analysed in ")
+    (line,) = err.strip().splitlines()  # not a terminal: no bar; warnings are in the table, not here
+    assert line.startswith(f"spectra: scanned 5 adapters into {tmp_path / 'cli'}: 4 ok, 1 error (5 analysed in ")
+    adapters, _ = load_scan(tmp_path / "cli")
+    assert any("scale 1" in w for w in adapters.set_index("path").loc[str(root / "bare.safetensors"), "warnings"])
 
 
 def test_importing_the_scan_workers_loads_no_pandas_or_pyarrow() -> None:
