@@ -3,16 +3,16 @@
 Each worker is a fresh interpreter (``python -m nora_spectra.scan.worker``) started with
 single-threaded BLAS in its environment (:mod:`~nora_spectra.scan._threads`), so numpy loads with one
 thread whatever the parent did. Jobs and results travel over the worker's stdin and stdout
-(:mod:`~nora_spectra.scan.worker`); each worker has two adapters queued (the one it analyses and the
-next), so it never waits for the parent to be scheduled, results come back as they finish, and memory
-stays bounded whatever the number of adapters.
+(:mod:`~nora_spectra.scan.worker`); each worker has up to :data:`PREFETCH` adapters queued (the one it
+analyses and the next ones), so it does not wait for the parent to be scheduled or to finish a commit,
+results come back as they finish, and memory stays bounded whatever the number of adapters.
 
 Workers are plain subprocesses rather than a ``multiprocessing`` pool: no import of the caller's
 ``__main__`` in the workers (a ``spawn`` pool re-imports the calling script), an environment fixed
 before the interpreter starts, and a worker that dies (the out-of-memory killer, a crash in a native
 library) was analysing the first adapter it held: that adapter gets a row with status ``error`` (with
-the worker's exit status and last line of stderr), the one queued behind it goes back to the queue,
-and a new worker takes over.
+the worker's exit status and last line of stderr), those queued behind it go back to the queue, and
+a new worker takes over.
 If the parent is killed, the workers see their input end and exit.
 """
 
@@ -35,9 +35,9 @@ __all__ = ["default_workers", "run_local"]
 
 Task = Callable[[ScanItem, AnalysisSettings], ItemResult]
 
-#: adapters queued in each worker: the next one is already in its pipe when it finishes one, so a busy
-#: machine's delay in scheduling this process does not leave the worker idle.
-PREFETCH = 2
+#: adapters queued in each worker: the next ones are already in its pipe when it finishes one, so a busy
+#: machine's delay in scheduling this process (or a commit's fsyncs) does not leave the worker idle.
+PREFETCH = 4
 
 #: bytes of a dead worker's stderr quoted in the error row (its last line).
 _STDERR_TAIL = 4096
