@@ -12,7 +12,9 @@ Measured, one after the other in one run (the files are in the page cache after 
 * ``local x1`` and ``local x2``: ``scan(..., workers=N)``, the whole command (discovery, content keys,
   Parquet parts and final tables included);
 * ``ray x2``: ``scan(..., engine="ray", workers=2)`` on a new local Ray cluster (start-up included), when
-  Ray is installed and ``--no-ray`` is not given.
+  Ray is installed and ``--no-ray`` is not given;
+* a control, first and last: the speed-up two pure-Python busy loops get over one on this machine at
+  that moment (on a machine shared with other sessions it is the ceiling of any 2-worker speed-up).
 
 Printed: seconds, adapters per second, the per-adapter overhead against the loop, wall-clock
 (``N * seconds_N / seconds_loop - 1``; goal < 10 % at 2 workers) and in CPU time (driver thread plus
@@ -213,6 +215,25 @@ print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "adapters": len(paths)
 """
 
 
+SPIN = "n = int(__import__('sys').argv[1])\nwhile n:\n    n -= 1\n"
+
+
+def measure_control(n: int = 20_000_000) -> float:
+    """The speed-up this machine gives two CPU-bound processes over one right now (pure Python loops).
+
+    On a shared machine (and with the kernel's autogroup, which gives each session one share) this is
+    the ceiling any 2-worker engine can reach at the moment: the scan's speed-up is read against it.
+    """
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", SPIN, str(2 * n)], check=True)
+    serial = time.perf_counter() - started
+    started = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN, str(n)]) for _ in range(2)]
+    for proc in procs:
+        proc.wait()
+    return serial / (time.perf_counter() - started)
+
+
 def measure_loop(root: Path) -> dict:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -268,6 +289,7 @@ def main() -> None:
     print(f"{args.adapters} adapters ({meta['kinds']}), {meta['bytes'] / 1e9:.2f} GB in {root}")
     print(f"load average before: {os.getloadavg()}")
 
+    controls = [measure_control()]
     results = {"loop": measure_loop(root)}
     with tempfile.TemporaryDirectory() as tmp:
         results["local x1"] = measure_scan(root, Path(tmp) / "x1", workers=1)
@@ -276,6 +298,7 @@ def main() -> None:
         if not args.no_ray and ray_found:
             results["ray x2"] = measure_scan(root, Path(tmp) / "ray", engine="ray", workers=2)
     results["loop (again)"] = measure_loop(root)
+    controls.append(measure_control())
 
     baseline = (results["loop"]["seconds"] + results["loop (again)"]["seconds"]) / 2
     cpu_baseline = (results["loop"]["cpu_seconds"] + results["loop (again)"]["cpu_seconds"]) / 2
@@ -290,8 +313,10 @@ def main() -> None:
         print(f"{name:<14}{r['seconds']:>9.1f}{n / r['seconds']:>12.1f}{overhead:>+10.1%}{r['cpu_seconds']:>8.1f}"
               f"{cpu_overhead:>+14.1%}{peaks:>18}{r['load_before']:>7.2f}->{r['load_after']:.2f}")
     speedup = results["local x1"]["seconds"] / results["local x2"]["seconds"]
+    control = sum(controls) / len(controls)
     print(f"\nloop drift: {results['loop (again)']['seconds'] / results['loop']['seconds'] - 1:+.1%} (noise)")
-    print(f"speed-up 1 -> 2 local workers: {speedup:.2f}x (goal >= 1.7x)")
+    print(f"speed-up 1 -> 2 local workers: {speedup:.2f}x (goal >= 1.7x); what the machine gave two busy "
+          f"processes meanwhile: {' and '.join(f'{c:.2f}x' for c in controls)} (control)")
     print(f"overhead at 2 local workers: {2 * results['local x2']['seconds'] / baseline - 1:+.1%} wall-clock, "
           f"{results['local x2']['cpu_seconds'] / cpu_baseline - 1:+.1%} CPU time (goal < 10 %)")
     for name in ("local x1", "local x2", "ray x2"):
@@ -300,7 +325,8 @@ def main() -> None:
             print(f"{name}: workers busy (CPU / (CPU + waiting for work)): {busy}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "results": results, "speedup": speedup}, indent=2))
+        args.out.write_text(json.dumps({"meta": meta, "results": results, "speedup": speedup, "control": control},
+                                       indent=2))
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ class _Worker:
         command = [sys.executable, "-m", "nora_spectra.scan.worker"]
         if spec != DEFAULT_TASK:
             command += ["--task", spec]
+        # unbuffered: results are read as select() reports them, none hidden in a reader's buffer
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.stderr, env=env, close_fds=True)
+                                        stderr=self.stderr, env=env, close_fds=True, bufsize=0)
         self.inflight: Deque[ScanItem] = collections.deque()  # sent, no result yet; the first is being analysed
         self.sent = 0
 

@@ -27,19 +27,38 @@ DEFAULT_TASK = "nora_spectra.scan.task:analyse_item"
 _HEADER = 8
 
 
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    """``size`` bytes, fewer only at the end of the stream (a raw pipe returns what it has)."""
+    chunks, left = [], size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_message(stream: BinaryIO) -> bytes | None:
-    """The next message's bytes, or None at the end of the stream (or a message cut short)."""
-    header = stream.read(_HEADER)
+    """The next message's bytes, or None at the end of the stream (or a message cut short).
+
+    The parent reads unbuffered pipes (a buffered reader could pull a second message into its buffer,
+    where ``select`` would not see it).
+    """
+    header = _read_exactly(stream, _HEADER)
     if len(header) < _HEADER:
         return None
     size = int.from_bytes(header, "little")
-    data = stream.read(size)
+    data = _read_exactly(stream, size)
     return data if len(data) == size else None
 
 
 def write_message(stream: BinaryIO, data: bytes) -> None:
-    """Write one message (length, then ``data``) and flush."""
-    stream.write(len(data).to_bytes(_HEADER, "little") + data)
+    """Write one message (length, then ``data``) whole, and flush."""
+    view = memoryview(len(data).to_bytes(_HEADER, "little") + data)
+    while view:
+        written = stream.write(view)
+        view = view[written if written is not None else len(view):]
     stream.flush()
 
 

@@ -292,6 +292,37 @@ def test_what_the_analysis_prints_cannot_corrupt_the_results(tmp_path: Path) -> 
     assert all(r.ok and len(r.layers) == 2 for r in results)
 
 
+def instant_task(item, settings):
+    """A worker task that answers at once: results pile up in the pipe faster than they are read."""
+    from nora_spectra.scan.task import ItemResult, _base_row
+
+    row = _base_row(item)
+    row["status"] = "ok"
+    return ItemResult(row, [])
+
+
+def test_results_queued_back_to_back_are_all_read(tmp_path: Path) -> None:
+    import threading
+
+    from nora_spectra.scan.content_key import ContentKey
+    from nora_spectra.scan.local_engine import run_local
+    from nora_spectra.scan.task import AnalysisSettings, ScanItem
+
+    items = [ScanItem(str(tmp_path / f"x{i:03d}"), ContentKey(None, None, "k")) for i in range(60)]
+    results = []
+
+    def slow_emit(result) -> None:  # a driver scheduled late: several results wait in each pipe
+        results.append(result)
+        time.sleep(0.02)
+
+    thread = threading.Thread(target=run_local, args=(items, AnalysisSettings(), slow_emit),
+                              kwargs={"workers": 2, "task": instant_task}, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the scan waits for results it already received"
+    assert sorted(r.adapter["path"] for r in results) == [i.path for i in items]
+
+
 def blas_task(item, settings):
     """Reports what a worker's BLAS was told and how many threads OpenBLAS runs."""
     import ctypes
