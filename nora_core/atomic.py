@@ -1,7 +1,8 @@
-"""Atomic file writes: write a temporary file in the target directory, then rename it.
+"""Atomic file and directory writes: write a temporary one beside the target, then rename it.
 
 An interrupted run (Ctrl-C, SIGKILL, a full disk) never leaves a half-written checkpoint or
-report behind: readers see either the old file or the complete new one.
+report behind: readers see either the old file or the complete new one. A directory is written as a
+whole (:func:`atomic_directory`): every file inside is complete before the directory gets its name.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import stat
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_directory", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
 
 
 @contextlib.contextmanager
@@ -65,3 +67,57 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_write(path, "w") as handle:
         handle.write(text)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Flush a directory's entries to disk (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platform dependent
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - platform dependent
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary directory next to ``path``; on a clean exit, rename it onto ``path``.
+
+    Files written inside should be complete (and fsynced: :func:`atomic_write` does it) when the block
+    ends; the directory is then fsynced and renamed into place. An existing ``path`` (a directory) is
+    first renamed aside and removed only after the new one is in place, so a reader sees the old
+    directory, then the new one, and never a partial one (for the instant between the two renames,
+    none). On an exception the temporary directory is removed and ``path`` is left untouched.
+
+    Args:
+        path: final directory. Its parent must exist.
+
+    Yields:
+        The temporary directory (a :class:`~pathlib.Path`).
+    """
+    target = Path(os.path.realpath(path))
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        _fsync_directory(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.{secrets.token_hex(6)}.old"
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        _fsync_directory(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

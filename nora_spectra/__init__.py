@@ -20,6 +20,12 @@ _EXPORTS = {
     "Comparison": "comparison",
     "check": "gates",
     "CheckResult": "gates",
+    "resize": "resize",
+    "Resize": "resize",
+    "suggest": "suggest",
+    "Suggestion": "suggest",
+    "overlap": "overlap",
+    "Overlap": "overlap",
     "load_scan": "scan",
 }
 

@@ -99,9 +99,14 @@ def analyze(
             ``progress(done, total, item)`` called as work is done.
         emit_warnings: also issue the collected warnings once each through :func:`warnings.warn`
             (category :class:`AnalysisWarning`). The CLI and worker processes turn this off.
-        **options: the space's own options. Activation: ``model``, ``data``, ``samples`` (128),
-            ``layers``, ``batch_size`` (8), ``tokenizer``, ``max_length``. Probe: ``probe_scale`` (1.0),
-            ``probe_samples`` (4096), ``seed`` (0), ``layers``.
+        **options: the space's own options. Weight: ``base`` (a safetensors base model: full fine-tunes
+            become ``W_tuned - W_base``, records gain DoRA's true update and the relative size),
+            ``top_k`` (leading values of dense updates: an integer, ``"all"``, or None for exact up to
+            1024 rows and columns, else 64), ``intruders`` (False), ``intruder_k`` (10),
+            ``intruder_eps`` (0.5), ``cache`` (the base-SVD cache: None the default directory, False
+            none, or a directory); see :mod:`nora_spectra.spaces.weight`. Activation: ``model``,
+            ``data``, ``samples`` (128), ``layers``, ``batch_size`` (8), ``tokenizer``, ``max_length``.
+            Probe: ``probe_scale`` (1.0), ``probe_samples`` (4096), ``seed`` (0), ``layers``.
 
     Returns:
         The :class:`Analysis`. NaN/Inf factors and all-zero updates are not errors: such layers get the
@@ -153,6 +158,7 @@ def analyze(
         config=info.config,
         warnings=messages,
         skipped=list(info.skipped),
+        metadata=dict(info.metadata),
         collapse_threshold=collapse_threshold,
         adapter=info.adapter,
         space=space,

@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 
 from nora_spectra.errors import UsageError
 from nora_spectra.metrics import METRIC_FIELDS
+from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD
 
 __all__ = [
     "GATED_METRICS",
@@ -181,7 +182,7 @@ class CheckSettings:
     metric: str = "effective_rank"
     fail_on_missing: bool = True
     fail_on_new: bool = False
-    collapse_threshold: float = 0.25
+    collapse_threshold: float = DEFAULT_COLLAPSE_THRESHOLD
     adapter: str | None = None
     overrides: tuple[Override, ...] = ()
 

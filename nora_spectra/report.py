@@ -13,6 +13,10 @@ A path may be
 * a training run directory (it holds ``metrics.jsonl``): its loss curves and effective-rank
   trajectories are plotted, and its final adapter (``adapter/``, else the latest
   ``checkpoints/step-*``) is analysed like any checkpoint.
+
+With ``overlap=True`` the report adds the subspace overlap (:func:`~nora_spectra.overlap.overlap`) of the
+first checkpoint with each of the others: a table, the per-module bar chart and the phi heat map of one
+module (``overlap_module``, default the first one compared).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from nora_spectra.comparison import Comparison, compare, load_analyses
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.labels import analysis_labels
 from nora_spectra.outputs import check_writable, write_output
+from nora_spectra.overlap import Overlap, overlap as subspace_overlap
 from nora_spectra.result import Analysis
 
 __all__ = [
@@ -113,6 +118,7 @@ class ReportData:
             dicts ``{"label", "kind", "message", "modules"}`` (``kind`` in collapse, warning, note).
         figures: the plots, in display order.
         summary: one row per checkpoint for the summary table (:func:`summary_rows`).
+        overlaps: the subspace overlaps of the first checkpoint with each other one (``overlap=True``).
     """
 
     title: str
@@ -125,6 +131,7 @@ class ReportData:
     warnings: list[dict[str, Any]]
     figures: list[ReportFigure]
     summary: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    overlaps: list[Overlap] = dataclasses.field(default_factory=list)
 
     @property
     def checkpoints(self) -> list[tuple[str, Analysis]]:
@@ -244,7 +251,14 @@ def summary_rows(labels: Sequence[str], analyses: Sequence[Analysis]) -> list[di
     return rows
 
 
-def _figures(labels: Sequence[str], analyses: Sequence[Analysis], runs: Sequence[RunData], dpi: int) -> list[ReportFigure]:
+def _figures(
+    labels: Sequence[str],
+    analyses: Sequence[Analysis],
+    runs: Sequence[RunData],
+    dpi: int,
+    overlaps: Sequence[Overlap] = (),
+    overlap_module: str | None = None,
+) -> list[ReportFigure]:
     from nora_spectra import plots
 
     pairs = list(zip(labels, analyses))
@@ -305,7 +319,55 @@ def _figures(labels: Sequence[str], analyses: Sequence[Analysis], runs: Sequence
                 "spectra; dotted lines mark the rank budget r.",
                 plots.effective_rank_trajectory(histories),
             )
+    for n, item in enumerate(overlaps, start=1):
+        suffix = "" if len(overlaps) == 1 else f"_{n}"
+        pair = f"{item.labels[0]} and {item.labels[1]}"
+        add(
+            f"overlap_bars{suffix}",
+            f"Subspace overlap per module, {pair}",
+            "Mean squared cosine of the principal angles between the two updates' top-k singular subspaces "
+            "(= φ(k, k)); left: the directions the updates write to, right: those they read. 1 means the same "
+            "subspace, 0 orthogonal ones; black ticks mark k / d, what two random subspaces give.",
+            plots.overlap_bars(item),
+        )
+        module = overlap_module if overlap_module is not None else next(iter(item.phi), None)
+        if module in item.phi:
+            add(
+                f"overlap_phi{suffix}",
+                f"Subspace similarity φ(i, j) of {module}, {pair}",
+                "The LoRA paper's Fig. 3: φ(i, j) = ||U_a[:, :i]^T U_b[:, :j]||_F² / min(i, j) between the top i "
+                "left singular vectors of the first update and the top j of the second.",
+                plots.phi_heatmap(item, module),
+            )
     return figures
+
+
+def _overlaps(analyses: Sequence[Analysis], labels: Sequence[str], module: str | None) -> list[Overlap]:
+    """The overlap of the first checkpoint with each other one, read from the checkpoints themselves.
+
+    Raises:
+        UsageError: fewer than two checkpoints, a checkpoint that cannot be read (an analysis JSON whose
+            checkpoint is gone), or ``module`` compared in none of the pairs.
+    """
+    if len(analyses) < 2:
+        raise UsageError("--overlap needs at least two checkpoints")
+    found = []
+    first = analyses[0]
+    for label, other in zip(labels[1:], analyses[1:]):
+        try:
+            found.append(subspace_overlap(_reopen(first), _reopen(other), labels=[labels[0], label]))
+        except CheckpointError as exc:
+            raise UsageError(f"--overlap reads the checkpoints themselves: {exc}") from None
+    if module is not None and not any(module in item.phi for item in found):
+        raise UsageError(f"--overlap-module {module!r} was not compared in any pair of checkpoints")
+    return found
+
+
+def _reopen(analysis: Analysis) -> Any:
+    """The checkpoint an analysis was made from, read again (in its format) for its factors."""
+    from nora_spectra.io import load_checkpoint
+
+    return load_checkpoint(analysis.checkpoint, analysis.adapter, format=analysis.format or "auto")
 
 
 def build_report(
@@ -314,6 +376,8 @@ def build_report(
     labels: Sequence[str] | None = None,
     title: str | None = None,
     dpi: int = 100,
+    overlap: bool = False,
+    overlap_module: str | None = None,
     **analyze_options: Any,
 ) -> ReportData:
     """Analyse, compare and plot everything a report shows.
@@ -323,11 +387,15 @@ def build_report(
         labels: one label per path (a JSON file of several analyses gets ``label[1]``, ``label[2]``...).
         title: report title (default ``"Adapter spectra report"``).
         dpi: resolution of the PNG figures.
+        overlap: add the subspace overlap of the first checkpoint with each other one (reads the
+            checkpoints themselves, also for analysis JSON files and Analysis objects).
+        overlap_module: the module of the phi heat map (default: the first module compared).
         **analyze_options: passed to :func:`~nora_spectra.analysis.analyze` (``adapter``,
             ``collapse_threshold``...).
 
     Raises:
-        UsageError: no paths, or the number of labels differs from the paths.
+        UsageError: no paths, the number of labels differs from the paths, or ``overlap`` without two
+            readable checkpoints.
         CheckpointError: a path is missing or unreadable.
     """
     paths = list(paths)
@@ -366,6 +434,7 @@ def build_report(
     if len(set(final)) != len(final):
         final = [f"{name}#{i + 1}" if final.count(name) > 1 else name for i, name in enumerate(final)]
     comparison = compare(analyses, labels=final) if len(analyses) > 1 else None
+    overlaps = _overlaps(analyses, final, overlap_module) if overlap else []
     return ReportData(
         title=title or "Adapter spectra report",
         generated=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
@@ -375,8 +444,9 @@ def build_report(
         comparison=comparison,
         runs=runs,
         warnings=collapse_warnings(final, analyses, comparison),
-        figures=_figures(final, analyses, runs, dpi),
+        figures=_figures(final, analyses, runs, dpi, overlaps, overlap_module),
         summary=summary_rows(final, analyses),
+        overlaps=overlaps,
     )
 
 
@@ -434,7 +504,8 @@ def report(
         labels: one label per path.
         title: report title.
         fmt: ``"html"`` or ``"markdown"``.
-        **options: passed to :func:`build_report` (``dpi``, ``adapter``, ``collapse_threshold``).
+        **options: passed to :func:`build_report` (``dpi``, ``overlap``, ``overlap_module``, ``adapter``,
+            ``collapse_threshold``).
 
     Returns:
         The :class:`ReportData` that was written.

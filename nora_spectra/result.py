@@ -18,8 +18,10 @@ from nora_spectra.errors import UsageError
 from nora_spectra.plot_methods import PlotMethods
 from nora_spectra.schema import (
     ACTIVATION_COLUMNS,
+    BASE_FIELDS,
     DEFAULT_COLLAPSE_THRESHOLD,
     LAYER_COLUMNS,
+    OPTIONAL_COLUMNS,
     json_text,
     to_jsonable,
 )
@@ -60,6 +62,14 @@ class Analysis(PlotMethods):
         model: the base model's path or class name (activation).
         data: the data file, or a description of in-memory data (activation).
         probe_scale: the standard deviation of the Gaussian probe inputs (probe).
+        metadata: the weights file's header metadata as read (safetensors ``__metadata__``: kohya's
+            ``ss_network_dim``, ``ss_network_alpha`` and other ``ss_*`` training settings, diffusers'
+            ``lora_adapter_metadata``, ...), without the ``format`` marker safetensors writers add
+            (``{"format": "pt"}``); empty when the file has nothing else.
+        base: the base model of a base-aware analysis (``--base``), or None.
+        top_k: ``--top-k`` as asked (an integer or ``"all"``; None: the default policy), in analyses whose
+            dense spectra may be truncated (a base, ``top_k`` or a full fine-tune).
+        intruder_k, intruder_eps: the intruder-dimension options, when they were counted.
     """
 
     checkpoint: str
@@ -78,6 +88,11 @@ class Analysis(PlotMethods):
     model: str | None = None
     data: str | None = None
     probe_scale: float | None = None
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    base: str | None = None
+    top_k: int | str | None = None
+    intruder_k: int | None = None
+    intruder_eps: float | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -101,8 +116,17 @@ class Analysis(PlotMethods):
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The keys of this analysis's records (:data:`LAYER_COLUMNS`, plus ``space``/``tokens`` off weight space)."""
-        return LAYER_COLUMNS if self.space == "weight" else ACTIVATION_COLUMNS
+        """The keys of this analysis's records: :data:`LAYER_COLUMNS`, plus ``space``/``tokens`` off weight space,
+        plus the :data:`~nora_spectra.schema.OPTIONAL_COLUMNS` its records carry (base-aware, truncated spectra)."""
+        columns = LAYER_COLUMNS if self.space == "weight" else ACTIVATION_COLUMNS
+        present = self.records[0] if self.records else {}
+        return columns + tuple(name for name in OPTIONAL_COLUMNS if name in present)
+
+    def _has_base_fields(self) -> bool:
+        """True for an analysis whose JSON carries :data:`~nora_spectra.schema.BASE_FIELDS`."""
+        return self.base is not None or self.top_k is not None or any(
+            name in (self.records[0] if self.records else {}) for name in OPTIONAL_COLUMNS
+        )
 
     def _repr_html_(self) -> str:
         from nora_spectra.render.html import analysis_html
@@ -126,8 +150,9 @@ class Analysis(PlotMethods):
         ``adapter`` is the non-default adapter's name, or None for the default adapter.
 
         Extras: ``collapse_threshold``, ``config``, ``warnings``, ``skipped`` (list of
-        ``{"name", "reason"}``) and ``nora_spectra_version``; off weight space also :data:`SPACE_FIELDS`.
-        Non-finite floats become None.
+        ``{"name", "reason"}``), ``metadata`` (the header metadata, only when the file has any) and
+        ``nora_spectra_version``; off weight space also :data:`SPACE_FIELDS`; base-aware and truncated
+        analyses also :data:`~nora_spectra.schema.BASE_FIELDS`. Non-finite floats become None.
         """
         out = {
             "checkpoint": self.checkpoint,
@@ -140,10 +165,14 @@ class Analysis(PlotMethods):
             "config": self.config,
             "warnings": self.warnings,
             "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
-            "nora_spectra_version": package_version(),
         }
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        out["nora_spectra_version"] = package_version()
         if self.space != "weight":
             out.update({name: getattr(self, name) for name in SPACE_FIELDS})
+        if self._has_base_fields():
+            out.update({name: getattr(self, name) for name in BASE_FIELDS})
         return to_jsonable(out)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -163,7 +192,9 @@ class Analysis(PlotMethods):
         summary = data.get("summary")
         skipped = [(item.get("name", ""), item.get("reason", "")) for item in data.get("skipped") or []]
         adapter = data.get("adapter")  # absent from analyses written before the field existed
-        space = {name: data.get(name) for name in SPACE_FIELDS if data.get(name) is not None}
+        space = {name: data.get(name) for name in SPACE_FIELDS + BASE_FIELDS if data.get(name) is not None}
+        metadata = data.get("metadata")
+        metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
         return cls(
             checkpoint=str(data.get("checkpoint", "")),
             format=str(data.get("format", "")),
@@ -175,6 +206,7 @@ class Analysis(PlotMethods):
             skipped=skipped,
             collapse_threshold=float(data.get("collapse_threshold", DEFAULT_COLLAPSE_THRESHOLD)),
             adapter=None if adapter is None else str(adapter),
+            metadata=metadata,
             **space,
         )
 

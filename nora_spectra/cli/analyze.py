@@ -15,7 +15,11 @@ import click
 
 from nora_spectra.schema import (
     DEFAULT_COLLAPSE_THRESHOLD,
+    DEFAULT_INTRUDER_EPS,
+    DEFAULT_INTRUDER_K,
     DEFAULT_PROBE_SAMPLES,
+    DEFAULT_TOP_K,
+    EXACT_SVD_MAX_DIM,
     SPACES,
 )
 
@@ -36,6 +40,23 @@ def write_result(text: str, output: str | None, *, quiet: bool) -> None:
     write_output(output, text)
     if not quiet:
         click.echo(f"spectra: wrote {output}", err=True)
+
+
+class TopK(click.ParamType):
+    """``--top-k``: a positive integer, or ``all`` for an exact SVD whatever the size."""
+
+    name = "K|all"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, int) or value == "all":
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is not a positive integer or 'all'", param, ctx)
+        return number
 
 
 def format_in_option(command):  # type: ignore[no-untyped-def]
@@ -107,6 +128,46 @@ def format_in_option(command):  # type: ignore[no-untyped-def]
     help=f"Gaussian inputs per layer (--space probe); sampling error ~ sqrt(r / N) [default: {DEFAULT_PROBE_SAMPLES}].",
 )
 @click.option("--seed", type=int, help="Random seed of the probe [default: 0].")
+@click.option(
+    "--base",
+    metavar="BASE",
+    help="Base model (safetensors file, sharded model.safetensors.index.json, or their directory): "
+    "a full fine-tune PATH is analysed as W_tuned - W_base; adapters gain DoRA's true update, the size "
+    "relative to the base weight and (--intruders) intruder dimensions.",
+)
+@click.option(
+    "--top-k",
+    "top_k",
+    type=TopK(),
+    help=f"Leading singular values of each dense update (full fine-tunes, DoRA's true update), by randomized "
+    f"SVD with an error bound; 'all' for an exact SVD [default: exact when min(d_out, d_in) <= "
+    f"{EXACT_SVD_MAX_DIM}, else {DEFAULT_TOP_K}].",
+)
+@click.option(
+    "--intruders",
+    is_flag=True,
+    default=None,
+    help="Count intruder dimensions (needs --base): leading left singular vectors of W0 + dW whose largest "
+    "|cos| with every left singular vector of W0 is below --intruder-eps.",
+)
+@click.option(
+    "--intruder-k",
+    type=click.IntRange(min=1),
+    help=f"Leading directions of the tuned matrix tested for intruders [default: {DEFAULT_INTRUDER_K}].",
+)
+@click.option(
+    "--intruder-eps",
+    type=click.FloatRange(0, 1, min_open=True),
+    help=f"Cosine threshold below which a direction is an intruder [default: {DEFAULT_INTRUDER_EPS}].",
+)
+@click.option(
+    "--no-cache",
+    "cache",
+    flag_value=False,
+    default=None,
+    help="Do not read or write the on-disk cache of base-model SVDs ($NORA_SPECTRA_CACHE, "
+    "default ~/.cache/nora-spectra).",
+)
 def command(
     paths: tuple[str, ...],
     effective_rank: bool,
@@ -125,6 +186,8 @@ def command(
     PATH is a checkpoint of any registered format (a PEFT or NoRA adapter directory, a bare .safetensors
     file, ...; see docs/formats.md). --space activation measures the adapter branch's outputs on real
     inputs (needs --model and --data), --space probe its response to Gaussian inputs (docs/activation.md).
+    With --base BASE, a fully fine-tuned model is analysed as its difference from BASE, and every record
+    gains its size relative to the base weight (docs/metrics.md).
     With one PATH, --format json prints one object; with several, {"checkpoints": [...]}. Layers with
     NaN/Inf factors or an all-zero update are reported with their status and a warning; the exit code
     stays 0. Bad input exits with code 2 and one line on stderr.
@@ -132,6 +195,8 @@ def command(
     from nora_spectra.analysis import analyze
     from nora_spectra.render import render
 
+    if space_options.get("intruders") is False:
+        space_options["intruders"] = None  # an unset flag is not an option given to another space
     show_progress = not quiet and sys.stderr.isatty()
     analyses = []
     for path in paths:

@@ -18,7 +18,7 @@ from typing import Any
 from nora_core.config import lora_scale, match_pattern  # torch-free: PEFT's rules, written once
 from nora_spectra.errors import CheckpointError
 
-__all__ = ["CONFIG_NAME", "AdapterSettings", "match_pattern", "peft_kind", "read_adapter_config"]
+__all__ = ["CONFIG_NAME", "AdapterSettings", "match_pattern", "peft_kind", "read_adapter_config", "settings_from_dict"]
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -72,9 +72,19 @@ class AdapterSettings:
         return lora_scale(self.alpha_for(module), self.rank_for(module), self.use_rslora)
 
 
+#: fields of mlx-lm's ``adapter_config.json``, which has no ``peft_type``: such a config is not PEFT's.
+_MLX_FIELDS = ("lora_parameters", "fine_tune_type")
+
+
 def peft_kind(raw: object) -> str | None:
-    """The kind (``"lora"``, ``"nora"``) of a parsed config, from ``peft_type`` (absent: LORA); None if none."""
+    """The kind (``"lora"``, ``"nora"``) of a parsed config, from ``peft_type`` (absent: LORA); None if none.
+
+    A config without ``peft_type`` but with mlx-lm's ``lora_parameters`` or ``fine_tune_type`` is mlx-lm's,
+    not PEFT's: None.
+    """
     if not isinstance(raw, dict):
+        return None
+    if "peft_type" not in raw and any(name in raw for name in _MLX_FIELDS):
         return None
     peft_type = raw.get("peft_type", "LORA")
     return _KINDS.get(peft_type.upper()) if isinstance(peft_type, str) else None
@@ -104,7 +114,20 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdapterSettings:
         raise CheckpointError(path, f"invalid adapter config: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(path, f"invalid adapter config: expected a JSON object, got {type(raw).__name__}")
+    return settings_from_dict(path, raw)
 
+
+def settings_from_dict(path: str, raw: dict[str, Any], what: str = "adapter config") -> AdapterSettings:
+    """Validate a parsed PEFT ``LoraConfig`` dict (an ``adapter_config.json``, or diffusers' header metadata).
+
+    Args:
+        path: the file the config came from, for messages.
+        raw: the parsed config.
+        what: how messages call the config.
+
+    Raises:
+        CheckpointError: see :func:`read_adapter_config`.
+    """
     peft_type = raw.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() not in _KINDS:
         raise CheckpointError(
@@ -112,7 +135,7 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdapterSettings:
         )
 
     def bad(name: str, expected: str) -> CheckpointError:
-        return CheckpointError(path, f"invalid adapter config: {name} must be {expected}, got {raw[name]!r}")
+        return CheckpointError(path, f"invalid {what}: {name} must be {expected}, got {raw[name]!r}")
 
     r = raw.get("r", _DEFAULT_R)
     if not _is_positive_int(r):
@@ -128,8 +151,8 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdapterSettings:
         if not isinstance(value, bool):
             raise bad(name, "true or false")
         flags[name] = value
-    rank_pattern = _read_pattern(path, raw, "rank_pattern", _is_positive_int, "positive integers")
-    alpha_pattern = _read_pattern(path, raw, "alpha_pattern", _is_finite_number, "finite numbers")
+    rank_pattern = _read_pattern(path, raw, "rank_pattern", _is_positive_int, "positive integers", what)
+    alpha_pattern = _read_pattern(path, raw, "alpha_pattern", _is_finite_number, "finite numbers", what)
     modules_to_save = raw.get("modules_to_save") or ()
     if isinstance(modules_to_save, str):
         modules_to_save = (modules_to_save,)
@@ -146,19 +169,17 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdapterSettings:
     )
 
 
-def _read_pattern(path: str, raw: dict, name: str, valid, expected: str) -> dict:
+def _read_pattern(path: str, raw: dict, name: str, valid, expected: str, what: str = "adapter config") -> dict:
     pattern = raw.get(name)
     if pattern is None:
         return {}
     if not isinstance(pattern, dict) or not all(isinstance(k, str) and valid(v) for k, v in pattern.items()):
-        raise CheckpointError(
-            path, f"invalid adapter config: {name} must map module patterns to {expected}, got {pattern!r}"
-        )
+        raise CheckpointError(path, f"invalid {what}: {name} must map module patterns to {expected}, got {pattern!r}")
     for key in pattern:
         try:
             re.compile(rf"(.*\.)?({key})$")
         except re.error as exc:
-            raise CheckpointError(path, f"invalid adapter config: {name} key {key!r} is not a regex ({exc})") from exc
+            raise CheckpointError(path, f"invalid {what}: {name} key {key!r} is not a regex ({exc})") from exc
     return dict(pattern)
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from functools import partial
 
+
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import AdapterSettings
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
+from nora_spectra.io.factors import read_vector
 from nora_spectra.io.peft_keys import PEFT_PREFIX, LayerPlan, _dense_module, scan_keys
 from nora_spectra.io.safetensors_file import check_readable
+from nora_spectra.schema import DORA_PROXY_WARNING
 from nora_spectra.updates import LowRankUpdate
 
 __all__ = ["assemble_checkpoint", "read_pair"]
@@ -124,6 +127,7 @@ def assemble_checkpoint(
                 read=partial(read_pair, source, plan, scale),
                 dora=plan.dora,
                 notes=tuple(layer_notes),
+                read_magnitude=None if plan.key_magnitude is None else partial(read_vector, source, plan.key_magnitude),
             )
         )
     if settings is None:
@@ -136,7 +140,7 @@ def assemble_checkpoint(
         if settings.use_dora and not any(plan.dora for plan in scan.plans):
             warnings.append("use_dora is set but no lora_magnitude_vector was found")
     if any(plan.dora for plan in scan.plans):
-        warnings.append("DoRA layers: spectra are of the direction update B A only (magnitude vector not included)")
+        warnings.append(DORA_PROXY_WARNING)
     if any(plan.has_bias for plan in scan.plans):
         warnings.append("lora_B.bias tensors are ignored: a bias is not part of the update's spectrum")
     if scan.skipped:

@@ -17,7 +17,7 @@ import pickletools
 import re
 import zipfile
 
-__all__ = ["ALLOWED_GLOBALS", "forbidden_globals", "pickle_globals"]
+__all__ = ["ALLOWED_GLOBALS", "forbidden_globals", "pickle_globals", "pickle_strings"]
 
 #: (module, name) pairs a tensor state dict may use; torch storage classes are matched by pattern.
 ALLOWED_GLOBALS = frozenset(
@@ -73,6 +73,39 @@ def pickle_globals(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
             for _ in range(_LEGACY_PICKLES):
                 found += _globals_of(handle)
     except Exception:  # noqa: BLE001 - a damaged file: report what was read; torch.load says the rest
+        pass
+    return found
+
+
+def pickle_strings(path: str | os.PathLike[str], limit: int = 100_000) -> list[str]:
+    """The string constants of the torch checkpoint's pickle (a state dict's keys among them), read from its
+    opcodes without unpickling anything or touching the tensor data; at most ``limit`` of them.
+
+    Returns:
+        The strings found (``[]`` for a file that is not a readable pickle).
+    """
+    found: list[str] = []
+
+    def scan(stream: io.BufferedIOBase) -> None:
+        if len(found) >= limit:
+            return
+        for opcode, arg, _ in pickletools.genops(stream):
+            if opcode.name in _STRING_OPS:
+                found.append(str(arg))
+                if len(found) >= limit:
+                    return
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith("data.pkl"):
+                        scan(io.BytesIO(archive.read(member)))
+            return found
+        with open(path, "rb") as handle:
+            for _ in range(_LEGACY_PICKLES):
+                scan(handle)
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: what was read is all there is
         pass
     return found
 

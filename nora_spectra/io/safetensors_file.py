@@ -22,7 +22,16 @@ import numpy as np
 
 from nora_spectra.errors import CheckpointError
 
-__all__ = ["MAX_HEADER_BYTES", "DTYPES", "FLOAT_DTYPES", "TensorInfo", "SafetensorsFile", "check_readable"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "DTYPES",
+    "FLOAT_DTYPES",
+    "TensorInfo",
+    "SafetensorsFile",
+    "check_readable",
+    "raw_dtype",
+    "upcast",
+]
 
 #: The official parser rejects headers larger than this (100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -145,6 +154,30 @@ class SafetensorsFile:
             raise CheckpointError(self.path, f"truncated while reading tensor {name!r}")
         return _upcast(raw, info.dtype).reshape(info.shape)
 
+    def read_index(self, name: str, index: int) -> np.ndarray:
+        """Read ``tensor[index]`` (along the first axis) only, upcast exactly to float64.
+
+        For stacked per-expert factors (mlx-lm's ``(E, r, d)`` MoE LoRA), so that one expert costs one expert's
+        bytes, not the whole stack's.
+
+        Raises:
+            CheckpointError: as :meth:`read`; IndexError when ``index`` is outside the first axis.
+        """
+        info = self._tensors[name]
+        check_readable(self.path, info)
+        if not info.shape or not 0 <= index < info.shape[0]:
+            raise IndexError(f"{name}: index {index} outside shape {list(info.shape)}")
+        count = info.numel // info.shape[0]
+        raw_dtype = np.dtype(_RAW_NUMPY[info.dtype])
+        offset = info.start + index * count * raw_dtype.itemsize
+        try:
+            raw = np.fromfile(self.path, dtype=raw_dtype, count=count, offset=offset)
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {exc.strerror or exc}") from exc
+        if raw.size != count:
+            raise CheckpointError(self.path, f"truncated while reading tensor {name!r}")
+        return _upcast(raw, info.dtype).reshape(info.shape[1:])
+
     # ------------------------------------------------------------------ parsing
 
     def _parse(self) -> None:
@@ -205,6 +238,17 @@ def check_readable(path: str, info: TensorInfo) -> None:
                 f"tensor {info.name!r} is {info.dtype} (float8); reading it needs the ml_dtypes package "
                 "(pip install ml_dtypes)",
             ) from exc
+
+
+def raw_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of a float tensor's stored bits (``<u2`` for BF16, ``u1`` for F8), for :func:`upcast`."""
+    return np.dtype(_RAW_NUMPY[dtype])
+
+
+def upcast(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Exact upcast to float64 of stored bits read as :func:`raw_dtype` (1-D in, 1-D out); chunks of a
+    tensor may be upcast separately (readers that bound their memory do)."""
+    return _upcast(raw, dtype)
 
 
 def _upcast(raw: np.ndarray, dtype: str) -> np.ndarray:

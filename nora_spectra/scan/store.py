@@ -391,11 +391,10 @@ class ScanStore:
             return
         adapter_rows = [r.adapter for r in self._buffer]
         layer_rows = [row for r in self._buffer for row in r.layers]
-        extra = [c for row in adapter_rows for c in row if c not in SCAN_ADAPTER_COLUMNS]
-        adapter_columns = list(SCAN_ADAPTER_COLUMNS) + list(dict.fromkeys(extra))
+        adapter_columns = _columns(adapter_rows, SCAN_ADAPTER_COLUMNS)
         parts_dir = self.directory / PARTS_DIR
         number = f"{self._next_part:06d}"
-        tables = {f"{number}.layers.parquet": rows_table(layer_rows, SCAN_LAYER_COLUMNS),
+        tables = {f"{number}.layers.parquet": rows_table(layer_rows, _columns(layer_rows, SCAN_LAYER_COLUMNS)),
                   f"{number}.adapters.parquet": rows_table(adapter_rows, adapter_columns)}
         try:
             for name, table in tables.items():  # layers first: the adapters file commits the part
@@ -433,6 +432,13 @@ class ScanStore:
             adapters_file.unlink()  # the commit marker first: a part is never half-removed and committed
             layers_file.unlink()
         return adapters, layers
+
+
+def _columns(rows: Sequence[Mapping[str, Any]], first: Sequence[str]) -> list[str]:
+    """``first``, then every other key of ``rows`` in order of appearance (manifest or optional columns)."""
+    known = set(first)
+    extra = dict.fromkeys(name for row in rows for name in row if name not in known)
+    return list(first) + list(extra)
 
 
 def _read_settings(path: Path) -> dict[str, Any]:

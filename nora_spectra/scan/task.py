@@ -3,8 +3,9 @@
 :func:`analyse_item` calls :func:`nora_spectra.analysis.analyze` (``emit_warnings=False``: warnings
 are data, stored in the ``warnings`` column, never printed by a worker) and turns the
 :class:`~nora_spectra.result.Analysis` into one adapter row (:data:`SCAN_ADAPTER_COLUMNS` plus the
-manifest's metadata columns) and one layer row per module (:data:`SCAN_LAYER_COLUMNS`: the adapter's
-``path`` then the record, the same fields as ``spectra analyze``). Whatever goes wrong with one
+manifest's metadata columns) and one layer row per module (the adapter's ``path``, then the columns of
+``Analysis.layers``: :data:`SCAN_LAYER_COLUMNS`, plus the optional ones its records carry, such as a
+full fine-tune's truncated-spectrum columns). Whatever goes wrong with one
 adapter (a corrupt file, an unreadable one, an unexpected exception) becomes an adapter row with
 status ``error`` and a one-line message; it never stops the scan. The engines
 (:mod:`~nora_spectra.scan.local_engine`, :mod:`~nora_spectra.scan.ray_engine`) only move items and
@@ -21,7 +22,7 @@ from typing import Any
 
 from nora_spectra.analysis import analyze
 from nora_spectra.errors import SpectraError
-from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD, LAYER_COLUMNS, SCAN_ADAPTER_COLUMNS, SUMMARY_METRICS
+from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD, SCAN_ADAPTER_COLUMNS, SUMMARY_METRICS
 from nora_spectra.scan.content_key import ContentKey
 
 __all__ = ["AnalysisSettings", "ItemResult", "ScanItem", "analyse_item", "analyse_items", "error_result", "warm_up"]
@@ -168,9 +169,9 @@ def analyse_item(item: ScanItem, settings: AnalysisSettings) -> ItemResult:
     for name in SUMMARY_METRICS:
         row[f"mean_{name}"] = metrics[name]["mean"]
     layers = []
-    for rec in analysis.records:
+    for rec in analysis.records:  # the columns of ``spectra analyze``'s DataFrame, optional ones included
         layer = {"path": item.path}
-        layer.update((name, rec.get(name)) for name in LAYER_COLUMNS)
+        layer.update((name, rec.get(name)) for name in analysis.columns)
         layers.append(layer)
     return ItemResult(_finish(row, item, started), layers)
 

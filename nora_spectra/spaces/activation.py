@@ -187,6 +187,8 @@ class ActivationRun:
         self.info = info
         self.injected = injected
         self.tokens = 0
+        #: module name -> tensor-key prefix as stored (checkpoint paths); an in-memory model's names are its keys.
+        self.keys: dict[str, str] = {}
 
     def layers(self, report: Report | None) -> Iterator[LayerSpectrum]:
         done = [0]
@@ -216,6 +218,7 @@ class ActivationRun:
                 sigma = None
             identity = {
                 "module": name,
+                "key": self.keys.get(name, name),
                 "kind": layer.method,
                 "layer_type": "linear",
                 "dtype": str(layer.lora_A.weight.dtype).removeprefix("torch."),
@@ -296,6 +299,7 @@ def prepare(
         from nora_spectra.io import load_checkpoint
 
         checkpoint = load_checkpoint(source)
+        keys = {entry.module: entry.key for entry in checkpoint.entries}
         info = source_info(checkpoint)
         info.checkpoint = os.fspath(source)
         info.adapter = None
@@ -303,6 +307,7 @@ def prepare(
         loaded = as_loaded_model(model)
         injected = _load_adapter_into(loaded.model, source)
     else:
+        keys = {}
         if model is not None:
             raise UsageError("pass either a checkpoint path with model=..., or a model holding adapters, not both")
         loaded = as_loaded_model(source)
@@ -328,4 +333,6 @@ def prepare(
             unload(loaded.model)
         raise
     selected = {name: all_layers[name] for name in names}
-    return ActivationRun(loaded, selected, dataset, data_desc, n_samples, batch_size, info, injected)
+    run = ActivationRun(loaded, selected, dataset, data_desc, n_samples, batch_size, info, injected)
+    run.keys = keys
+    return run

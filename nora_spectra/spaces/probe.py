@@ -47,6 +47,7 @@ from nora_spectra.spaces.centred import CentredFactor, centred_spectrum
 from nora_spectra.spaces.selection import select_layers
 from nora_spectra.spaces.weight import open_checkpoint
 from nora_spectra.spectrum import NonFiniteFactorsError
+from nora_spectra.updates import HadamardUpdate, LowRankUpdate
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.io import Checkpoint
@@ -190,6 +191,9 @@ class ProbeRun:
             if layer.module not in wanted:
                 continue
             update = layer.update
+            if isinstance(update, HadamardUpdate):  # LoHa: exactly U @ V, a low-rank product of rank r1 * r2
+                u, v = update.factors()
+                update = LowRankUpdate(v, u, update.scale)
             rng = np.random.default_rng(_layer_seed(self.seed, layer.module))
             try:
                 sigma = probe_layer(
@@ -200,6 +204,7 @@ class ProbeRun:
                 sigma = None
             identity = {
                 "module": layer.module,
+                "key": layer.key,
                 "kind": layer.kind,
                 "layer_type": layer.layer_type,
                 "dtype": layer.dtype,
@@ -256,4 +261,10 @@ def prepare(
     activation = checkpoint_activation(checkpoint)
     apply_activation(activation, np.zeros(1))  # validate the name before any work
     names = select_layers(list(checkpoint.modules), layers)
+    kron = [entry.module for entry in getattr(checkpoint, "entries", []) if entry.module in names and entry.kind == "lokr"]
+    if kron:
+        raise UsageError(
+            f"--space probe measures low-rank branches s * B act(A x); {kron[0]} is a LoKr (Kronecker) update: "
+            "use --space weight (for a linear update the probe only estimates the same spectrum)"
+        )
     return ProbeRun(checkpoint, names, activation, float(probe_scale), probe_samples, int(seed))
