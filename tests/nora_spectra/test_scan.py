@@ -161,6 +161,20 @@ def test_csv_tables_match_parquet(scanned) -> None:
     assert len((out / "adapters.csv").read_text().splitlines()) == len(adapters) + 1
 
 
+FIXTURES = ROOT / "tests" / "fixtures" / "formats"
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="no format fixtures in this checkout (tests/fixtures/formats)")
+def test_the_format_fixtures_are_found_by_their_sniffers_and_analysed_as_analyze_does(tmp_path: Path) -> None:
+    summary = scan([FIXTURES], output=tmp_path / "out", workers=2)
+    adapters, layers = load_scan(tmp_path / "out")
+    assert summary.errors == 0 and summary.adapters == len(adapters) >= 10
+    assert {"diffusers", "kohya", "lycoris", "mlx", "peft"} <= set(adapters["format"])
+    for path in adapters["path"]:
+        mine = layers[layers["path"] == path].drop(columns=["path"])
+        assert _comparable(mine) == _comparable(analyze(path, emit_warnings=False).layers), path
+
+
 # ------------------------------------------------------------------------------------------- resume
 
 
