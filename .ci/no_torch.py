@@ -4,7 +4,8 @@ Run with the interpreter of a virtual environment made by ``pip install .`` (no 
 torch is absent, builds a PEFT LoRA checkpoint with ``safetensors.numpy``, and runs the real ``spectra``
 binary: ``analyze --format json`` (numbers against a dense float64 SVD), ``check`` (a passing and a
 failing gate), ``report`` (an HTML file), ``resize`` (its spectral error against a dense SVD),
-``overlap`` and one torch-only feature (one line, exit 2).
+``overlap``, ``scan`` (its worker processes import no torch either) and one torch-only feature (one
+line, exit 2).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main() -> None:
             assert rec["rank_after"] == 2 and abs(rec["spectral_error"] - want[2]) <= 1e-9 * want[0], rec
         out = spectra("overlap", str(ck), str(Path(tmp) / "small"), "--format", "json", "-q")
         assert out.returncode == 0 and json.loads(out.stdout)["summary"]["compared"] == 2, out.stderr
+        scan_dir = Path(tmp) / "scan"
+        out = spectra("scan", str(ck), "-o", str(scan_dir), "--workers", "1", "-q")
+        assert out.returncode == 0 and (scan_dir / "layers.parquet").is_file(), out.stderr
 
         report = Path(tmp) / "new" / "report.html"
         out = spectra("report", str(ck), "-o", str(report), "-q")
@@ -66,7 +70,7 @@ def main() -> None:
         out = spectra("demo", "--output-dir", str(Path(tmp) / "demo"))
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and "needs torch" in lines[0], out.stderr
-    print("no-torch install: spectra analyze, check, report, resize and overlap work; torch-only features say what to install")
+    print("no-torch install: spectra analyze, check, report, resize, overlap and scan work; torch-only features say what to install")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ _EXPORTS = {
     "Suggestion": "suggest",
     "overlap": "overlap",
     "Overlap": "overlap",
+    "load_scan": "scan",
 }
 
 __all__ = sorted(_EXPORTS)

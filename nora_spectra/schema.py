@@ -35,9 +35,12 @@ __all__ = [
     "OVERLAP_COLUMNS",
     "RESIZE_COLUMNS",
     "RESIZE_MODULE_FIELDS",
-    "SPECTRUM_COLUMNS",
+    "SCAN_ADAPTER_COLUMNS",
+    "SCAN_LAYER_COLUMNS",
+    "SCAN_STATUSES",
     "SPACES",
     "SPACE_COLUMNS",
+    "SPECTRUM_COLUMNS",
     "STATUSES",
     "SUGGEST_COLUMNS",
     "SUMMARY_METRICS",
@@ -226,6 +229,19 @@ OVERLAP_COLUMNS: tuple[str, ...] = (
     "left_angles",
     "right_angles",
 )
+
+#: statuses of an adapter row of a scan (``spectra scan``): analysed, or the one-line reason it was not.
+SCAN_STATUSES: tuple[str, ...] = ("ok", "error")
+
+#: columns of a scan's ``adapters.parquet``, in order (manifest metadata columns follow them).
+SCAN_ADAPTER_COLUMNS: tuple[str, ...] = (
+    ("path", "format", "method", "base_model", "r", "modules", "analysed", "collapsed", "total_rank")
+    + tuple(f"mean_{name}" for name in SUMMARY_METRICS)
+    + ("weighted_utilization", "skipped", "warnings", "status", "error", "seconds", "size", "mtime", "content_key")
+)
+
+#: columns of a scan's ``layers.parquet``: the adapter's ``path``, then every layer column of ``analyze``.
+SCAN_LAYER_COLUMNS: tuple[str, ...] = ("path",) + LAYER_COLUMNS
 
 _INTEGER = re.compile(r"^\d+$")
 

@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resize": ("nora_spectra.cli.resize", "Write a smaller adapter: each module's best rank-k approximation."),
     "suggest": ("nora_spectra.cli.suggest", "Suggest a rank and a per-module rank_pattern for the next run."),
     "overlap": ("nora_spectra.cli.overlap", "Subspace overlap of two adapters, module by module (LoRA paper's phi)."),
+    "scan": ("nora_spectra.cli.scan", "Analyse every adapter under some directories into Parquet tables."),
+    "census": ("nora_spectra.cli.census", "Write an HTML census (utilization by r, module type, base model) of a scan."),
     "demo": ("nora_spectra.cli.demo", "Build small LoRA and NoRA checkpoints and analyse them (no downloads)."),
 }
 
