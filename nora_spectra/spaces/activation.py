@@ -56,31 +56,38 @@ DataArg = Union[str, "os.PathLike[str]", Any]
 
 
 # --------------------------------------------------------------------------- running the model
-def _token_batches(dataset: Any, samples: int, batch_size: int) -> Iterable[tuple["torch.Tensor", "torch.Tensor"]]:
+def _token_batches(sequences: Any, samples: int, batch_size: int) -> Iterable[tuple["torch.Tensor", "torch.Tensor"]]:
     """``(input_ids (b, L), mask (b, L) bool)`` for the first ``samples`` rows, real tokens masked in."""
     import torch
 
-    n = min(samples, len(dataset))
+    n = min(samples, len(sequences))
     for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n))
-        ids, _labels = dataset.batch(idx)
-        mask = torch.arange(ids.shape[1])[None, :] < dataset.lengths[idx][:, None]
-        yield ids, mask
+        yield sequences.batch(torch.arange(start, min(start + batch_size, n)))
 
 
-def _as_dataset(data: DataArg, loaded: "LoadedModel") -> tuple[Any, str]:
-    """A ``TokenDataset`` from a JSONL path, a TokenDataset or an (N, T) id tensor; and its description."""
+def _as_sequences(data: DataArg, loaded: "LoadedModel") -> tuple[Any, str]:
+    """``TokenSequences`` from a JSONL path, a ``TokenSequences``/``TokenDataset`` or an (N, T) id tensor,
+    and a description of the data.
+
+    A path is encoded for measurement (:func:`nora_core.data.load_sequences`: the tokenizer's own special
+    tokens, no next-token shift, at most ``loaded.max_length`` tokens). An in-memory ``TokenDataset`` is
+    measured as it is (its ``input_ids`` up to each row's length); an id tensor has no padding.
+    """
     import torch
 
-    from nora_core.data import DataFormatError, TokenDataset, load_dataset
+    from nora_core.data import DataFormatError, TokenDataset, TokenSequences, load_sequences
 
+    if isinstance(data, TokenSequences):
+        return data, f"<TokenSequences of {len(data)}>"
     if isinstance(data, TokenDataset):
-        return data, f"<TokenDataset of {len(data)}>"
+        return TokenSequences(data.input_ids, data.lengths), f"<TokenDataset of {len(data)}>"
     if isinstance(data, (str, os.PathLike)):
         if loaded.tokenizer is None:
-            raise UsageError(f"{loaded.source}: the model has no tokenizer; pass tokenizer=... or token ids as data")
+            raise UsageError(
+                f"{loaded.source}: the model directory has no tokenizer; pass --tokenizer DIR (or token ids as data)"
+            )
         try:
-            dataset = load_dataset(data, loaded.tokenizer, max_length=loaded.max_length)
+            sequences = load_sequences(data, loaded.tokenizer, max_length=loaded.max_length)
         except FileNotFoundError:
             raise UsageError(f"{os.fspath(data)}: data file not found") from None
         except (DataFormatError, ValueError) as exc:
@@ -88,14 +95,17 @@ def _as_dataset(data: DataArg, loaded: "LoadedModel") -> tuple[Any, str]:
             if not message.startswith(os.fspath(data)):
                 message = f"{os.fspath(data)}: {message}"
             raise UsageError(message) from None
-        return dataset, os.fspath(data)
+        return sequences, os.fspath(data)
     if isinstance(data, (torch.Tensor, np.ndarray)):
         ids = torch.as_tensor(data, dtype=torch.long)
-        if ids.ndim != 2:
-            raise UsageError(f"data ids must be (N, T), got shape {tuple(ids.shape)}")
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise UsageError(f"data ids must be a non-empty (N, T) array, got shape {tuple(ids.shape)}")
         lengths = torch.full((ids.shape[0],), ids.shape[1])
-        return TokenDataset(ids, ids.clone(), lengths), f"<ids {tuple(ids.shape)}>"
-    raise UsageError(f"data must be a JSONL path, a TokenDataset or an (N, T) id tensor, got {type(data).__name__}")
+        return TokenSequences(ids, lengths), f"<ids {tuple(ids.shape)}>"
+    raise UsageError(
+        "data must be a JSONL path, TokenSequences, a TokenDataset or an (N, T) id tensor, "
+        f"got {type(data).__name__}"
+    )
 
 
 def _capture(
@@ -317,7 +327,7 @@ def prepare(
         if not all_layers:
             raise UsageError("the model holds no adapter layers (AdapterLinear) to measure")
         names = select_layers(list(all_layers), layers)
-        dataset, data_desc = _as_dataset(data, loaded)
+        dataset, data_desc = _as_sequences(data, loaded)
         n_samples = min(samples, len(dataset))
         if n_samples < samples:
             info.warnings.append(f"asked for {samples} samples but the data holds {len(dataset)}; used {n_samples}")
