@@ -22,7 +22,7 @@ Reproducibility as in ``bench/repro.py``: one thread everywhere, every seed set;
 ``OUT/runs.jsonl`` as it ends (a restarted sweep skips finished runs). Outputs in ``OUT``:
 ``results.json`` (raw records), ``results.md`` (mean ± sd table), ``adapters/``.
 
-Run (about 3-4 minutes per run on one thread of the shared 2-core machine)::
+Run (about one CPU-minute per run on one thread; 48 runs)::
 
     nice -n 10 .venv/bin/python bench/encoder_rank_scaling.py --out runs/encoder_rank_scaling
     cp runs/encoder_rank_scaling/results.json docs/results/encoder_rank_scaling.json
@@ -94,14 +94,14 @@ class EncoderSweepConfig:
         pair_seed: seed of the pairs' shuffle (one split for every run).
     """
 
-    n_eval: int = 256
+    n_eval: int = 128
     max_len_anchor: int = 32
-    max_len_positive: int = 64
+    max_len_positive: int = 48
     temperature: float = 0.05
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 16
     lr: float = 1e-3
-    warmup_steps: int = 6
+    warmup_steps: int = 4
     targets: tuple[str, ...] = ("query", "value")
     ranks: tuple[int, ...] = (4, 16, 64, 256)
     seeds: tuple[int, ...] = (0, 1, 2)
