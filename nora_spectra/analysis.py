@@ -100,7 +100,7 @@ def analyze(
         emit_warnings: also issue the collected warnings once each through :func:`warnings.warn`
             (category :class:`AnalysisWarning`). The CLI and worker processes turn this off.
         **options: the space's own options. Activation: ``model``, ``data``, ``samples`` (128),
-            ``layers``, ``batch_size`` (8), ``tokenizer``, ``max_length``. Probe: ``probe_scale`` (1.0),
+            ``layers``, ``batch_size`` (8), ``tokenizer``, ``max_length``, ``model_class``. Probe: ``probe_scale`` (1.0),
             ``probe_samples`` (4096), ``seed`` (0), ``layers``.
 
     Returns:
@@ -180,6 +180,7 @@ def activation_spectra(
     batch_size: int = 8,
     tokenizer: Any | None = None,
     max_length: int | None = None,
+    model_class: str | None = None,
     collapse_threshold: float = DEFAULT_COLLAPSE_THRESHOLD,
     progress: bool | Callable[[int, int, str], None] | None = None,
 ) -> Analysis:
@@ -196,7 +197,7 @@ def activation_spectra(
         raise UsageError("activation space needs the base model (--model MODEL)")
     return analyze(
         adapted, space="activation", model=model, data=data, samples=samples, layers=layers,
-        batch_size=batch_size, tokenizer=tokenizer, max_length=max_length,
+        batch_size=batch_size, tokenizer=tokenizer, max_length=max_length, model_class=model_class,
         collapse_threshold=collapse_threshold, progress=progress, emit_warnings=False,
     )
 
