@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
@@ -184,8 +185,8 @@ def _saved_head_labels(path: "str | os.PathLike[str]") -> int | None:
         return None
     header = SafetensorsFile(file)
     for key in header.keys():
-        name = key.removeprefix("base_model.model.")
-        name = ".".join(part for i, part in enumerate(name.split(".")) if part != "modules_to_save")
+        # PEFT writes <module>.weight; older versions <module>.modules_to_save.<adapter>.weight
+        name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", key.removeprefix("base_model.model."))
         if any(name == head or name.endswith("." + head) for head in _HEAD_WEIGHTS):
             shape = header.info(key).shape
             if len(shape) == 2:

@@ -241,3 +241,18 @@ def test_builtin_gpt_measures_bos_text_eos(tmp_path: Path, data_file) -> None:
     assert result.tokens == sum(len(t.encode()) + 2 for t in _texts(TEXTS))  # BOS + bytes + EOS, all measured
     short = analyze(tmp_path / "adapter", space="activation", model=tmp_path / "gpt", data=data_file, max_length=8)
     assert short.tokens == sum(min(len(t.encode()) + 2, 8) for t in _texts(TEXTS))
+
+
+@pytest.mark.parametrize("key", ["base_model.model.classifier.weight", "base_model.model.score.weight",
+                                 "base_model.model.classifier.modules_to_save.default.weight",
+                                 "base_model.model.classifier.out_proj.weight"])
+def test_the_head_size_is_read_from_the_adapter_header(tmp_path: Path, key: str) -> None:
+    from safetensors.torch import save_file
+
+    from nora_spectra.spaces.activation import _saved_head_labels
+
+    save_file({key: torch.zeros(5, 16), "base_model.model.x.lora_A.weight": torch.zeros(2, 16)},
+              str(tmp_path / "adapter_model.safetensors"))
+    assert _saved_head_labels(tmp_path) == 5
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 16)}, str(tmp_path / "adapter_model.safetensors"))
+    assert _saved_head_labels(tmp_path) is None
