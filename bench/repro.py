@@ -11,8 +11,9 @@ turns their committed records into ``docs/results.md``.
 * :func:`seed_everything` seeds ``random``, numpy and torch; each run also passes its seed to the
   trainer (data order and dropout) and re-seeds torch right before the adapter is initialised.
 * :class:`RunLog` appends one JSON record per finished run to ``OUT/runs.jsonl`` (resumable: a run
-  already logged is skipped when the sweep is restarted) and :func:`write_records` writes the study's
-  committed file: ``{"study", "meta", "runs": [record, ...]}``.
+  already logged is skipped when the sweep is restarted; several processes may share it, each running a
+  disjoint subset such as ``--seeds 1``, since every run is single-threaded) and :func:`write_records`
+  writes the study's committed file: ``{"study", "meta", "runs": [record, ...]}``.
 * :func:`check_run` compares a rerun against its committed record at the precision the results page
   prints (:data:`PRECISION`); :func:`sha256_file` fingerprints a base model.
 """
@@ -169,7 +170,11 @@ class RunLog:
             path.write_text(json.dumps(header) + "\n")
 
     def done(self, *key: Any) -> dict[str, Any] | None:
-        """The logged record of run ``key``, or None."""
+        """The logged record of run ``key``, or None. The file is read again first: several processes
+        may share one log, each running its own subset (``--seeds 1``, ``--methods lora``), appending one
+        line per run."""
+        lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        self.records = lines[1:]
         for record in self.records:
             if run_key(record, self.keys) == key:
                 return record
