@@ -421,10 +421,14 @@ def _setup_encoder(results: Mapping[str, Any]) -> list[str]:
 
 def _wall(results: Mapping[str, Any]) -> str:
     meta = results["meta"]
-    total = meta["sweep_seconds"] + meta.get("base", {}).get("pretrain_seconds", 0)
     runs = len(results["runs"])
-    return (f"{runs} runs, {total / 60:.0f} min of run time in all ({meta['sweep_seconds'] / runs:.0f} s per run on "
-            f"average) on one thread of a shared 2-core {meta['machine']['cpu']} machine, torch {meta['machine']['torch']}")
+    pretrain = meta.get("base", {}).get("pretrain_seconds")
+    text = (f"{runs} runs whose wall times sum to {meta['sweep_seconds'] / 60:.0f} min "
+            f"({meta['sweep_seconds'] / runs:.0f} s per run)")
+    if pretrain is not None:
+        text += f", plus {pretrain:.0f} s of base pretraining"
+    return (text + f", each on one thread of a shared 2-core {meta['machine']['cpu']} machine under other jobs' load "
+            f"(python {meta['machine']['python']}, torch {meta['machine']['torch']})")
 
 
 INTRO = """\
