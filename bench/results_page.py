@@ -256,10 +256,13 @@ def _bullets(c: Mapping[str, Any]) -> list[str]:
     lo, hi, best = ranks[0], ranks[-1], c["best_lora"]
     out = []
     trend = {"tie": "does not change beyond the spread", "better": "improves", "worse": "gets worse"}[c["lora_trend"]]
+    falls = [f"by {fmt(m, at[meth, lo].mean - at[meth, hi].mean)} for {label}" for meth, label in (
+        ("lora", "LoRA"), ("rslora", "rsLoRA"), ("nora_silu", "NoRA-SiLU"), ("nora_identity", "the identity control"))]
     out.append(
         f"* **LoRA (s = alpha/r) saturates: {'holds' if c['lora_saturates'] else 'does not hold'}.** From r = {lo} to "
         f"r = {hi} its {name} {trend}: {verdict(m, f'r = {hi}', at['lora', hi], f'r = {lo}', at['lora', lo], lower_is_better=True)}. "
-        f"Its best rank is r = {best} ({at['lora', best].show(m)})."
+        f"Its best rank is r = {best} ({at['lora', best].show(m)}). Over the same range of r the mean {name} "
+        f"falls {', '.join(falls[:-1])} and {falls[-1]} (negative: it rises)."
     )
     if c["nora_beats"]:
         first = c["nora_beats"][0]
@@ -306,10 +309,12 @@ def _bullets(c: Mapping[str, Any]) -> list[str]:
     sr = c["silu_vs_rslora"]
     r_better = [r for r, (d, e) in sr.items() if e and d < 0]
     r_worse = [r for r, (d, e) in sr.items() if e and d > 0]
+    r_ties = [r for r, (d, e) in sr.items() if not e]
     out.append(
         f"* **NoRA against rsLoRA (s = alpha/sqrt(r); the paper does not compare):** NoRA-SiLU better at "
         f"{'r = ' + ', '.join(map(str, r_better)) if r_better else 'no rank'}, rsLoRA better at "
-        f"{'r = ' + ', '.join(map(str, r_worse)) if r_worse else 'no rank'}, ties elsewhere."
+        f"{'r = ' + ', '.join(map(str, r_worse)) if r_worse else 'no rank'}"
+        + (f", ties at r = {', '.join(map(str, r_ties))}." if r_ties else ".")
     )
     prev = ranks[-2] if len(ranks) > 1 else lo
     ld, le = c["lora_er_growth"]
