@@ -262,7 +262,8 @@ def _bullets(c: Mapping[str, Any]) -> list[str]:
         f"* **LoRA (s = alpha/r) saturates: {'holds' if c['lora_saturates'] else 'does not hold'}.** From r = {lo} to "
         f"r = {hi} its {name} {trend}: {verdict(m, f'r = {hi}', at['lora', hi], f'r = {lo}', at['lora', lo], lower_is_better=True)}. "
         f"Its best rank is r = {best} ({at['lora', best].show(m)}). Over the same range of r the mean {name} "
-        f"falls {', '.join(falls[:-1])} and {falls[-1]} (negative: it rises)."
+        f"falls {', '.join(falls[:-1])} and {falls[-1]}"
+        + (" (negative: it rises)." if any(at[meth, lo].mean < at[meth, hi].mean for meth in METHOD_ORDER) else ".")
     )
     if c["nora_beats"]:
         first = c["nora_beats"][0]
