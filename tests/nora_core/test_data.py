@@ -200,6 +200,29 @@ def test_stdlib_corpus_is_deterministic_and_bounded() -> None:
     assert text.isprintable() is False and "\n\n" in text  # docstrings separated by blank lines
 
 
+def test_docstring_pairs_split_first_sentence_from_the_rest(tmp_path: Path) -> None:
+    from nora_core.corpus import docstring_pairs
+
+    (tmp_path / "mod.py").write_text(
+        'def f():\n    """Return the sum of two numbers.\n\n    Both must be integers; floats are rejected with\n'
+        '    a TypeError naming the bad argument."""\n\n'
+        'def g():\n    """Too short to pair. Tiny rest here that is not long."""\n\n'
+        'class C:\n    """A class with a long enough first sentence!   And a description that is long enough to be\n'
+        '    kept as the positive side."""\n'
+    )
+    pairs = docstring_pairs(directory=tmp_path)
+    assert sorted(pairs) == [
+        ("A class with a long enough first sentence!", "And a description that is long enough to be kept as the positive side."),
+        ("Return the sum of two numbers.", "Both must be integers; floats are rejected with a TypeError naming the bad argument."),
+    ]
+    assert docstring_pairs(directory=tmp_path, seed=0) == pairs and len(docstring_pairs(1, directory=tmp_path)) == 1
+    real = docstring_pairs(64)
+    assert real == docstring_pairs(64) and len(real) == 64 and len(set(real)) == 64
+    assert all(len(a) >= 15 and a[-1] in ".!?" and len(b) >= 40 for a, b in real)
+    with pytest.raises(FileNotFoundError):
+        docstring_pairs(directory=tmp_path / "empty")
+
+
 # ------------------------------------------------------------------------ measurement path (TokenSequences)
 def _bert_tokenizer(tmp_path: Path):
     """A real transformers BERT tokenizer built offline from a tiny WordPiece vocabulary."""
