@@ -467,6 +467,10 @@ skips what is done).
     cp runs/encoder_rank_scaling/results.json docs/results/encoder_rank_scaling.json
     .venv/bin/python bench/results_page.py            # this page; --check: exit 1 unless it is up to date
 
+Each results section below names its exact command. A sweep splits into disjoint subsets run as parallel
+processes sharing one `--out` (`--seeds 1`, `--methods lora`, `--ranks 4 16`); the same command without
+a subset then finds every run done and writes `results.json`.
+
 To check that one committed configuration reproduces (it rebuilds what it needs, reruns that configuration
 and compares every metric at the precision printed here; exit code 1 on a difference):
 
@@ -508,7 +512,8 @@ def render_page(results: Mapping[str, Mapping[str, Any]]) -> str:
             c = claims(res)
             steps = res["meta"]["config"]["steps"]
             parts.append(f"### Results, {steps} steps\n")
-            parts.append(f"Wall time: {_wall(res)}. Raw results: `docs/results/{_stem(results, res)}.json`.\n")
+            parts.append(f"Command: `{res['meta']['command']}`. Wall time: {_wall(res)}. Raw results: "
+                         f"`docs/results/{_stem(results, res)}.json`.\n")
             parts.append(rank_scaling_table(res) + "\n")
             parts.append(f"Comparisons at each rank ({c['study'].metric_name}, lower is better; activation ER, "
                          "higher uses more of the rank):\n")
@@ -520,7 +525,8 @@ def render_page(results: Mapping[str, Mapping[str, Any]]) -> str:
         c = claims(res)
         parts.append("## Study 2: a real pretrained encoder (all-MiniLM-L6-v2, docstring pairs)\n")
         parts.append("\n".join(_setup_encoder(res)) + "\n")
-        parts.append(f"Wall time: {_wall(res)}. Raw results: `docs/results/{_stem(results, res)}.json`.\n")
+        parts.append(f"Command: `{res['meta']['command']}`. Wall time: {_wall(res)}. Raw results: "
+                     f"`docs/results/{_stem(results, res)}.json`.\n")
         parts.append(encoder_table(res) + "\n")
         parts.append("Comparisons at each rank (held-out loss, lower is better; activation ER, higher uses more "
                      "of the rank):\n")
