@@ -74,7 +74,8 @@ def test_claims_are_computed_from_the_runs():
         ("nora_silu", 4): (11.0, 2.0), ("nora_silu", 64): (7.0, 8.0),    # beats LoRA's best at 64 only
         ("nora_identity", 4): (11.0, 2.0), ("nora_identity", 64): (8.5, 5.0),
     }
-    c = page.claims({"study": "rank_scaling", "meta": {"config": {"steps": 1}}, "runs": _runs(values)})
+    c = page.claims({"study": "rank_scaling", "meta": {"config": {"steps": 1}, "base": {"val_ppl": 25.0}},
+                     "runs": _runs(values)})
     assert c["lora_saturates"] and c["best_lora"] == 4
     assert c["nora_beats"] == [64] and c["nora_matches"] == [64]
     # the control recovers (10 - 8.5) / (10.005 - 7) of NoRA's gain at r = 64; at r = 4 there is no gain
@@ -87,3 +88,5 @@ def test_claims_are_computed_from_the_runs():
     assert "LoRA (s = alpha/r) saturates: holds" in bullets
     assert "The gain comes from the non-linearity: holds only in part" in bullets
     assert "recovers 50 % at r = 64" in bullets
+    assert "Every adapter helps.** Without an adapter the val PPL is 25.000; the 8 configurations reach 7.000 to 11.000" in bullets
+    assert c["others_improve"] == ["rslora", "nora_silu", "nora_identity"] and page._verdict_word(c, "saturates") == "holds"
