@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -29,8 +30,15 @@ from torch import nn
 
 from nora_core.atomic import fsync_directory, replace_directory
 from nora_core.config import AdapterConfig
+from nora_core.inject import (
+    adapter_config,
+    adapter_layers,
+    inject_adapters,
+    matching_modules,
+    overwrite_tensors,
+    unload,
+)
 from nora_core.parsing import ParseError, read_json, type_name
-from nora_core.inject import adapter_config, adapter_layers, inject_adapters, matching_modules, unload
 
 __all__ = [
     "CONFIG_NAME",
@@ -130,13 +138,7 @@ def _carry_over(old: Path, new: Path) -> None:
             link(entry.path, os.fspath(target))
 
 
-def read_adapter_config(directory: str | os.PathLike[str]) -> AdapterConfig:
-    """Parse ``directory/adapter_config.json`` (ours or PEFT's LoRA).
-
-    Raises:
-        FileNotFoundError: if the directory or the file does not exist.
-        ValueError: naming the file, if it is not valid JSON or not a supported config.
-    """
+def _read_config_json(directory: str | os.PathLike[str]) -> tuple[dict, Path]:
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory not found: {path}")
@@ -149,8 +151,23 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> AdapterConfig:
         raise ValueError(str(exc)) from None
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type_name(data)}")
+    return data, file
+
+
+def read_adapter_config(directory: str | os.PathLike[str], *, allow_modules_to_save: bool = False) -> AdapterConfig:
+    """Parse ``directory/adapter_config.json`` (ours or PEFT's LoRA).
+
+    Args:
+        directory: the adapter directory.
+        allow_modules_to_save: accept PEFT's ``modules_to_save`` (see :meth:`AdapterConfig.from_dict`).
+
+    Raises:
+        FileNotFoundError: if the directory or the file does not exist.
+        ValueError: naming the file, if it is not valid JSON or not a supported config.
+    """
+    data, file = _read_config_json(directory)
     try:
-        return AdapterConfig.from_dict(data)
+        return AdapterConfig.from_dict(data, allow_modules_to_save=allow_modules_to_save)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{file}: {exc}") from None
 
@@ -184,7 +201,7 @@ def read_adapter_weights(directory: str | os.PathLike[str]) -> tuple[dict[str, t
     return {k.removeprefix(KEY_PREFIX): v for k, v in raw.items()}, file
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, modules_to_save: bool = False) -> nn.Module:
     """Load an adapter directory (ours, LoRA or NoRA, or PEFT's LoRA) into ``model``.
 
     On a plain model the adapters are injected per the saved config first. On a model that already
@@ -195,6 +212,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     Args:
         model: the base model (or the same model with adapters already injected).
         directory: a directory holding ``adapter_config.json`` and the weights.
+        modules_to_save: accept a PEFT config with ``modules_to_save`` (e.g. the classifier head of a
+            ``SEQ_CLS`` adapter) and copy those modules' saved weights into the model, in place;
+            :func:`nora_core.inject.unload` restores the originals. Only on a plain model.
 
     Returns:
         ``model``, modified in place.
@@ -203,20 +223,62 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
         FileNotFoundError: naming the missing directory or file.
         ValueError: naming the file, for a bad config, missing or unexpected keys, or shape mismatches.
     """
-    config = read_adapter_config(directory)
+    config = read_adapter_config(directory, allow_modules_to_save=modules_to_save)
+    saved_modules = _modules_to_save(directory) if modules_to_save else []
     tensors, weights_file = read_adapter_weights(directory)
     injected_here = not any(True for _ in adapter_layers(model))
     if injected_here:
         inject_adapters(model, config)
     else:
+        if saved_modules:
+            raise ValueError(f"{Path(directory) / CONFIG_NAME}: modules_to_save can only be loaded into a plain model")
         _check_compatible(model, config, Path(directory) / CONFIG_NAME)
     try:
-        _copy_weights(model, tensors, weights_file)
+        own = adapter_state_dict(model)
+        full = _saved_module_tensors(tensors, set(own), saved_modules, weights_file)
+        _copy_weights(model, {k: v for k, v in tensors.items() if k not in full}, weights_file)
+        if full:
+            try:
+                overwrite_tensors(model, {name: tensors[key] for key, name in full.items()})
+            except ValueError as exc:
+                raise ValueError(f"{weights_file}: modules_to_save do not fit the model: {exc}") from None
     except BaseException:
         if injected_here:
             unload(model)
         raise
     return model
+
+
+def _modules_to_save(directory: str | os.PathLike[str]) -> list[str]:
+    data, file = _read_config_json(directory)
+    names = data.get("modules_to_save") if isinstance(data, dict) else None
+    if names is None:
+        return []
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{file}: modules_to_save must be a list of module names, got {names!r}")
+    return names
+
+
+def _saved_module_tensors(
+    tensors: dict[str, torch.Tensor], adapter_keys: set[str], saved_modules: list[str], file: Path
+) -> dict[str, str]:
+    """Stored key -> model state-dict name, for the tensors of ``modules_to_save`` modules.
+
+    PEFT stores them as ``<module>.<param>`` (older versions ``<module>.modules_to_save.<adapter>.<param>``);
+    a module matches an entry by name or dotted suffix, as PEFT matches ``modules_to_save``.
+    """
+    out: dict[str, str] = {}
+    if not saved_modules:
+        return out
+    for key in tensors:
+        if key in adapter_keys:
+            continue
+        name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", key)
+        module = name.rpartition(".")[0]
+        if any(module == m or module.endswith("." + m) for m in saved_modules):
+            out[key] = name
+    return out
 
 
 def _check_compatible(model: nn.Module, config: AdapterConfig, file: Path) -> None:

@@ -107,8 +107,8 @@ def analyze(
             1024 rows and columns, else 64), ``intruders`` (False), ``intruder_k`` (10),
             ``intruder_eps`` (0.5), ``cache`` (the base-SVD cache: None the default directory, False
             none, or a directory); see :mod:`nora_spectra.spaces.weight`. Activation: ``model``,
-            ``data``, ``samples`` (128), ``layers``, ``batch_size`` (8), ``tokenizer``, ``max_length``.
-            Probe: ``probe_scale`` (1.0), ``probe_samples`` (4096), ``seed`` (0), ``layers``.
+            ``data``, ``samples`` (128), ``layers``, ``batch_size`` (8), ``tokenizer``, ``max_length``,
+            ``model_class``. Probe: ``probe_scale`` (1.0), ``probe_samples`` (4096), ``seed`` (0), ``layers``.
 
     Returns:
         The :class:`Analysis`. NaN/Inf factors and all-zero updates are not errors: such layers get the
@@ -191,6 +191,7 @@ def activation_spectra(
     batch_size: int = 8,
     tokenizer: Any | None = None,
     max_length: int | None = None,
+    model_class: str | None = None,
     collapse_threshold: float = DEFAULT_COLLAPSE_THRESHOLD,
     progress: bool | Callable[[int, int, str], None] | None = None,
 ) -> Analysis:
@@ -207,7 +208,7 @@ def activation_spectra(
         raise UsageError("activation space needs the base model (--model MODEL)")
     return analyze(
         adapted, space="activation", model=model, data=data, samples=samples, layers=layers,
-        batch_size=batch_size, tokenizer=tokenizer, max_length=max_length,
+        batch_size=batch_size, tokenizer=tokenizer, max_length=max_length, model_class=model_class,
         collapse_threshold=collapse_threshold, progress=progress, emit_warnings=False,
     )
 

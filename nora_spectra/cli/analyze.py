@@ -14,7 +14,7 @@ import sys
 import click
 
 from nora_spectra._text import one_line
-
+from nora_spectra.model_loading import MODEL_CLASSES
 from nora_spectra.schema import (
     DEFAULT_COLLAPSE_THRESHOLD,
     DEFAULT_INTRUDER_EPS,
@@ -116,6 +116,24 @@ def format_in_option(command):  # type: ignore[no-untyped-def]
     type=click.Path(exists=True, dir_okay=False),
     help="JSONL samples for --space activation (text, question/answer, instruction/output, conversations).",
 )
+@click.option(
+    "--model-class",
+    type=click.Choice(list(MODEL_CLASSES)),
+    help="Load a transformers --model as this class (the one the adapter was trained on) [default: from the "
+    "adapter's task_type, else the model config's architectures].",
+)
+@click.option(
+    "--tokenizer",
+    metavar="DIR",
+    type=click.Path(exists=True, file_okay=False),
+    help="Tokenizer directory for --data, when it is not beside --model.",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    help="Longest tokenised sequence, special tokens included [default: the model's maximum].",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per forward pass [default: 8].")
 @click.option("--samples", type=click.IntRange(min=1), help="Sequences of --data to run (the first ones) [default: 128].")
 @click.option(
     "--layers",

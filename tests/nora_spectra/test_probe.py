@@ -192,7 +192,8 @@ def test_space_options_drive_probe_and_activation(tmp_path):
     out = _analyze([str(path), "--space", "activation", "--model", str(base), "--data", str(jsonl), "--samples", "2"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
-    assert data["space"] == "activation" and data["tokens"] == 16 + len("spectra") + 1  # BOS + text, the first cut at block_size 16
+    # BOS + text + EOS, every position measured; the first text cut to block_size 16 keeping BOS and EOS
+    assert data["space"] == "activation" and data["tokens"] == 16 + len("spectra") + 2
 
     from click.testing import CliRunner
 
