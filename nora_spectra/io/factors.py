@@ -16,12 +16,14 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import TensorSource
 from nora_spectra.io.safetensors_file import FLOAT_DTYPES, TensorInfo
 from nora_spectra.updates import LowRankUpdate
 
 __all__ = [
+    "skipped_warning",
     "PairPlan",
     "alpha_scale",
     "check_float",
@@ -167,3 +169,14 @@ def check_vector(path: str, module: str, info: TensorInfo, size: int, what: str)
 def alpha_scale(alpha: float, rank: int) -> float:
     """``alpha / rank``, with kohya's and LyCORIS' rule that an alpha of 0 means ``alpha = rank`` (scale 1)."""
     return 1.0 if alpha == 0 else alpha / rank
+
+
+def skipped_warning(skipped: list[tuple[str, str]], what: str = "LoRA factors") -> str | None:
+    """The one warning about tensors a reader skipped: ``skipped N tensors (not WHAT): a, b, c, ...``.
+
+    Returns:
+        The warning, or None when nothing was skipped.
+    """
+    if not skipped:
+        return None
+    return f"skipped {plural(len(skipped), 'tensor')} (not {what}): " + name_list([name for name, _ in skipped], 3)

@@ -43,6 +43,7 @@ from nora_spectra.io.factors import (
     read_low_rank,
     read_scalar,
     read_vector,
+    skipped_warning,
 )
 from nora_spectra.io.peft import is_adapter_weights_file
 from nora_spectra.io.peft_keys import natural_key
@@ -256,8 +257,7 @@ def open_diffusers(probe: Probe, adapter: str | None) -> Checkpoint:
     if any("bias" in groups[entry.key] for entry in entries):
         warnings.append("lora_B.bias tensors are ignored: a bias is not part of the update's spectrum")
     if skipped:
-        warnings.append(f"skipped {plural(len(skipped), 'tensor')} (not LoRA factors): "
-                        + name_list([name for name, _ in skipped], 3))
+        warnings.append(skipped_warning(skipped, "LoRA factors"))
     config = None
     if configs is not None:
         config = configs.get("") if set(configs) == {""} else configs

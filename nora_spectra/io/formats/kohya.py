@@ -13,7 +13,7 @@ from __future__ import annotations
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import Checkpoint
-from nora_spectra.io.factors import group_keys
+from nora_spectra.io.factors import group_keys, skipped_warning
 from nora_spectra.io.kohya_modules import (
     KOHYA_SUFFIXES,
     ModuleNames,
@@ -70,8 +70,7 @@ def open_kohya(probe: Probe, adapter: str | None, fmt: str = "kohya") -> Checkpo
         warnings.append("DoRA layers: spectra are of the direction update only (dora_scale not included)")
     skipped = [(name, "not a LoRA factor (full tensor or unknown key)") for name in others]
     if skipped:
-        warnings.append(f"skipped {plural(len(skipped), 'tensor')} (not LoRA factors): "
-                        + name_list([name for name, _ in skipped], 3))
+        warnings.append(skipped_warning(skipped, "LoRA factors"))
     return Checkpoint(
         path=probe.path,
         format=fmt,

@@ -40,6 +40,7 @@ from nora_spectra.io.factors import (
     group_keys,
     read_scalar,
     read_vector,
+    skipped_warning,
 )
 from nora_spectra.io.kohya_modules import (
     KOHYA_SUFFIXES,
@@ -294,8 +295,7 @@ def open_lycoris(probe: Probe, adapter: str | None) -> Checkpoint:
     if any(entry.dora for entry in entries):
         warnings.append("DoRA layers: spectra are of the direction update only (dora_scale not included)")
     if skipped:
-        warnings.append(f"skipped {plural(len(skipped), 'tensor')} (not LoHa, LoKr or LoCon factors): "
-                        + name_list([name for name, _ in skipped], 3))
+        warnings.append(skipped_warning(skipped, "LoHa, LoKr or LoCon factors"))
     kinds = {entry.kind for entry in entries}
     return Checkpoint(
         path=probe.path,

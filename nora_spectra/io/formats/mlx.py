@@ -21,7 +21,6 @@ from functools import partial
 from typing import Any
 
 from nora_core.parsing import ParseError, read_json
-from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry
 from nora_spectra.io.factors import (
@@ -30,6 +29,7 @@ from nora_spectra.io.factors import (
     dtype_of,
     group_keys,
     read_vector,
+    skipped_warning,
 )
 from nora_spectra.io.peft_keys import natural_key
 from nora_spectra.io.registry import Format, Probe
@@ -192,8 +192,7 @@ def open_mlx(probe: Probe, adapter: str | None) -> Checkpoint:
     if any(entry.dora for entry in entries):
         warnings.append("DoRA layers: spectra are of the direction update only (magnitude m not included)")
     if skipped:
-        warnings.append(f"skipped {plural(len(skipped), 'tensor')} (not LoRA factors): "
-                        + name_list([name for name, _ in skipped], 3))
+        warnings.append(skipped_warning(skipped, "LoRA factors"))
     return Checkpoint(
         path=probe.path, format="mlx", method="lora", config=raw, warnings=warnings, skipped=skipped,
         weights_path=weights, metadata=dict(source.metadata), entries=entries,

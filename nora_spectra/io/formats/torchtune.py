@@ -19,7 +19,6 @@ import os
 import re
 from functools import partial
 
-from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import CONFIG_NAME, read_adapter_config
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
@@ -29,6 +28,7 @@ from nora_spectra.io.factors import (
     plan_pair,
     read_low_rank,
     read_vector,
+    skipped_warning,
 )
 from nora_spectra.io.peft import is_adapter_weights_file
 from nora_spectra.io.peft_keys import natural_key
@@ -115,8 +115,7 @@ def open_torchtune(probe: Probe, adapter: str | None) -> Checkpoint:
     if any(entry.dora for entry in entries):
         warnings.append("DoRA layers: spectra are of the direction update B A only (magnitude not included)")
     if skipped:
-        warnings.append(f"skipped {plural(len(skipped), 'tensor')} (not LoRA factors): "
-                        + name_list([name for name, _ in skipped], 3))
+        warnings.append(skipped_warning(skipped, "LoRA factors"))
     return Checkpoint(
         path=probe.path, format="torchtune", method="lora", config=dict(settings.raw), warnings=warnings,
         skipped=skipped, weights_path=path, metadata=dict(source.metadata), entries=entries,
