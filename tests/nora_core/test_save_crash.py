@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import struct
 import time
 import warnings
 from pathlib import Path
@@ -57,32 +58,37 @@ def _pair_on_disk(directory: Path) -> float:
 def test_sigkill_during_save_never_leaves_a_mismatched_pair(tmp_path: Path) -> None:
     versions = [_version(1.0), _version(2.0)]
     target = tmp_path / "adapter"
-    start = time.perf_counter()
     save_adapter(versions[0], target)
-    one_save = time.perf_counter() - start
     rng = random.Random(1234)
     seen = set()
-    for _ in range(KILLS):
+    for kill in range(KILLS):
         read, write = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the saver: alternate the two versions until killed
+        if pid == 0:  # the saver: one timed save, then alternate the two versions until killed
             os.close(read)
             try:
-                os.write(write, b"go")
-                i = 0
+                first = kill % 2
+                start = time.perf_counter()
+                save_adapter(versions[first], target)
+                os.write(write, struct.pack("d", time.perf_counter() - start))
+                i = first + 1
                 while True:
                     save_adapter(versions[i % 2], target)
                     i += 1
             finally:
                 os._exit(0)
         os.close(write)
-        os.read(read, 2)
+        # The kill lands within the next two saves, timed in the saver itself: a forked process can save
+        # much slower than its parent (copy-on-write, cold caches), and a delay timed in the parent would
+        # then kill every saver during its first save.
+        (one_save,) = struct.unpack("d", os.read(read, 8))
         os.close(read)
         time.sleep(rng.uniform(0, 2 * one_save))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         seen.add(_pair_on_disk(target))
-    assert seen == {1.0, 2.0}  # the kills landed after both kinds of save
+    # Each saver completed one save of alternating version before it could be killed, so both show up.
+    assert seen == {1.0, 2.0}
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "adapter"]
     assert all(name.startswith((".tmp-adapter-", ".old-adapter-")) for name in leftovers)
 
