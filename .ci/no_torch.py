@@ -3,7 +3,9 @@
 Run with the interpreter of a virtual environment made by ``pip install .`` (no extras). It checks that
 torch is absent, builds a PEFT LoRA checkpoint with ``safetensors.numpy``, and runs the real ``spectra``
 binary: ``analyze --format json`` (numbers against a dense float64 SVD), ``check`` (a passing and a
-failing gate), ``report`` (an HTML file) and one torch-only feature (one line, exit 2).
+failing gate), ``report`` (an HTML file), ``resize`` (its spectral error against a dense SVD),
+``overlap``, ``scan`` (its worker processes import no torch either) and one torch-only feature (one
+line, exit 2).
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def main() -> None:
         failing = spectra("check", str(ck), "--min-utilization", "1.0", "-q")
         assert failing.returncode == 1 and "below min_utilization" in failing.stdout, failing.stdout
 
+        out = spectra("resize", str(ck), "-o", str(Path(tmp) / "small"), "--rank", "2", "--format", "json", "-q")
+        assert out.returncode == 0, out.stderr
+        for rec in json.loads(out.stdout)["modules"]:
+            want = np.linalg.svd(deltas[rec["module"]], compute_uv=False)
+            assert rec["rank_after"] == 2 and abs(rec["spectral_error"] - want[2]) <= 1e-9 * want[0], rec
+        out = spectra("overlap", str(ck), str(Path(tmp) / "small"), "--format", "json", "-q")
+        assert out.returncode == 0 and json.loads(out.stdout)["summary"]["compared"] == 2, out.stderr
+        scan_dir = Path(tmp) / "scan"
+        out = spectra("scan", str(ck), "-o", str(scan_dir), "--workers", "1", "-q")
+        assert out.returncode == 0 and (scan_dir / "layers.parquet").is_file(), out.stderr
+
         report = Path(tmp) / "new" / "report.html"
         out = spectra("report", str(ck), "-o", str(report), "-q")
         assert out.returncode == 0 and report.read_text().startswith("<!DOCTYPE html>"), out.stderr
@@ -57,7 +70,7 @@ def main() -> None:
         out = spectra("demo", "--output-dir", str(Path(tmp) / "demo"))
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and "needs torch" in lines[0], out.stderr
-    print("no-torch install: spectra analyze, check and report work; torch-only features say what to install")
+    print("no-torch install: spectra analyze, check, report, resize, overlap and scan work; torch-only features say what to install")
 
 
 if __name__ == "__main__":

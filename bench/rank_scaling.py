@@ -1,22 +1,24 @@
 """The NoRA paper's rank-scaling study at small scale, offline: perplexity and effective rank against r.
 
-Pipeline (every step seeded; nothing is downloaded):
+Pipeline (every step seeded, every thread pool pinned to one thread; nothing is downloaded):
 
 1. Base model: the small GPT (``nora_core.models.gpt``) pretrained on the built-in corpus (standard
-   library docstrings, ``nora_core.corpus``). Cached in ``OUT/base`` and reused when its settings match.
+   library docstrings, ``nora_core.corpus``) with seed ``base_seed``. Cached in ``OUT/base`` and reused
+   when its settings match; its weights' SHA-256 goes into the results.
 2. Task: the built-in arithmetic word problems (``nora_core.arithmetic``, MathInstruct-like records
-   rendered ``Question: ...\\nAnswer: ...``), disjoint train and validation splits.
-3. For every method and every rank ``r`` in ``4, 8, ..., n_embd`` (powers of two up to the model width):
-   inject adapters into q_proj and v_proj of every block (the paper's targets), fine-tune with the same
-   steps, data order and seed, then measure
+   rendered ``Question: ...\\nAnswer: ...``), disjoint train and validation splits (seed ``data_seed``).
+3. For every method, every rank ``r`` in ``4, 8, ..., n_embd`` (powers of two up to the model width)
+   and every seed of ``seeds``: inject adapters into q_proj and v_proj of every block (the paper's
+   targets), fine-tune with the same steps (the seed sets the adapter init, the data order and the
+   dropout), then measure
 
    * validation perplexity over every non-padding label (the paper's definition) and over the answer
      tokens only;
    * weight-space effective rank: ``spectra analyze`` of the saved adapter (sigma of ``s B A``; for
      NoRA that is the linear skeleton without the activation);
-   * activation-space effective rank: the paper's measurement (``nora_spectra.spaces.activation``) over 128
-     training samples, eval mode, every adapted layer (the model has at most 5 blocks, so this is the
-     paper's "last 5 layers").
+   * activation-space effective rank: the paper's measurement (``nora_spectra.spaces.activation``) over
+     the first 128 training samples as the model reads them (BOS + text + EOS, every position), eval
+     mode, every adapted layer (the model has at most 5 blocks, so this is the paper's "last 5 layers").
 
 Methods (``METHODS``): LoRA with ``s = alpha / r``, rsLoRA with ``s = alpha / sqrt(r)`` (both alpha = 16,
 Kaiming-uniform A, no dropout: PEFT defaults), NoRA with SiLU and the NoRA *identity* control (both
@@ -24,49 +26,73 @@ Kaiming-uniform A, no dropout: PEFT defaults), NoRA with SiLU and the NoRA *iden
 identity control is the same function class as LoRA: what separates it from LoRA is scale and init,
 what separates it from NoRA-SiLU is the non-linearity.
 
-Outputs in ``OUT``: ``results.csv`` / ``results.json`` (one row per method x rank), ``results.md``
-(the table), ``ppl_vs_rank.png``, ``erank_vs_rank_activation.png``, ``erank_vs_rank_weight.png``,
-``spectra_r{R}.png`` (activation spectra at the largest rank) and ``adapters/`` (every adapter).
+Reproducibility (``bench/repro.py``): every BLAS and torch pool runs one thread, so the same command on
+the same machine type gives the same numbers, however loaded the machine is. Each finished run is
+appended to ``OUT/runs.jsonl`` at once (a restarted sweep skips the runs already there).
+
+Outputs in ``OUT``: ``results.json`` (the raw results, one record per run, plus the settings, the base's
+fingerprint and the machine), ``results.md`` (mean and standard deviation over seeds),
+``ppl_vs_rank.png``, ``erank_vs_rank_activation.png``, ``erank_vs_rank_weight.png``, ``spectra_r{R}.png``
+and ``adapters/`` (every adapter with its ``activation.json``). ``docs/results.md`` is generated from
+the committed copies of ``results.json`` by ``bench/results_page.py``.
 
 Run::
 
-    nice -n 10 .venv/bin/python bench/rank_scaling.py --out runs/rank_scaling             # full, < 30 min
-    .venv/bin/python bench/rank_scaling.py --quick --out /tmp/rs_quick                  # CI, < 90 s
+    nice -n 10 .venv/bin/python bench/rank_scaling.py --out runs/rank_scaling               # full sweep
+    cp runs/rank_scaling/results.json docs/results/rank_scaling.json
+    .venv/bin/python bench/results_page.py                                             # docs/results.md
+    .venv/bin/python bench/rank_scaling.py --quick --out /tmp/rs_quick                    # CI smoke test
+
+Check that one committed configuration reproduces (it pretrains the base again, or reuses one in
+``--out`` whose fingerprint matches, then reruns that one configuration and compares every metric at
+the precision ``docs/results.md`` prints; exit code 1 on a difference)::
+
+    .venv/bin/python bench/rank_scaling.py --check docs/results/rank_scaling.json \\
+        --methods lora --ranks 4 --seeds 0 --out runs/rank_scaling_check
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import dataclasses
-import json
-import logging
-import math
+import os
 import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from repro import pin_threads  # noqa: E402  (before numpy and torch load their thread pools)
 
-from nora_core.arithmetic import arithmetic_splits
-from nora_core.checkpoint import save_adapter
-from nora_core.config import AdapterConfig
-from nora_core.corpus import stdlib_docstrings
-from nora_core.data import ByteTokenizer, TokenDataset, parse_record
-from nora_core.inject import inject_adapters
-from nora_core.models.gpt import GPT, GPTConfig
-from nora_core.trainer import TrainConfig, evaluate, train
-from nora_spectra.analysis import activation_spectra
-from nora_spectra.analysis import analyze
-from nora_spectra.summary import mean
+pin_threads()
 
-__all__ = ["METHODS", "SweepConfig", "QUICK", "FULL", "method_config", "run_sweep", "main"]
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from nora_core.arithmetic import arithmetic_splits  # noqa: E402
+from nora_core.checkpoint import save_adapter  # noqa: E402
+from nora_core.config import AdapterConfig  # noqa: E402
+from nora_core.corpus import stdlib_docstrings  # noqa: E402
+from nora_core.data import ByteTokenizer, TokenDataset, TokenSequences, parse_record  # noqa: E402
+from nora_core.inject import inject_adapters  # noqa: E402
+from nora_core.models.gpt import GPT, GPTConfig  # noqa: E402
+from nora_core.trainer import TrainConfig, evaluate, train  # noqa: E402
+from nora_spectra.analysis import activation_spectra, analyze  # noqa: E402
+from nora_spectra.result import Analysis  # noqa: E402
+from nora_spectra.summary import mean  # noqa: E402
+from repro import RunLog, check_run, machine_info, read_records, seed_everything, sha256_file, write_records  # noqa: E402
+
+__all__ = ["METHODS", "SweepConfig", "QUICK", "FULL", "STUDY", "method_config", "run_sweep", "main"]
 
 log = logging.getLogger("rank_scaling")
 
-#: method name -> (AdapterConfig keyword arguments without r, learning-rate key of SweepConfig)
+#: the study's name in its results file.
+STUDY = "rank_scaling"
+
+#: method name -> AdapterConfig keyword arguments without r.
 METHODS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "alpha": 16.0, "dropout": 0.0},
     "rslora": {"method": "lora", "alpha": 16.0, "use_rslora": True, "dropout": 0.0},
@@ -74,24 +100,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "nora_identity": {"method": "nora", "alpha": None, "activation": "identity", "dropout": 0.1},
 }
 
-#: the CSV columns, in order.
-COLUMNS = (
-    "method",
-    "rank",
-    "scale",
-    "lr",
-    "val_loss",
-    "val_ppl",
-    "answer_ppl",
-    "train_loss",
-    "weight_erank",
-    "weight_utilization",
-    "activation_erank",
-    "activation_utilization",
-    "activation_energy_rank_90",
-    "activation_tokens",
-    "seconds",
-)
+#: fields that identify one run.
+RUN_KEYS = ("method", "rank", "seed")
 
 
 @dataclass(frozen=True)
@@ -107,8 +117,10 @@ class SweepConfig:
         lr: peak learning rate of every fine-tuning run (one rate for all methods, so that scale and
             init are the only optimisation differences; the paper tuned LoRA ~3e-4 and NoRA ~1e-3).
         activation_samples: training sequences the activation spectra are measured on (paper: 128).
-        seed: every run uses it (data order, adapter init, dropout).
-        threads: torch intra-op threads.
+        seeds: one fine-tuning run per seed (adapter init, data order, dropout).
+        base_seed: seed of the base model's pretraining (one base for every run).
+        data_seed: seed of the arithmetic train/validation splits (one split for every run).
+        rank_list: the ranks; empty means 4, 8, ..., n_embd.
     """
 
     n_layer: int = 4
@@ -125,17 +137,28 @@ class SweepConfig:
     batch_size: int = 16
     lr: float = 2e-3
     activation_samples: int = 128
-    seed: int = 0
-    threads: int = 2
+    seeds: tuple[int, ...] = (0, 1, 2)
+    base_seed: int = 0
+    data_seed: int = 0
+    rank_list: tuple[int, ...] = ()
 
     @property
     def ranks(self) -> list[int]:
-        """4, 8, ..., n_embd."""
+        """``rank_list``, or 4, 8, ..., n_embd."""
+        if self.rank_list:
+            return list(self.rank_list)
         out, r = [], 4
         while r <= self.n_embd:
             out.append(r)
             r *= 2
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SweepConfig":
+        """Inverse of ``dataclasses.asdict`` (lists back to tuples)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        return cls(**kwargs)
 
 
 QUICK = SweepConfig(
@@ -151,6 +174,8 @@ QUICK = SweepConfig(
     steps=8,
     batch_size=8,
     activation_samples=16,
+    seeds=(0, 1),
+    rank_list=(4, 16),
 )
 FULL = SweepConfig()
 
@@ -164,64 +189,88 @@ def _samples(records: list[dict[str, str]]) -> list[Any]:
     return [parse_record(rec, "mathinstruct") for rec in records]
 
 
-def _pretrain(cfg: SweepConfig, out: Path) -> GPT:
-    """Pretrain (or reuse from ``out/base``) the small GPT on the built-in corpus."""
+def _base_settings(cfg: SweepConfig) -> dict[str, Any]:
     gpt_config = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
-    stamp = {"gpt": dataclasses.asdict(gpt_config), "corpus_bytes": cfg.corpus_bytes, "steps": cfg.pretrain_steps,
-             "batch": cfg.pretrain_batch, "lr": cfg.pretrain_lr, "seed": cfg.seed}
+    return {"gpt": dataclasses.asdict(gpt_config), "corpus_bytes": cfg.corpus_bytes, "steps": cfg.pretrain_steps,
+            "batch": cfg.pretrain_batch, "lr": cfg.pretrain_lr, "seed": cfg.base_seed, "threads": 1}
+
+
+def _pretrain(cfg: SweepConfig, out: Path) -> dict[str, Any]:
+    """Pretrain (or reuse from ``out/base``) the small GPT on the built-in corpus; returns its stamp."""
+    settings = _base_settings(cfg)
     base_dir, stamp_file = out / "base", out / "base" / "pretrain.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()).get("settings") == stamp:
-        log.info("reusing the pretrained base in %s", base_dir)
-        return GPT.from_pretrained(base_dir)
+    if stamp_file.is_file():
+        stamp = json.loads(stamp_file.read_text())
+        if stamp.get("settings") == settings:
+            log.info("reusing the pretrained base in %s", base_dir)
+            return stamp
     text = stdlib_docstrings(max_bytes=cfg.corpus_bytes)
     ids = ByteTokenizer().encode(text)
     split = int(len(ids) * 0.95)
     train_set = TokenDataset.from_token_stream(ids[:split], cfg.block_size)
     val_set = TokenDataset.from_token_stream(ids[split:], cfg.block_size)
-    torch.manual_seed(cfg.seed)
-    model = GPT(gpt_config)
+    seed_everything(cfg.base_seed)
+    model = GPT(GPTConfig(**settings["gpt"]))
     t0 = time.perf_counter()
     result = train(
         model,
         TrainConfig(steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr,
-                    warmup_steps=max(1, cfg.pretrain_steps // 20), weight_decay=0.1, seed=cfg.seed, device="cpu",
-                    log_every=max(1, cfg.pretrain_steps)),
+                    warmup_steps=max(1, cfg.pretrain_steps // 20), weight_decay=0.1, seed=cfg.base_seed,
+                    device="cpu", log_every=max(1, cfg.pretrain_steps)),
         train_set,
         val_set,
     )
+    seconds = time.perf_counter() - t0
     log.info("pretrained base: %d params, val ppl %.3f on held-out corpus bytes, %.0f s",
-             model.num_parameters(), result.val_ppl, time.perf_counter() - t0)
+             model.num_parameters(), result.val_ppl, seconds)
     model.save_pretrained(base_dir)
-    stamp_file.write_text(json.dumps({"settings": stamp, "val_ppl": result.val_ppl}, indent=2) + "\n")
-    return model
+    stamp = {"settings": settings, "val_ppl": result.val_ppl, "params": model.num_parameters(),
+             "sha256": sha256_file(base_dir / "model.safetensors"), "seconds": seconds}
+    stamp_file.write_text(json.dumps(stamp, indent=2) + "\n")
+    return stamp
 
 
-def _run_one(cfg: SweepConfig, base_dir: Path, name: str, rank: int, data: dict[str, TokenDataset], out: Path) -> dict[str, Any]:
-    """Fine-tune one (method, rank) and measure it."""
+def _data(cfg: SweepConfig) -> dict[str, Any]:
+    train_recs, val_recs = arithmetic_splits(cfg.n_train, cfg.n_val, seed=cfg.data_seed)
+    train_samples = _samples(train_recs)
+    return {
+        "train": TokenDataset.from_samples(train_samples, max_length=cfg.block_size),
+        "val": TokenDataset.from_samples(_samples(val_recs), max_length=cfg.block_size),
+        "val_answer": TokenDataset.from_samples(_samples(val_recs), max_length=cfg.block_size, response_only=True),
+        # what the activation spectra are measured on: the training texts as the model reads them
+        "measure": TokenSequences.from_samples(train_samples[: cfg.activation_samples], ByteTokenizer(),
+                                               max_length=cfg.block_size),
+    }
+
+
+def _run_one(cfg: SweepConfig, base_dir: Path, name: str, rank: int, seed: int, data: dict[str, Any],
+             out: Path) -> dict[str, Any]:
+    """Fine-tune one (method, rank, seed) and measure it."""
     t0 = time.perf_counter()
     model = GPT.from_pretrained(base_dir)
     config = method_config(name, rank)
-    torch.manual_seed(cfg.seed)  # same adapter-init stream for every run
+    seed_everything(seed)  # the adapter-init stream of this seed
     inject_adapters(model, config)
-    lr = cfg.lr
     result = train(
         model,
-        TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=max(1, cfg.steps // 10),
-                    seed=cfg.seed, device="cpu", log_every=max(1, cfg.steps)),
+        TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10),
+                    seed=seed, device="cpu", log_every=max(1, cfg.steps)),
         data["train"],
     )
     full = evaluate(model, data["val"], batch_size=64)
     answer = evaluate(model, data["val_answer"], batch_size=64)
-    adapter_dir = save_adapter(model, out / "adapters" / f"{name}-r{rank}")
+    adapter_dir = save_adapter(model, out / "adapters" / f"{name}-r{rank}-s{seed}")
     weight = analyze(adapter_dir, emit_warnings=False)
-    act = activation_spectra(model, data=data["train"], samples=cfg.activation_samples, batch_size=16)
+    act = activation_spectra(model, data=data["measure"], samples=cfg.activation_samples, batch_size=16)
     act.checkpoint = str(adapter_dir)
     (adapter_dir / "activation.json").write_text(act.to_json() + "\n")
-    row = {
+    record = {
         "method": name,
         "rank": rank,
+        "seed": seed,
         "scale": config.scale_for("q_proj"),
-        "lr": lr,
+        "lr": cfg.lr,
+        "steps": cfg.steps,
         "val_loss": full["loss"],
         "val_ppl": full["ppl"],
         "answer_ppl": answer["ppl"],
@@ -232,77 +281,58 @@ def _run_one(cfg: SweepConfig, base_dir: Path, name: str, rank: int, data: dict[
         "activation_utilization": mean(act.records, "utilization"),
         "activation_energy_rank_90": mean(act.records, "energy_rank_90"),
         "activation_tokens": act.tokens,
-        "seconds": time.perf_counter() - t0,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
-    log.info("%-13s r=%-4d val ppl %.4f  answer ppl %.4f  ER weight %.1f  activation %.1f  (%.0f s)", name, rank,
-             row["val_ppl"], row["answer_ppl"], row["weight_erank"] or 0, row["activation_erank"] or 0, row["seconds"])
-    return {"row": row, "weight": weight, "activation": act}
+    log.info("%-13s r=%-4d seed %d: val ppl %.4f  answer ppl %.4f  ER weight %.2f  activation %.2f  (%.0f s)",
+             name, rank, seed, record["val_ppl"], record["answer_ppl"], record["weight_erank"] or 0,
+             record["activation_erank"] or 0, record["seconds"])
+    return record
 
 
-def run_sweep(cfg: SweepConfig, out: Path, methods: list[str] | None = None, ranks: list[int] | None = None) -> list[dict[str, Any]]:
-    """Pretrain (or reuse) the base, then fine-tune and measure every method x rank; write every output.
+def _settings(cfg: SweepConfig) -> dict[str, Any]:
+    return {"config": dataclasses.asdict(cfg), "methods": METHODS}
+
+
+def run_sweep(cfg: SweepConfig, out: Path, methods: list[str] | None = None, ranks: list[int] | None = None,
+              seeds: list[int] | None = None, command: str = "") -> dict[str, Any]:
+    """Pretrain (or reuse) the base, then fine-tune and measure every method x rank x seed; write every output.
 
     Returns:
-        The result rows (keys :data:`COLUMNS`).
+        The results file's content (``study``, ``meta``, ``runs``).
     """
-    torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    _pretrain(cfg, out)
+    stamp = _pretrain(cfg, out)
     base_dir = out / "base"
-    train_recs, val_recs = arithmetic_splits(cfg.n_train, cfg.n_val, seed=cfg.seed)
-    data = {
-        "train": TokenDataset.from_samples(_samples(train_recs), max_length=cfg.block_size),
-        "val": TokenDataset.from_samples(_samples(val_recs), max_length=cfg.block_size),
-        "val_answer": TokenDataset.from_samples(_samples(val_recs), max_length=cfg.block_size, response_only=True),
-    }
+    data = _data(cfg)
     base = GPT.from_pretrained(base_dir)
     base_eval = {"val_ppl": evaluate(base, data["val"], batch_size=64)["ppl"],
                  "answer_ppl": evaluate(base, data["val_answer"], batch_size=64)["ppl"]}
-    runs = [
-        _run_one(cfg, base_dir, name, rank, data, out)
-        for name in (methods or list(METHODS))
-        for rank in (ranks or cfg.ranks)
-    ]
-    rows = [run["row"] for run in runs]
+    runlog = RunLog(out / "runs.jsonl", _settings(cfg), RUN_KEYS)
+    plan = [(name, rank, seed) for name in (methods or list(METHODS)) for rank in (ranks or cfg.ranks)
+            for seed in (seeds or cfg.seeds)]
+    for name, rank, seed in plan:
+        if runlog.done(name, rank, seed) is None:
+            runlog.add(_run_one(cfg, base_dir, name, rank, seed, data, out))
+    runs = [runlog.done(*key) for key in plan]
     elapsed = time.perf_counter() - t0
-    _write_tables(cfg, out, rows, base_eval, elapsed)
+    meta = {
+        "config": dataclasses.asdict(cfg),
+        "methods": METHODS,
+        "base": {**base_eval, "pretrain_val_ppl": stamp["val_ppl"], "params": stamp["params"],
+                 "sha256": stamp["sha256"], "pretrain_seconds": round(stamp["seconds"], 1)},
+        "machine": machine_info(),
+        "sweep_seconds": round(sum(run["seconds"] for run in runs), 1),
+        "command": command,
+    }
+    results = {"study": STUDY, "meta": meta, "runs": runs}
+    write_records(out / "results.json", STUDY, meta, runs)
+    from results_page import rank_scaling_table
+
+    (out / "results.md").write_text(rank_scaling_table(results) + "\n")
     _write_plots(out, runs)
     log.info("sweep done in %.0f s; outputs in %s", elapsed, out)
-    return rows
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
-def _write_tables(cfg: SweepConfig, out: Path, rows: list[dict[str, Any]], base_eval: dict[str, float], elapsed: float) -> None:
-    with (out / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
-    meta = {"config": dataclasses.asdict(cfg), "ranks": cfg.ranks, "methods": METHODS, "base": base_eval,
-            "elapsed_s": elapsed, "torch": torch.__version__, "rows": rows}
-    (out / "results.json").write_text(json.dumps(meta, indent=2) + "\n")
-    lines = [
-        f"Small GPT {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.steps} steps x batch {cfg.batch_size}, seed {cfg.seed}; "
-        f"base (no adapter): val PPL {base_eval['val_ppl']:.3f}, answer PPL {base_eval['answer_ppl']:.3f}. "
-        f"ER = mean effective rank over q_proj/v_proj modules.",
-        "",
-        "| method | r | scale | val PPL | answer PPL | weight ER | activation ER | act. util. | act. energy-90 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['rank']} | {_fmt(row['scale'], 3)} | {_fmt(row['val_ppl'], 4)} | "
-            f"{_fmt(row['answer_ppl'], 4)} | {_fmt(row['weight_erank'], 1)} | {_fmt(row['activation_erank'], 1)} | "
-            f"{_fmt(row['activation_utilization'], 2)} | {_fmt(row['activation_energy_rank_90'], 1)} |"
-        )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return results
 
 
 def _write_plots(out: Path, runs: list[dict[str, Any]]) -> None:
@@ -310,48 +340,95 @@ def _write_plots(out: Path, runs: list[dict[str, Any]]) -> None:
 
     from nora_spectra.plots import color, effective_rank_vs_rank, spectrum_decay
 
-    methods = list(dict.fromkeys(run["row"]["method"] for run in runs))
+    methods = list(dict.fromkeys(run["method"] for run in runs))
     fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     for i, name in enumerate(methods):
-        pts = sorted((run["row"]["rank"], run["row"]["val_ppl"]) for run in runs if run["row"]["method"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color(i), label=name)
+        ranks = sorted({run["rank"] for run in runs if run["method"] == name})
+        values = [[run["val_ppl"] for run in runs if run["method"] == name and run["rank"] == r] for r in ranks]
+        means = [sum(v) / len(v) for v in values]
+        ax.plot(ranks, means, marker="o", color=color(i), label=name)
+        for r, v in zip(ranks, values):
+            ax.scatter([r] * len(v), v, color=color(i), s=8, alpha=0.5)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
     ax.set_ylabel("validation perplexity")
-    ax.set_title("Validation perplexity against rank (arithmetic task)")
+    ax.set_title("Validation perplexity against rank (mean over seeds; dots: seeds)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.savefig(out / "ppl_vs_rank.png")
-    for space in ("activation", "weight"):
-        analyses = [run[space] for run in runs]
-        series = [run["row"]["method"] for run in runs]
-        fig = effective_rank_vs_rank(analyses, series=series, annotate=False,
+    dirs = [out / "adapters" / f"{run['method']}-r{run['rank']}-s{run['seed']}" for run in runs]
+    series = [run["method"] for run in runs]
+    analyses = {
+        "activation": [Analysis.from_json((d / "activation.json").read_text()) for d in dirs],
+        "weight": [analyze(d, emit_warnings=False) for d in dirs],
+    }
+    for space, found in analyses.items():
+        fig = effective_rank_vs_rank(found, series=series, annotate=False,
                                      title=f"Effective rank against rank budget ({space} space)")
         fig.savefig(out / f"erank_vs_rank_{space}.png")
-    top = max(run["row"]["rank"] for run in runs)
-    at_top = [(run["row"]["method"], run["activation"]) for run in runs if run["row"]["rank"] == top]
-    fig = spectrum_decay(at_top, title=f"Activation-space spectra at r={top} (mean over modules)")
+    top = max(run["rank"] for run in runs)
+    first = min(run["seed"] for run in runs)
+    at_top = [(run["method"], a) for run, a in zip(runs, analyses["activation"])
+              if run["rank"] == top and run["seed"] == first]
+    fig = spectrum_decay(at_top, title=f"Activation-space spectra at r={top}, seed {first} (mean over modules)")
     fig.savefig(out / f"spectra_r{top}.png")
 
 
+def check(results_file: Path, out: Path, methods: list[str] | None, ranks: list[int] | None,
+          seeds: list[int] | None) -> int:
+    """Rerun the selected committed runs and compare them at the printed precision; 0 when all reproduce."""
+    committed = read_records(results_file)
+    if committed["study"] != STUDY:
+        raise SystemExit(f"{results_file}: a {committed['study']!r} results file, not {STUDY!r}")
+    cfg = SweepConfig.from_dict(committed["meta"]["config"])
+    chosen = [run for run in committed["runs"]
+              if (not methods or run["method"] in methods) and (not ranks or run["rank"] in ranks)
+              and (not seeds or run["seed"] in seeds)]
+    if not chosen:
+        raise SystemExit(f"{results_file}: no committed run matches the selection")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = _pretrain(cfg, out)
+    want_sha = committed["meta"]["base"]["sha256"]
+    if stamp["sha256"] != want_sha:
+        print(f"base model differs: committed sha256 {want_sha}, here {stamp['sha256']} "
+              "(another machine type or library version?); comparing the runs anyway")
+    data = _data(cfg)
+    failures = 0
+    for run in chosen:
+        rerun = _run_one(cfg, out / "base", run["method"], run["rank"], run["seed"], data, out)
+        problems = check_run(run, rerun)
+        label = f"{run['method']} r={run['rank']} seed {run['seed']}"
+        if problems:
+            failures += 1
+            print(f"DIFFERS  {label}: " + "; ".join(problems))
+        else:
+            exact = all(run[k] == rerun[k] for k in run if k != "seconds")
+            print(f"REPRODUCED  {label} ({'bit for bit' if exact else 'to the printed precision'})")
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``--quick`` | full sweep, ``--out DIR``, optional ``--methods`` / ``--ranks`` subsets."""
+    """Command line: ``--quick`` | full sweep, ``--out DIR``, ``--methods`` / ``--ranks`` / ``--seeds``
+    subsets, ``--steps``; ``--check RESULTS`` reruns committed runs and compares them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model and few steps (CI smoke test, < 90 s)")
+    parser.add_argument("--quick", action="store_true", help="tiny model and few steps (CI smoke test)")
     parser.add_argument("--out", type=Path, default=Path("runs/rank_scaling"), help="output directory")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods")
     parser.add_argument("--ranks", nargs="+", type=int, help="subset of ranks")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the config's, 0 1 2)")
     parser.add_argument("--steps", type=int, help="override the fine-tuning steps")
-    parser.add_argument("--threads", type=int, help="torch threads (default 2)")
+    parser.add_argument("--check", type=Path, metavar="RESULTS",
+                        help="rerun the selected runs of this committed results.json and compare them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.check:
+        return check(args.check, args.out, args.methods, args.ranks, args.seeds)
     cfg = QUICK if args.quick else FULL
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
-    if args.threads:
-        cfg = dataclasses.replace(cfg, threads=args.threads)
-    run_sweep(cfg, args.out, args.methods, args.ranks)
+    command = " ".join(["bench/rank_scaling.py"] + [a for a in (argv if argv is not None else sys.argv[1:])])
+    run_sweep(cfg, args.out, args.methods, args.ranks, args.seeds, command)
     print((args.out / "results.md").read_text(), end="")
     return 0
 

@@ -7,7 +7,8 @@ A checkpoint directory holds
 * ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r, d_in) and
   ``...lora_B.weight`` (d_out, r), in the model's dtype, header metadata ``{"format": "pt"}``.
 
-Both files are written atomically. Legacy ``adapter_model.bin`` files are read with
+Both files are written as one unit (a temporary directory, fsync, then one rename or exchange): a
+crash never leaves new weights beside an old config. Legacy ``adapter_model.bin`` files are read with
 ``torch.load(weights_only=True)``, never unpickled.
 """
 
@@ -17,6 +18,9 @@ import json
 import math
 import os
 import pickle
+import re
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,9 +28,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from nora_core.atomic import atomic_write_bytes, atomic_write_text
+from nora_core.atomic import fsync_directory, replace_directory
 from nora_core.config import AdapterConfig
-from nora_core.inject import adapter_config, adapter_layers, inject_adapters, matching_modules, unload
+from nora_core.inject import (
+    adapter_config,
+    adapter_layers,
+    inject_adapters,
+    matching_modules,
+    overwrite_tensors,
+    unload,
+)
+from nora_core.parsing import ParseError, read_json, type_name
 
 __all__ = [
     "CONFIG_NAME",
@@ -65,7 +77,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` (created if needed).
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` as one unit.
+
+    Both files are written into a temporary directory beside ``directory`` (same parent, so the same
+    file system), each fsynced, then that directory takes ``directory``'s place in one step
+    (:func:`nora_core.atomic.replace_directory`); anything else ``directory`` held (a README, other
+    adapters' sub-directories) is hard-linked (else copied) into it first. A crash at any point leaves
+    the old pair, or the new pair, never new weights beside an old config. Parents are created.
 
     Returns:
         The directory as a ``Path``.
@@ -77,20 +95,50 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     if config is None:
         raise ValueError("the model holds no adapter config (call inject_adapters or load_adapter first)")
     tensors = {KEY_PREFIX + k: v.contiguous() for k, v in adapter_state_dict(model).items()}
+    weights = save(tensors, metadata={"format": "pt"})
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    atomic_write_text(path / CONFIG_NAME, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        if path.is_dir():
+            _carry_over(path, tmp)
+        for name, data in ((WEIGHTS_NAME, weights), (CONFIG_NAME, text.encode("utf-8"))):
+            with open(tmp / name, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        fsync_directory(tmp)
+        replace_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 
-def read_adapter_config(directory: str | os.PathLike[str]) -> AdapterConfig:
-    """Parse ``directory/adapter_config.json`` (ours or PEFT's LoRA).
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (else copy) everything of ``old`` but the adapter pair into ``new``, keeping the tree."""
 
-    Raises:
-        FileNotFoundError: if the directory or the file does not exist.
-        ValueError: naming the file, if it is not valid JSON or not a supported config.
-    """
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in os.scandir(old):
+        if entry.name in (CONFIG_NAME, WEIGHTS_NAME):
+            continue
+        target = new / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, target, symlinks=True, copy_function=link)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry.path), target)
+        else:
+            link(entry.path, os.fspath(target))
+
+
+def _read_config_json(directory: str | os.PathLike[str]) -> tuple[dict, Path]:
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory not found: {path}")
@@ -98,9 +146,29 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> AdapterConfig:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (an adapter directory needs {CONFIG_NAME})")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        return AdapterConfig.from_dict(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        data = read_json(file)
+    except ParseError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type_name(data)}")
+    return data, file
+
+
+def read_adapter_config(directory: str | os.PathLike[str], *, allow_modules_to_save: bool = False) -> AdapterConfig:
+    """Parse ``directory/adapter_config.json`` (ours or PEFT's LoRA).
+
+    Args:
+        directory: the adapter directory.
+        allow_modules_to_save: accept PEFT's ``modules_to_save`` (see :meth:`AdapterConfig.from_dict`).
+
+    Raises:
+        FileNotFoundError: if the directory or the file does not exist.
+        ValueError: naming the file, if it is not valid JSON or not a supported config.
+    """
+    data, file = _read_config_json(directory)
+    try:
+        return AdapterConfig.from_dict(data, allow_modules_to_save=allow_modules_to_save)
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"{file}: {exc}") from None
 
 
@@ -133,7 +201,7 @@ def read_adapter_weights(directory: str | os.PathLike[str]) -> tuple[dict[str, t
     return {k.removeprefix(KEY_PREFIX): v for k, v in raw.items()}, file
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, modules_to_save: bool = False) -> nn.Module:
     """Load an adapter directory (ours, LoRA or NoRA, or PEFT's LoRA) into ``model``.
 
     On a plain model the adapters are injected per the saved config first. On a model that already
@@ -144,6 +212,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     Args:
         model: the base model (or the same model with adapters already injected).
         directory: a directory holding ``adapter_config.json`` and the weights.
+        modules_to_save: accept a PEFT config with ``modules_to_save`` (e.g. the classifier head of a
+            ``SEQ_CLS`` adapter) and copy those modules' saved weights into the model, in place;
+            :func:`nora_core.inject.unload` restores the originals. Only on a plain model.
 
     Returns:
         ``model``, modified in place.
@@ -152,20 +223,62 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
         FileNotFoundError: naming the missing directory or file.
         ValueError: naming the file, for a bad config, missing or unexpected keys, or shape mismatches.
     """
-    config = read_adapter_config(directory)
+    config = read_adapter_config(directory, allow_modules_to_save=modules_to_save)
+    saved_modules = _modules_to_save(directory) if modules_to_save else []
     tensors, weights_file = read_adapter_weights(directory)
     injected_here = not any(True for _ in adapter_layers(model))
     if injected_here:
         inject_adapters(model, config)
     else:
+        if saved_modules:
+            raise ValueError(f"{Path(directory) / CONFIG_NAME}: modules_to_save can only be loaded into a plain model")
         _check_compatible(model, config, Path(directory) / CONFIG_NAME)
     try:
-        _copy_weights(model, tensors, weights_file)
+        own = adapter_state_dict(model)
+        full = _saved_module_tensors(tensors, set(own), saved_modules, weights_file)
+        _copy_weights(model, {k: v for k, v in tensors.items() if k not in full}, weights_file)
+        if full:
+            try:
+                overwrite_tensors(model, {name: tensors[key] for key, name in full.items()})
+            except ValueError as exc:
+                raise ValueError(f"{weights_file}: modules_to_save do not fit the model: {exc}") from None
     except BaseException:
         if injected_here:
             unload(model)
         raise
     return model
+
+
+def _modules_to_save(directory: str | os.PathLike[str]) -> list[str]:
+    data, file = _read_config_json(directory)
+    names = data.get("modules_to_save") if isinstance(data, dict) else None
+    if names is None:
+        return []
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{file}: modules_to_save must be a list of module names, got {names!r}")
+    return names
+
+
+def _saved_module_tensors(
+    tensors: dict[str, torch.Tensor], adapter_keys: set[str], saved_modules: list[str], file: Path
+) -> dict[str, str]:
+    """Stored key -> model state-dict name, for the tensors of ``modules_to_save`` modules.
+
+    PEFT stores them as ``<module>.<param>`` (older versions ``<module>.modules_to_save.<adapter>.<param>``);
+    a module matches an entry by name or dotted suffix, as PEFT matches ``modules_to_save``.
+    """
+    out: dict[str, str] = {}
+    if not saved_modules:
+        return out
+    for key in tensors:
+        if key in adapter_keys:
+            continue
+        name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", key)
+        module = name.rpartition(".")[0]
+        if any(module == m or module.endswith("." + m) for m in saved_modules):
+            out[key] = name
+    return out
 
 
 def _check_compatible(model: nn.Module, config: AdapterConfig, file: Path) -> None:

@@ -203,12 +203,19 @@ class AdapterConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+    def from_dict(cls, data: dict[str, Any], *, allow_modules_to_save: bool = False) -> AdapterConfig:
         """Read an ``adapter_config.json`` dict written by us or by PEFT (LoRA); unknown fields are ignored.
+
+        Args:
+            data: the JSON object.
+            allow_modules_to_save: accept PEFT's ``modules_to_save`` (modules trained in full, e.g. the
+                classifier head PEFT adds for ``SEQ_CLS``). The config does not carry them: a caller that
+                accepts them loads their saved weights itself (:func:`nora_core.checkpoint.load_adapter`
+                with ``modules_to_save=True``); training never trains them.
 
         Raises:
             ValueError: for a ``peft_type`` other than LORA/NORA, or PEFT features these layers do not
-                implement (DoRA, trained biases, ``modules_to_save``, ``target_parameters``).
+                implement (DoRA, trained biases, ``modules_to_save`` unless allowed, ``target_parameters``).
         """
         if not isinstance(data, dict):
             raise ValueError(f"adapter config must be a JSON object, got {type(data).__name__}")
@@ -220,7 +227,7 @@ class AdapterConfig:
             "use_dora": data.get("use_dora") not in (None, False),
             "lora_bias": data.get("lora_bias") not in (None, False),
             "bias": data.get("bias", "none") not in (None, "none"),
-            "modules_to_save": bool(data.get("modules_to_save")),
+            "modules_to_save": bool(data.get("modules_to_save")) and not allow_modules_to_save,
             "target_parameters": bool(data.get("target_parameters")),
         }
         for name, bad in unsupported.items():

@@ -20,6 +20,14 @@ answer (``"Question: q\\nAnswer: "``), empty for plain text. Tokenised samples f
 A sample left with no label token (with ``response_only``, a prompt that fills ``max_length`` truncates
 the whole response away) would train on nothing, so it is dropped, counted and logged; if no sample
 keeps a label token, :meth:`TokenDataset.from_samples` raises ``ValueError``.
+
+Measuring a model is not training it: a :class:`TokenDataset` is shaped for the next-token loss (its
+inputs drop the last token, whose only role is to be predicted, and prompt and response are encoded
+without the tokenizer's own special tokens). :class:`TokenSequences` (:func:`load_sequences`) holds
+sequences exactly as the model sees them in use: ``prompt + response`` as one text through
+:func:`encode_for_model` (the tokenizer's own special tokens: ``[CLS] ... [SEP]`` for BERT, its BOS for a
+Llama tokenizer, BOS and EOS for the byte tokenizer), every position kept, truncated to ``max_length``
+the way the tokenizer truncates (special tokens kept).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
+from nora_core.parsing import ParseError, parse_json
+
 __all__ = [
     "IGNORE_INDEX",
     "FORMATS",
@@ -42,6 +52,9 @@ __all__ = [
     "ByteTokenizer",
     "Tokenizer",
     "TokenDataset",
+    "TokenSequences",
+    "encode_for_model",
+    "load_sequences",
     "parse_record",
     "read_jsonl",
     "write_jsonl",
@@ -210,12 +223,12 @@ def read_jsonl(
                 line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                samples.append(parse_record(json.loads(line), format))
-            except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+                samples.append(parse_record(parse_json(line, src), format))
+            except (UnicodeDecodeError, ParseError, ValueError) as exc:
                 if isinstance(exc, UnicodeDecodeError):
                     problem = f"not valid UTF-8 ({exc.reason})"
-                elif isinstance(exc, json.JSONDecodeError):
-                    problem = f"invalid JSON ({exc.msg})"
+                elif isinstance(exc, ParseError):
+                    problem = exc.problem.replace("not valid JSON", "invalid JSON", 1)
                 else:
                     problem = str(exc)
                 if not skip_malformed:
@@ -430,3 +443,164 @@ def load_dataset(
         result.samples, tokenizer, max_length=max_length, response_only=response_only, skipped=result.skipped,
         source=result.path,
     )
+
+
+# ---------------------------------------------------------------------------------- measurement path
+def _is_transformers_tokenizer(tokenizer: Any) -> bool:
+    return callable(tokenizer) and hasattr(tokenizer, "model_input_names")
+
+
+def encode_for_model(tokenizer: Any, text: str, *, max_length: int) -> list[int]:
+    """The token ids a model sees for ``text`` in use, at most ``max_length`` of them.
+
+    * A transformers tokenizer: ``tokenizer(text, add_special_tokens=True, truncation=True,
+      max_length=max_length)``: its own special tokens (BERT ``[CLS] text [SEP]``, a Llama tokenizer's
+      BOS, none for GPT-2), truncated as it truncates (the special tokens are kept).
+    * A tokenizer with integer ``bos_id`` and ``eos_id`` (:class:`ByteTokenizer`): ``BOS text EOS``,
+      the text cut to ``max_length - 2`` tokens so that both special tokens stay.
+    * Anything else with ``encode(text)``: its ids, cut to ``max_length``.
+
+    Args:
+        tokenizer: one of the above.
+        text: the text.
+        max_length: the longest sequence, >= 1.
+
+    Returns:
+        The ids (an empty text gives only the special tokens, possibly nothing).
+
+    Raises:
+        ValueError: ``max_length < 1``.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+    if _is_transformers_tokenizer(tokenizer):
+        encoded = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)
+        return [int(i) for i in encoded["input_ids"]][:max_length]
+    bos, eos = _special(tokenizer, "bos_id"), _special(tokenizer, "eos_id")
+    if bos is not None and eos is not None:
+        body = [int(i) for i in tokenizer.encode(text)] if text else []
+        return ([bos] + body[: max(max_length - 2, 0)] + [eos])[:max_length]
+    return [int(i) for i in tokenizer.encode(text)][:max_length] if text else []
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = _special(tokenizer, "pad_id", "pad_token_id")
+    if pad is None:
+        pad = _special(tokenizer, "eos_id", "eos_token_id")
+    return 0 if pad is None else pad
+
+
+@dataclass
+class TokenSequences:
+    """Token sequences as a model sees them in use: what activation spectra are measured on.
+
+    Unlike :class:`TokenDataset` there are no labels and no next-token shift: every real position of
+    every row is an input the model is run on and measured at.
+
+    Attributes:
+        input_ids: shape (N, T), long, right-padded with ``pad_id``.
+        lengths: shape (N,), long, the real (non-padding) positions of each row, each >= 1.
+        pad_id: the padding id (the tokenizer's pad, else its EOS, else 0); masked out, never measured.
+        dropped: rows left out because they had no token at all.
+    """
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    pad_id: int = 0
+    dropped: int = 0
+
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (N, T), got shape {tuple(self.input_ids.shape)}")
+        if self.lengths.shape != (self.input_ids.shape[0],):
+            raise ValueError(f"lengths must be (N,) = ({self.input_ids.shape[0]},), got {tuple(self.lengths.shape)}")
+        if len(self) == 0:
+            raise ValueError("no sequences")
+        self.input_ids = self.input_ids.long().contiguous()
+        self.lengths = self.lengths.long()
+        if int(self.lengths.min()) < 1 or int(self.lengths.max()) > self.input_ids.shape[1]:
+            raise ValueError(f"lengths must lie in [1, {self.input_ids.shape[1]}]")
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        """Real positions in all rows together."""
+        return int(self.lengths.sum())
+
+    def mask(self, indices: torch.Tensor, width: int) -> torch.Tensor:
+        """``(b, width)`` bool, True at the real positions of rows ``indices``."""
+        return torch.arange(width)[None, :] < self.lengths[indices][:, None]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``indices``, trimmed to the longest among them.
+
+        Args:
+            indices: shape (b,), long.
+
+        Returns:
+            ``(input_ids, mask)``, each (b, L) with L = max(lengths[indices]); ``mask`` is True at real
+            positions.
+        """
+        length = int(self.lengths[indices].max())
+        return self.input_ids[indices, :length], self.mask(indices, length)
+
+    @classmethod
+    def from_ids(cls, rows: Sequence[Sequence[int]], *, pad_id: int = 0, dropped: int = 0) -> "TokenSequences":
+        """Right-pad ``rows`` of ids (empty rows are dropped and counted)."""
+        kept = [list(row) for row in rows if len(row)]
+        dropped += len(rows) - len(kept)
+        if not kept:
+            raise ValueError("no sequence has a token")
+        width = max(len(row) for row in kept)
+        input_ids = torch.full((len(kept), width), pad_id, dtype=torch.long)
+        for i, row in enumerate(kept):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        lengths = torch.tensor([len(row) for row in kept], dtype=torch.long)
+        return cls(input_ids, lengths, pad_id=pad_id, dropped=dropped)
+
+    @classmethod
+    def from_samples(
+        cls, samples: Sequence[Sample], tokenizer: Any | None = None, *, max_length: int, source: str | None = None
+    ) -> "TokenSequences":
+        """Encode each sample's ``prompt + response`` with :func:`encode_for_model`.
+
+        Args:
+            samples: the samples (a prompt and its response are one text, as the model reads them).
+            tokenizer: see :func:`encode_for_model`; default :class:`ByteTokenizer`.
+            max_length: the longest sequence (the model's maximum, usually).
+            source: where the samples came from, for the messages.
+
+        Raises:
+            ValueError: ``max_length < 1``, or no sample has a token.
+        """
+        tok = tokenizer if tokenizer is not None else ByteTokenizer()
+        rows = [encode_for_model(tok, s.prompt + s.response, max_length=max_length) for s in samples]
+        try:
+            out = cls.from_ids(rows, pad_id=_pad_id(tok))
+        except ValueError:
+            raise ValueError(f"{source + ': ' if source else ''}no sample has a token") from None
+        if out.dropped:
+            logger.warning("%sdropped %d empty sample(s)", f"{source}: " if source else "", out.dropped)
+        return out
+
+
+def load_sequences(
+    path: str | os.PathLike[str],
+    tokenizer: Any | None = None,
+    *,
+    max_length: int,
+    format: str = "auto",
+    skip_malformed: bool = False,
+) -> TokenSequences:
+    """Read a JSONL file and encode it for measurement: :func:`read_jsonl` then
+    :meth:`TokenSequences.from_samples` (every record format of this module).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DataFormatError: a malformed line (``file:line: problem``) or no record.
+        ValueError: starting with the file name, when no sample has a token.
+    """
+    result = read_jsonl(path, format=format, skip_malformed=skip_malformed)
+    return TokenSequences.from_samples(result.samples, tokenizer, max_length=max_length, source=result.path)

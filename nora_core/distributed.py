@@ -59,6 +59,10 @@ def resolve_device(pref: str, ctx: DistContext) -> torch.device:
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(pref)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {pref!r}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {pref!r}: MPS is not available on this machine (use --device cpu or auto)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ctx.local_rank if ctx.world > 1 else torch.cuda.current_device())
     if device.type == "cuda":

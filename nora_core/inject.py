@@ -18,22 +18,33 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from nora_core.config import AdapterConfig
 from nora_core.layers import AdapterLinear, is_conv1d
 
-__all__ = ["adapter_config", "adapter_layers", "inject_adapters", "matches_target", "matching_modules", "unload"]
+__all__ = [
+    "adapter_config",
+    "adapter_layers",
+    "inject_adapters",
+    "matches_target",
+    "matching_modules",
+    "overwrite_tensors",
+    "unload",
+]
 
 _STATE_ATTR = "_nora_adapter_state"
 
 
 @dataclass
 class _AdapterState:
-    """What ``inject_adapters`` remembers on the model: the config, and the parameters it froze."""
+    """What ``inject_adapters`` remembers on the model: the config, the parameters it froze, and the
+    original values of tensors :func:`overwrite_tensors` replaced (restored by :func:`unload`)."""
 
     config: AdapterConfig
     frozen: list[nn.Parameter] = field(default_factory=list)
+    replaced: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def matches_target(config: AdapterConfig, name: str) -> bool:
@@ -185,8 +196,40 @@ def unload(model: nn.Module) -> nn.Module:
     if state is not None:
         for param in state.frozen:
             param.requires_grad_(True)
+        with torch.no_grad():
+            for target, original in reversed(state.replaced):
+                target.copy_(original)
         delattr(model, _STATE_ATTR)
     return model
+
+
+def overwrite_tensors(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy ``values`` into the model's parameters or buffers (by state-dict name), in place, keeping the
+    originals so that :func:`unload` restores them (PEFT's ``modules_to_save``: whole modules saved with
+    an adapter, such as a classifier head).
+
+    Args:
+        model: a model holding adapters (injected by :func:`inject_adapters`).
+        values: state-dict name -> tensor of the target's shape (cast to its dtype).
+
+    Raises:
+        ValueError: the model holds no adapters, a name is not a tensor of the model, or a shape differs.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("the model holds no adapters (call inject_adapters first)")
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    for name, value in values.items():
+        if name not in targets:
+            raise ValueError(f"{name}: not a parameter or buffer of the model")
+        if tuple(value.shape) != tuple(targets[name].shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, the model's is {tuple(targets[name].shape)}")
+    with torch.no_grad():
+        for name, value in values.items():
+            target = targets[name]
+            state.replaced.append((target, target.detach().clone()))
+            target.copy_(value)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

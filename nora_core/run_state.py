@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nora_core.atomic import atomic_write
+from nora_core.atomic import atomic_write, replace_directory
 
 __all__ = [
     "METRICS_NAME",
@@ -137,14 +137,8 @@ def load_weights(model: nn.Module, directory: Path, has_adapters: bool) -> None:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished directory ``tmp`` onto ``final`` (a rename: readers never see it half-written)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move the finished directory ``tmp`` onto ``final`` in one step (:func:`nora_core.atomic.replace_directory`)."""
+    replace_directory(tmp, final)
 
 
 def clean_partial(run_dir: Path) -> None:

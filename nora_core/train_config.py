@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-__all__ = ["TrainCallback", "TrainConfig", "TrainResult", "NonFiniteLossError", "get_lr"]
+__all__ = ["FLOAT32_MAX", "TrainCallback", "TrainConfig", "TrainResult", "NonFiniteLossError", "check_step_size", "get_lr"]
 
 
 class TrainCallback(Protocol):
@@ -114,8 +115,17 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        check_step_size(self.lr, self.betas[0], FLOAT32_MAX, "float32")
+        if not (isinstance(self.adam_eps, (int, float)) and math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ValueError(f"TrainConfig.adam_eps must be a positive number, got {self.adam_eps!r}")
+        if not math.isfinite(self.weight_decay):
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ValueError(
+                f"TrainConfig.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}"
+            )
         if self.run_dir is None and (self.save_every or self.resume):
             raise ValueError("TrainConfig.save_every and resume need a run_dir")
         if self.run_dir is not None:
@@ -131,6 +141,31 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         data["betas"] = list(self.betas)
         return data
+
+
+#: the largest float32 (and, within 0.4 %, bfloat16) value.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_step_size(lr: float, beta1: float, largest: float, dtype: str) -> None:
+    """Refuse a learning rate AdamW cannot apply to parameters whose largest value is ``largest``.
+
+    AdamW's first update moves each parameter by ``lr / (1 - beta1)`` times a unit ratio, a scalar that
+    torch converts to the parameters' dtype; beyond its largest value the step raises ``RuntimeError:
+    value cannot be converted to type float without overflow`` (``nora train --lr 1e39``).
+
+    Raises:
+        ValueError: naming ``lr``, the step size and the limit.
+    """
+    step = lr / (1.0 - beta1)
+    if not step <= largest:
+        raise ValueError(
+            f"TrainConfig.lr {lr:g} is too large for AdamW on {dtype} parameters: its first step, "
+            f"lr / (1 - beta1) = {step:g}, exceeds the largest {dtype} value, {largest:.4g}"
+        )
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,4})?|mps")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

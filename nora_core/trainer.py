@@ -72,7 +72,14 @@ from nora_core.run_state import (
 )
 from nora_core.inject import adapter_layers
 from nora_core.jsonable import to_jsonable
-from nora_core.train_config import NonFiniteLossError, TrainCallback, TrainConfig, TrainResult, get_lr
+from nora_core.train_config import (
+    NonFiniteLossError,
+    TrainCallback,
+    TrainConfig,
+    TrainResult,
+    check_step_size,
+    get_lr,
+)
 
 __all__ = [
     "TrainConfig",
@@ -205,6 +212,9 @@ class _Trainer:
                 "track_spectra_every needs a tracking callback: pass "
                 "callbacks=[nora_spectra.tracking.SpectralTracking()] to train()"
             )
+        for dtype in sorted({p.dtype for p in self.params}, key=str):
+            if dtype.is_floating_point:
+                check_step_size(config.lr, config.betas[0], torch.finfo(dtype).max, str(dtype).removeprefix("torch."))
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
         )
@@ -213,7 +223,10 @@ class _Trainer:
         self.best_val: float | None = None
         self.best_step: int | None = None
         self.resumed_from: int | None = None
+        # A checkpoint is "last good" only once the loss of the step after it was finite: until then it
+        # is pending (its weights may be finite but already diverging).
         self.last_checkpoint: Path | None = None
+        self.pending_checkpoints: list[Path] = []
         self.history: list[dict[str, Any]] = []
         self._metrics_file = None
 
@@ -253,7 +266,7 @@ class _Trainer:
         self.step = int(state["step"])
         self.best_val, self.best_step = state["best_val_loss"], state["best_step"]
         self.resumed_from = self.step
-        self.last_checkpoint = ckpt
+        self.pending_checkpoints = [ckpt]  # confirmed by the first finite loss after resuming
         self._truncate_metrics(self.step)
         logger.info("resumed from %s (step %d)", ckpt, self.step)
         rngs = state["rng"]
@@ -293,6 +306,9 @@ class _Trainer:
 
             rngs = [None] * self.ctx.world
             dist.all_gather_object(rngs, rng)
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            # every process holds the same weights, so every process raises here
+            raise self._non_finite(None, None, weights=True)
         if not self.ctx.main:
             return
         root = self.run_dir / "checkpoints"
@@ -324,9 +340,10 @@ class _Trainer:
         with atomic_write(tmp / STATE_NAME) as handle:
             torch.save(state, handle)
         replace_dir(tmp, final)
-        self.last_checkpoint = final
+        self.pending_checkpoints.append(final)
         for _, old in list_checkpoints(self.run_dir)[: -cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != self.last_checkpoint:  # the last good one is kept until a newer one is confirmed
+                shutil.rmtree(old, ignore_errors=True)
 
     def save_best(self, val: dict[str, float]) -> None:
         if not self.ctx.main or self.run_dir is None:
@@ -421,23 +438,56 @@ class _Trainer:
         if not (math.isfinite(step_loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise self._non_finite(step_loss, norm)
+        self._confirm_checkpoints()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return step_loss, step_tokens
 
-    def _non_finite(self, step_loss: float, norm: float) -> NonFiniteLossError:
-        """The error for a non-finite loss or gradient norm, naming the last good checkpoint."""
+    def _confirm_checkpoints(self) -> None:
+        """The loss after the pending checkpoints was finite: the newest becomes the last good one."""
+        if self.pending_checkpoints:
+            self.last_checkpoint = self.pending_checkpoints[-1]
+            self.pending_checkpoints = []
+
+    def _set_aside_pending(self) -> list[Path]:
+        """Rename checkpoints whose following loss was not finite to ``diverged-step-N`` (``--resume`` skips them)."""
+        moved = []
+        for path in self.pending_checkpoints:
+            if self.ctx.main and path.is_dir():
+                aside = path.with_name(f"diverged-{path.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                moved.append(aside)
+        self.pending_checkpoints = []
+        return moved
+
+    def _non_finite(self, step_loss: float | None, norm: float | None, *, weights: bool = False) -> NonFiniteLossError:
+        """The error for a non-finite loss, gradient norm or weights, naming the last good checkpoint.
+
+        Checkpoints saved after the last good one (their weights led to this loss) are set aside as
+        ``checkpoints/diverged-step-N``, so that ``--resume`` continues from the last good one.
+        """
         cfg = self.config
+        moved = self._set_aside_pending()
         if self.last_checkpoint is not None:
             where = str(self.last_checkpoint)
+        elif moved:
+            where = "none (the checkpoint the run started from led to this loss)"
         elif cfg.save_every:  # the first checkpoint comes at save_every, or at the end if sooner
             where = f"none yet (the first is written at step {min(cfg.save_every, cfg.steps)})"
         else:
             where = "none (set save_every to keep checkpoints)"
+        if weights:
+            what = f"non-finite adapter weights after step {self.step}; not saved"
+        else:
+            what = (
+                f"non-finite training loss ({step_loss}) or gradient norm ({norm}) at step "
+                f"{self.step + 1}; stopped before the optimizer step"
+            )
+        aside = f" Set aside as diverged: {', '.join(p.name for p in moved)}." if moved else ""
         return NonFiniteLossError(
-            f"non-finite training loss ({step_loss}) or gradient norm ({norm}) at step "
-            f"{self.step + 1}; stopped before the optimizer step. Last good checkpoint: {where}. "
+            f"{what}. Last good checkpoint: {where}.{aside} "
             "Lower the learning rate, keep grad_clip on, or check the data, then resume from it."
         )
 
@@ -531,9 +581,11 @@ class _Window:
 
 
 def _record_step(line: str) -> int:
+    from nora_core.parsing import parse_json
+
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        return int(parse_json(line, METRICS_NAME)["step"])
+    except (ValueError, KeyError, TypeError, IndexError):
         return sys.maxsize  # an unreadable (half-written) line is dropped
 
 

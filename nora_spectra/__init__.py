@@ -20,6 +20,13 @@ _EXPORTS = {
     "Comparison": "comparison",
     "check": "gates",
     "CheckResult": "gates",
+    "resize": "resize",
+    "Resize": "resize",
+    "suggest": "suggest",
+    "Suggestion": "suggest",
+    "overlap": "overlap",
+    "Overlap": "overlap",
+    "load_scan": "scan",
 }
 
 __all__ = sorted(_EXPORTS)

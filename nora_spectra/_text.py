@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
-__all__ = ["name_list", "package_version", "plural"]
+__all__ = ["name_list", "one_line", "package_version", "plural"]
+
+_BREAKS = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters and line breaks escaped (``\\n``, ``\\x00``, ``\\u2028``), so a
+    message that quotes a hostile name (a tensor key holding a newline) stays one line on stderr."""
+    return _BREAKS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def plural(n: int, word: str) -> str:

@@ -22,6 +22,8 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+import numpy as np
+
 from nora_spectra._progress import ProgressArg, progress_callback
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import UsageError
@@ -99,9 +101,14 @@ def analyze(
             ``progress(done, total, item)`` called as work is done.
         emit_warnings: also issue the collected warnings once each through :func:`warnings.warn`
             (category :class:`AnalysisWarning`). The CLI and worker processes turn this off.
-        **options: the space's own options. Activation: ``model``, ``data``, ``samples`` (128),
-            ``layers``, ``batch_size`` (8), ``tokenizer``, ``max_length``. Probe: ``probe_scale`` (1.0),
-            ``probe_samples`` (4096), ``seed`` (0), ``layers``.
+        **options: the space's own options. Weight: ``base`` (a safetensors base model: full fine-tunes
+            become ``W_tuned - W_base``, records gain DoRA's true update and the relative size),
+            ``top_k`` (leading values of dense updates: an integer, ``"all"``, or None for exact up to
+            1024 rows and columns, else 64), ``intruders`` (False), ``intruder_k`` (10),
+            ``intruder_eps`` (0.5), ``cache`` (the base-SVD cache: None the default directory, False
+            none, or a directory); see :mod:`nora_spectra.spaces.weight`. Activation: ``model``,
+            ``data``, ``samples`` (128), ``layers``, ``batch_size`` (8), ``tokenizer``, ``max_length``,
+            ``model_class``. Probe: ``probe_scale`` (1.0), ``probe_samples`` (4096), ``seed`` (0), ``layers``.
 
     Returns:
         The :class:`Analysis`. NaN/Inf factors and all-zero updates are not errors: such layers get the
@@ -121,11 +128,14 @@ def analyze(
         callback, bar = progress_callback(progress, run.total, unit=run.unit, desc=run.desc)
         records = []
         try:
-            for layer in run.layers(callback):
-                records.append(
-                    layer_record(layer.identity, layer.sigma, collapse_threshold=collapse_threshold,
-                                 columns=run.columns, dora=layer.dora)
-                )
+            # Huge factors (a hostile scale or float64 values near 1e300) overflow sigma**2 in the metrics:
+            # the result is an infinite or null field of the record, not a numpy warning on stderr.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+                for layer in run.layers(callback):
+                    records.append(
+                        layer_record(layer.identity, layer.sigma, collapse_threshold=collapse_threshold,
+                                     columns=run.columns, dora=layer.dora)
+                    )
         finally:
             if bar is not None:
                 bar.close()
@@ -153,6 +163,7 @@ def analyze(
         config=info.config,
         warnings=messages,
         skipped=list(info.skipped),
+        metadata=dict(info.metadata),
         collapse_threshold=collapse_threshold,
         adapter=info.adapter,
         space=space,
@@ -180,6 +191,7 @@ def activation_spectra(
     batch_size: int = 8,
     tokenizer: Any | None = None,
     max_length: int | None = None,
+    model_class: str | None = None,
     collapse_threshold: float = DEFAULT_COLLAPSE_THRESHOLD,
     progress: bool | Callable[[int, int, str], None] | None = None,
 ) -> Analysis:
@@ -196,7 +208,7 @@ def activation_spectra(
         raise UsageError("activation space needs the base model (--model MODEL)")
     return analyze(
         adapted, space="activation", model=model, data=data, samples=samples, layers=layers,
-        batch_size=batch_size, tokenizer=tokenizer, max_length=max_length,
+        batch_size=batch_size, tokenizer=tokenizer, max_length=max_length, model_class=model_class,
         collapse_threshold=collapse_threshold, progress=progress, emit_warnings=False,
     )
 

@@ -6,13 +6,12 @@ A baseline is exactly the JSON ``spectra analyze --format json`` writes (one ana
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 from nora_spectra.errors import UsageError
 from nora_spectra.outputs import write_output
-from nora_spectra.result import Analysis, analyses_to_json, analysis_items
+from nora_spectra.result import Analysis, analyses_to_json, read_analyses
 
 __all__ = ["load_baseline", "match_baseline", "write_baseline"]
 
@@ -25,23 +24,13 @@ def load_baseline(path: str | os.PathLike[str]) -> list[Analysis]:
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        analyses = read_analyses(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: baseline not found (create it with --update-baseline)") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read baseline: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: baseline is not valid JSON ({exc})") from None
-    try:
-        items = analysis_items(data)
-        analyses = [Analysis.from_dict(item) for item in items]
-    except UsageError as exc:
-        raise UsageError(f"{path}: baseline is {exc}") from None
-    for item in items:
-        space = item.get("space", "weight")
+    for analysis in analyses:
+        space = analysis.space
         if space != "weight":
             raise UsageError(
                 f"{path}: baseline holds {space}-space spectra; spectra check gates weight-space analyses "

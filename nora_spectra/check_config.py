@@ -36,8 +36,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nora_core.parsing import ParseError, read_toml, type_name
 from nora_spectra.errors import UsageError
 from nora_spectra.metrics import METRIC_FIELDS
+from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD
 
 __all__ = [
     "GATED_METRICS",
@@ -181,7 +183,7 @@ class CheckSettings:
     metric: str = "effective_rank"
     fail_on_missing: bool = True
     fail_on_new: bool = False
-    collapse_threshold: float = 0.25
+    collapse_threshold: float = DEFAULT_COLLAPSE_THRESHOLD
     adapter: str | None = None
     overrides: tuple[Override, ...] = ()
 
@@ -205,8 +207,8 @@ class CheckSettings:
             raise UsageError(f"{where}: metric must be one of {', '.join(GATED_METRICS)}, got {self.metric!r}")
         for name in ("baseline", "adapter"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise UsageError(f"{where}: {name} must be a non-empty string, got {value!r}")
+            if value is not None and (not isinstance(value, str) or not value or "\0" in value):
+                raise UsageError(f"{where}: {name} must be a non-empty string (without NUL), got {value!r}")
         for item in self.overrides:
             if not isinstance(item, Override):
                 raise UsageError(f"{where}: overrides must be Override objects or tables, got {item!r}")
@@ -230,22 +232,15 @@ class CheckSettings:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The parsed file (:func:`nora_core.parsing.read_toml`: UTF-8, depth and number limits)."""
     try:
-        import tomllib
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            raise UsageError(f"{path}: reading TOML needs Python 3.11+ or the 'tomli' package") from None
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
+        return read_toml(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path}: invalid TOML: {exc}") from None
+    except ParseError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _parse_table(table: Any, path: Path, prefix: str) -> dict[str, Any]:
@@ -297,9 +292,13 @@ def load_pyproject(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     data = _read_toml(path)
-    table = data.get("tool", {}).get("spectra", {}).get("check") if isinstance(data.get("tool"), dict) else None
-    if table is None:
-        return {}
+    table: Any = data
+    for part, name in (("tool", "tool"), ("spectra", "tool.spectra"), ("check", "tool.spectra.check")):
+        if not isinstance(table, Mapping) or part not in table:
+            return {}
+        table = table[part]
+        if not isinstance(table, Mapping):
+            raise UsageError(f"{path}: {name} must be a table, got {type_name(table)}")
     return _parse_table(table, path, "tool.spectra.check.")
 
 
@@ -317,6 +316,8 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(spectra, dict) or "check" not in spectra:
             raise UsageError(f"{path}: has [tool.spectra] but no [tool.spectra.check] table")
         return _parse_table(spectra["check"], path, "tool.spectra.check.")
+    if "tool" in data and not isinstance(tool, dict):
+        raise UsageError(f"{path}: tool must be a table, got {type_name(tool)}")
     return _parse_table(data, path, "")
 
 

@@ -26,7 +26,7 @@ from nora_spectra.analysis import analyze
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.labels import analysis_labels, default_labels
 from nora_spectra.plot_methods import PlotMethods
-from nora_spectra.result import Analysis, analyses_from_data
+from nora_spectra.result import Analysis, read_analyses
 from nora_spectra.schema import (
     COMPARED_METRICS,
     COMPARISON_GROUP_COLUMNS,
@@ -86,13 +86,11 @@ def load_analyses(path: "str | os.PathLike[str]", **analyze_options: Any) -> lis
         raise CheckpointError(file, "no such file or directory")
     if file.is_file() and file.suffix.lower() == ".json":
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(file, f"not a readable analysis JSON file ({exc})") from None
-        try:
-            return analyses_from_data(data)
+            return read_analyses(file)
+        except OSError as exc:
+            raise CheckpointError(file, f"cannot read the analysis JSON file ({exc.strerror or exc})") from None
         except UsageError as exc:
-            raise CheckpointError(file, str(exc)) from None
+            raise CheckpointError(file, str(exc).removeprefix(f"{file}: ")) from None
     return [analyze(file, **analyze_options)]
 
 

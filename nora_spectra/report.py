@@ -13,23 +13,29 @@ A path may be
 * a training run directory (it holds ``metrics.jsonl``): its loss curves and effective-rank
   trajectories are plotted, and its final adapter (``adapter/``, else the latest
   ``checkpoints/step-*``) is analysed like any checkpoint.
+
+With ``overlap=True`` the report adds the subspace overlap (:func:`~nora_spectra.overlap.overlap`) of the
+first checkpoint with each of the others: a table, the per-module bar chart and the phi heat map of one
+module (``overlap_module``, default the first one compared).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from nora_core.parsing import ParseError, read_json, read_json_lines, type_name
 from nora_spectra._text import package_version
 from nora_spectra.comparison import Comparison, compare, load_analyses
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.labels import analysis_labels
 from nora_spectra.outputs import check_writable, write_output
+from nora_spectra.overlap import Overlap, overlap as subspace_overlap
 from nora_spectra.result import Analysis
 
 __all__ = [
@@ -113,6 +119,7 @@ class ReportData:
             dicts ``{"label", "kind", "message", "modules"}`` (``kind`` in collapse, warning, note).
         figures: the plots, in display order.
         summary: one row per checkpoint for the summary table (:func:`summary_rows`).
+        overlaps: the subspace overlaps of the first checkpoint with each other one (``overlap=True``).
     """
 
     title: str
@@ -125,6 +132,7 @@ class ReportData:
     warnings: list[dict[str, Any]]
     figures: list[ReportFigure]
     summary: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    overlaps: list[Overlap] = dataclasses.field(default_factory=list)
 
     @property
     def checkpoints(self) -> list[tuple[str, Analysis]]:
@@ -142,25 +150,18 @@ def read_run(path: "str | os.PathLike[str]", label: str | None = None) -> RunDat
     file = root / METRICS_NAME
     history: list[dict[str, Any]] = []
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(file, f"cannot read the training log ({exc})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise CheckpointError(file, f"line {number} is not valid JSON") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise CheckpointError(file, f"line {number} is not a step record (a JSON object with 'step')")
-        history.append(record)
+        for number, record in read_json_lines(file):
+            history.append(_step_record(file, number, record))
+    except OSError as exc:
+        raise CheckpointError(file, f"cannot read the training log ({exc.strerror or exc})") from None
+    except ParseError as exc:
+        raise CheckpointError(file, exc.problem) from None
     config = None
     config_file = root / "train_config.json"
     if config_file.is_file():
         try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = read_json(config_file)
+        except (OSError, ParseError):
             config = None
     return RunData(
         label=label or root.resolve().name,
@@ -169,6 +170,51 @@ def read_run(path: "str | os.PathLike[str]", label: str | None = None) -> RunDat
         config=config if isinstance(config, dict) else None,
         adapter=_run_adapter(root),
     )
+
+
+#: fields of a metrics.jsonl record that the plots read, and what each must be.
+_NUMBER_FIELDS = ("train_loss", "lr", "tokens_per_s", "val_loss", "val_ppl")
+_SPECTRA_FIELDS = ("module", "module_type", "rank", "effective_rank", "utilization", "stable_rank", "sigma_max", "status")
+
+
+def _step_record(file: Path, number: int, record: Any) -> dict[str, Any]:
+    """One ``metrics.jsonl`` record, checked: the fields the report plots have the trainer's types.
+
+    Raises:
+        CheckpointError: naming the file, the line and the bad field.
+    """
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(file, f"line {number}: {problem}")
+
+    if not isinstance(record, dict) or "step" not in record:
+        raise bad("not a step record (a JSON object with 'step')")
+    step = record["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 2**53:
+        raise bad(f"step: expected an integer in [0, 2**53], got {type_name(step)}")
+    for name in _NUMBER_FIELDS:
+        value = record.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad(f"{name}: expected a number or null, got {type_name(value)}")
+    spectra = record.get("spectra")
+    if spectra is not None:
+        if not isinstance(spectra, list):
+            raise bad(f"spectra: expected a list, got {type_name(spectra)}")
+        for i, entry in enumerate(spectra):
+            if not isinstance(entry, dict):
+                raise bad(f"spectra[{i}]: expected an object, got {type_name(entry)}")
+            rank = entry.get("rank")
+            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= 2**40):
+                raise bad(f"spectra[{i}].rank: expected an integer in [0, 2**40] or null, got {type_name(rank)}")
+            for name in _SPECTRA_FIELDS:
+                value = entry.get(name)
+                text = name in ("module", "module_type", "status")
+                ok = value is None or (isinstance(value, str) if text else
+                                       isinstance(value, (int, float)) and not isinstance(value, bool))
+                if not ok:
+                    want = "a string" if text else "a number"
+                    raise bad(f"spectra[{i}].{name}: expected {want} or null, got {type_name(value)}")
+    return record
 
 
 def _run_adapter(root: Path) -> str | None:
@@ -244,7 +290,30 @@ def summary_rows(labels: Sequence[str], analyses: Sequence[Analysis]) -> list[di
     return rows
 
 
-def _figures(labels: Sequence[str], analyses: Sequence[Analysis], runs: Sequence[RunData], dpi: int) -> list[ReportFigure]:
+def _figures(
+    labels: Sequence[str],
+    analyses: Sequence[Analysis],
+    runs: Sequence[RunData],
+    dpi: int,
+    overlaps: Sequence[Overlap] = (),
+    overlap_module: str | None = None,
+) -> list[ReportFigure]:
+    # matplotlib warns on stderr about what it cannot draw well (a glyph missing from the font for a
+    # control character in a module name, a flat axis): the figures are drawn anyway, and a command's
+    # stderr carries only its own lines.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _draw_figures(labels, analyses, runs, dpi, overlaps, overlap_module)
+
+
+def _draw_figures(
+    labels: Sequence[str],
+    analyses: Sequence[Analysis],
+    runs: Sequence[RunData],
+    dpi: int,
+    overlaps: Sequence[Overlap] = (),
+    overlap_module: str | None = None,
+) -> list[ReportFigure]:
     from nora_spectra import plots
 
     pairs = list(zip(labels, analyses))
@@ -305,7 +374,55 @@ def _figures(labels: Sequence[str], analyses: Sequence[Analysis], runs: Sequence
                 "spectra; dotted lines mark the rank budget r.",
                 plots.effective_rank_trajectory(histories),
             )
+    for n, item in enumerate(overlaps, start=1):
+        suffix = "" if len(overlaps) == 1 else f"_{n}"
+        pair = f"{item.labels[0]} and {item.labels[1]}"
+        add(
+            f"overlap_bars{suffix}",
+            f"Subspace overlap per module, {pair}",
+            "Mean squared cosine of the principal angles between the two updates' top-k singular subspaces "
+            "(= φ(k, k)); left: the directions the updates write to, right: those they read. 1 means the same "
+            "subspace, 0 orthogonal ones; black ticks mark k / d, what two random subspaces give.",
+            plots.overlap_bars(item),
+        )
+        module = overlap_module if overlap_module is not None else next(iter(item.phi), None)
+        if module in item.phi:
+            add(
+                f"overlap_phi{suffix}",
+                f"Subspace similarity φ(i, j) of {module}, {pair}",
+                "The LoRA paper's Fig. 3: φ(i, j) = ||U_a[:, :i]^T U_b[:, :j]||_F² / min(i, j) between the top i "
+                "left singular vectors of the first update and the top j of the second.",
+                plots.phi_heatmap(item, module),
+            )
     return figures
+
+
+def _overlaps(analyses: Sequence[Analysis], labels: Sequence[str], module: str | None) -> list[Overlap]:
+    """The overlap of the first checkpoint with each other one, read from the checkpoints themselves.
+
+    Raises:
+        UsageError: fewer than two checkpoints, a checkpoint that cannot be read (an analysis JSON whose
+            checkpoint is gone), or ``module`` compared in none of the pairs.
+    """
+    if len(analyses) < 2:
+        raise UsageError("--overlap needs at least two checkpoints")
+    found = []
+    first = analyses[0]
+    for label, other in zip(labels[1:], analyses[1:]):
+        try:
+            found.append(subspace_overlap(_reopen(first), _reopen(other), labels=[labels[0], label]))
+        except CheckpointError as exc:
+            raise UsageError(f"--overlap reads the checkpoints themselves: {exc}") from None
+    if module is not None and not any(module in item.phi for item in found):
+        raise UsageError(f"--overlap-module {module!r} was not compared in any pair of checkpoints")
+    return found
+
+
+def _reopen(analysis: Analysis) -> Any:
+    """The checkpoint an analysis was made from, read again (in its format) for its factors."""
+    from nora_spectra.io import load_checkpoint
+
+    return load_checkpoint(analysis.checkpoint, analysis.adapter, format=analysis.format or "auto")
 
 
 def build_report(
@@ -314,6 +431,8 @@ def build_report(
     labels: Sequence[str] | None = None,
     title: str | None = None,
     dpi: int = 100,
+    overlap: bool = False,
+    overlap_module: str | None = None,
     **analyze_options: Any,
 ) -> ReportData:
     """Analyse, compare and plot everything a report shows.
@@ -323,11 +442,15 @@ def build_report(
         labels: one label per path (a JSON file of several analyses gets ``label[1]``, ``label[2]``...).
         title: report title (default ``"Adapter spectra report"``).
         dpi: resolution of the PNG figures.
+        overlap: add the subspace overlap of the first checkpoint with each other one (reads the
+            checkpoints themselves, also for analysis JSON files and Analysis objects).
+        overlap_module: the module of the phi heat map (default: the first module compared).
         **analyze_options: passed to :func:`~nora_spectra.analysis.analyze` (``adapter``,
             ``collapse_threshold``...).
 
     Raises:
-        UsageError: no paths, or the number of labels differs from the paths.
+        UsageError: no paths, the number of labels differs from the paths, or ``overlap`` without two
+            readable checkpoints.
         CheckpointError: a path is missing or unreadable.
     """
     paths = list(paths)
@@ -366,6 +489,7 @@ def build_report(
     if len(set(final)) != len(final):
         final = [f"{name}#{i + 1}" if final.count(name) > 1 else name for i, name in enumerate(final)]
     comparison = compare(analyses, labels=final) if len(analyses) > 1 else None
+    overlaps = _overlaps(analyses, final, overlap_module) if overlap else []
     return ReportData(
         title=title or "Adapter spectra report",
         generated=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
@@ -375,8 +499,9 @@ def build_report(
         comparison=comparison,
         runs=runs,
         warnings=collapse_warnings(final, analyses, comparison),
-        figures=_figures(final, analyses, runs, dpi),
+        figures=_figures(final, analyses, runs, dpi, overlaps, overlap_module),
         summary=summary_rows(final, analyses),
+        overlaps=overlaps,
     )
 
 
@@ -434,7 +559,8 @@ def report(
         labels: one label per path.
         title: report title.
         fmt: ``"html"`` or ``"markdown"``.
-        **options: passed to :func:`build_report` (``dpi``, ``adapter``, ``collapse_threshold``).
+        **options: passed to :func:`build_report` (``dpi``, ``overlap``, ``overlap_module``, ``adapter``,
+            ``collapse_threshold``).
 
     Returns:
         The :class:`ReportData` that was written.

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
+from nora_core.parsing import ParseError, parse_json, read_json
 from nora_spectra._text import package_version
+from nora_spectra.analysis_schema import validate_analysis
 from nora_spectra.errors import UsageError
 from nora_spectra.plot_methods import PlotMethods
 from nora_spectra.schema import (
     ACTIVATION_COLUMNS,
+    BASE_FIELDS,
     DEFAULT_COLLAPSE_THRESHOLD,
     LAYER_COLUMNS,
+    OPTIONAL_COLUMNS,
     json_text,
     to_jsonable,
 )
@@ -28,7 +33,14 @@ from nora_spectra.summary import summarize
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["SPACE_FIELDS", "Analysis", "analyses_from_data", "analyses_to_json", "analysis_items"]
+__all__ = [
+    "SPACE_FIELDS",
+    "Analysis",
+    "analyses_from_data",
+    "analyses_to_json",
+    "analysis_items",
+    "read_analyses",
+]
 
 #: the fields that activation- and probe-space analyses add to their JSON, in order.
 SPACE_FIELDS: tuple[str, ...] = ("space", "tokens", "samples", "model", "data", "probe_scale")
@@ -60,6 +72,14 @@ class Analysis(PlotMethods):
         model: the base model's path or class name (activation).
         data: the data file, or a description of in-memory data (activation).
         probe_scale: the standard deviation of the Gaussian probe inputs (probe).
+        metadata: the weights file's header metadata as read (safetensors ``__metadata__``: kohya's
+            ``ss_network_dim``, ``ss_network_alpha`` and other ``ss_*`` training settings, diffusers'
+            ``lora_adapter_metadata``, ...), without the ``format`` marker safetensors writers add
+            (``{"format": "pt"}``); empty when the file has nothing else.
+        base: the base model of a base-aware analysis (``--base``), or None.
+        top_k: ``--top-k`` as asked (an integer or ``"all"``; None: the default policy), in analyses whose
+            dense spectra may be truncated (a base, ``top_k`` or a full fine-tune).
+        intruder_k, intruder_eps: the intruder-dimension options, when they were counted.
     """
 
     checkpoint: str
@@ -78,6 +98,11 @@ class Analysis(PlotMethods):
     model: str | None = None
     data: str | None = None
     probe_scale: float | None = None
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    base: str | None = None
+    top_k: int | str | None = None
+    intruder_k: int | None = None
+    intruder_eps: float | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -101,8 +126,17 @@ class Analysis(PlotMethods):
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The keys of this analysis's records (:data:`LAYER_COLUMNS`, plus ``space``/``tokens`` off weight space)."""
-        return LAYER_COLUMNS if self.space == "weight" else ACTIVATION_COLUMNS
+        """The keys of this analysis's records: :data:`LAYER_COLUMNS`, plus ``space``/``tokens`` off weight space,
+        plus the :data:`~nora_spectra.schema.OPTIONAL_COLUMNS` its records carry (base-aware, truncated spectra)."""
+        columns = LAYER_COLUMNS if self.space == "weight" else ACTIVATION_COLUMNS
+        present = self.records[0] if self.records else {}
+        return columns + tuple(name for name in OPTIONAL_COLUMNS if name in present)
+
+    def _has_base_fields(self) -> bool:
+        """True for an analysis whose JSON carries :data:`~nora_spectra.schema.BASE_FIELDS`."""
+        return self.base is not None or self.top_k is not None or any(
+            name in (self.records[0] if self.records else {}) for name in OPTIONAL_COLUMNS
+        )
 
     def _repr_html_(self) -> str:
         from nora_spectra.render.html import analysis_html
@@ -126,8 +160,9 @@ class Analysis(PlotMethods):
         ``adapter`` is the non-default adapter's name, or None for the default adapter.
 
         Extras: ``collapse_threshold``, ``config``, ``warnings``, ``skipped`` (list of
-        ``{"name", "reason"}``) and ``nora_spectra_version``; off weight space also :data:`SPACE_FIELDS`.
-        Non-finite floats become None.
+        ``{"name", "reason"}``), ``metadata`` (the header metadata, only when the file has any) and
+        ``nora_spectra_version``; off weight space also :data:`SPACE_FIELDS`; base-aware and truncated
+        analyses also :data:`~nora_spectra.schema.BASE_FIELDS`. Non-finite floats become None.
         """
         out = {
             "checkpoint": self.checkpoint,
@@ -140,10 +175,14 @@ class Analysis(PlotMethods):
             "config": self.config,
             "warnings": self.warnings,
             "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
-            "nora_spectra_version": package_version(),
         }
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        out["nora_spectra_version"] = package_version()
         if self.space != "weight":
             out.update({name: getattr(self, name) for name in SPACE_FIELDS})
+        if self._has_base_fields():
+            out.update({name: getattr(self, name) for name in BASE_FIELDS})
         return to_jsonable(out)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -151,32 +190,25 @@ class Analysis(PlotMethods):
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Analysis":
-        """Rebuild an Analysis from :meth:`to_dict` output (e.g. a stored baseline).
+    def from_dict(cls, data: Mapping[str, Any], *, where: tuple[Any, ...] = ()) -> "Analysis":
+        """Rebuild an Analysis from :meth:`to_dict` output (e.g. a stored baseline), validating every value.
+
+        The rules are those of :mod:`nora_spectra.analysis_schema`; a missing ``summary`` is recomputed
+        from the records, a missing ``adapter`` (analyses written before the field existed) is None.
+
+        Args:
+            data: the parsed analysis object.
+            where: its JSON path inside a larger document (for messages), e.g. ``("checkpoints", 1)``.
 
         Raises:
-            UsageError: when ``data`` is not an analysis object (no ``layers`` list).
+            UsageError: ``data`` is not an analysis object (``not a spectra analysis: ...``), or a value
+                has the wrong type or range (the message starts with its JSON path,
+                ``layers[3].utilization: expected a number >= 0, got a list``).
         """
-        if not isinstance(data, Mapping) or not isinstance(data.get("layers"), list):
-            raise UsageError("not a spectra analysis: expected a JSON object with a 'layers' list")
-        records = [dict(rec) for rec in data["layers"]]
-        summary = data.get("summary")
-        skipped = [(item.get("name", ""), item.get("reason", "")) for item in data.get("skipped") or []]
-        adapter = data.get("adapter")  # absent from analyses written before the field existed
-        space = {name: data.get(name) for name in SPACE_FIELDS if data.get(name) is not None}
-        return cls(
-            checkpoint=str(data.get("checkpoint", "")),
-            format=str(data.get("format", "")),
-            method=str(data.get("method", "")),
-            records=records,
-            summary=dict(summary) if isinstance(summary, Mapping) else summarize(records),
-            config=data.get("config"),
-            warnings=list(data.get("warnings") or []),
-            skipped=skipped,
-            collapse_threshold=float(data.get("collapse_threshold", DEFAULT_COLLAPSE_THRESHOLD)),
-            adapter=None if adapter is None else str(adapter),
-            **space,
-        )
+        clean = validate_analysis(data, where)
+        records = clean.pop("records")
+        summary = clean.pop("summary")
+        return cls(records=records, summary=summary if summary is not None else summarize(records), **clean)
 
     @classmethod
     def from_json(cls, text: str) -> "Analysis":
@@ -186,9 +218,9 @@ class Analysis(PlotMethods):
             UsageError: when ``text`` is not JSON or not an analysis object.
         """
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"not a spectra analysis: invalid JSON ({exc})") from None
+            data = parse_json(text, "analysis")
+        except ParseError as exc:
+            raise UsageError(f"not a spectra analysis: {exc.problem}") from None
         return cls.from_dict(data)
 
 
@@ -209,9 +241,33 @@ def analyses_from_data(data: Any) -> list[Analysis]:
     """The analyses in parsed ``spectra analyze --format json`` output: one object, or ``{"checkpoints": [...]}``.
 
     Raises:
-        UsageError: ``data`` holds no analysis (the message starts "not a spectra analysis").
+        UsageError: ``data`` holds no analysis (the message starts "not a spectra analysis"), or a value
+            is invalid (the message starts with its JSON path, ``checkpoints[1].layers[0].module: ...``).
     """
-    return [Analysis.from_dict(item) for item in analysis_items(data)]
+    items = analysis_items(data)
+    several = isinstance(data, Mapping) and "checkpoints" in data and "layers" not in data
+    return [Analysis.from_dict(item, where=("checkpoints", i) if several else ()) for i, item in enumerate(items)]
+
+
+def read_analyses(path: "str | os.PathLike[str]") -> list[Analysis]:
+    """The analyses in a JSON file written by ``spectra analyze --format json`` (one, or ``checkpoints``).
+
+    The file is parsed by :func:`nora_core.parsing.read_json` (UTF-8, depth, number and size limits)
+    and every analysis validated by :meth:`Analysis.from_dict`.
+
+    Raises:
+        OSError: the file cannot be read (callers word "not found" themselves).
+        UsageError: the file is not a valid analysis JSON; the message starts with the file and, for a
+            bad value, its JSON path (``base.json: layers[3].utilization: expected ...``).
+    """
+    try:
+        data = read_json(path)
+    except ParseError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        return analyses_from_data(data)
+    except UsageError as exc:
+        raise UsageError(f"{os.fspath(path)}: {exc}") from None
 
 
 def analyses_to_json(analyses: Union[Analysis, Sequence[Analysis]], *, indent: int | None = 2) -> str:

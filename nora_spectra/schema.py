@@ -16,15 +16,33 @@ from nora_core.jsonable import to_jsonable
 __all__ = [
     "ACTIVATION_COLUMNS",
     "AVERAGED_STATUSES",
+    "BASE_COLUMNS",
+    "BASE_FIELDS",
     "COMPARED_METRICS",
     "COMPARISON_GROUP_COLUMNS",
     "COMPARISON_ROW_COLUMNS",
     "DEFAULT_COLLAPSE_THRESHOLD",
+    "DEFAULT_INTRUDER_EPS",
+    "DEFAULT_INTRUDER_K",
     "DEFAULT_PROBE_SAMPLES",
+    "DEFAULT_TOP_K",
+    "DORA_PROXY_WARNING",
+    "DORA_PROXY_WARNING_PREFIX",
+    "EXACT_SVD_MAX_DIM",
+    "INTRUDER_COLUMNS",
     "LAYER_COLUMNS",
+    "OPTIONAL_COLUMNS",
+    "OVERLAP_COLUMNS",
+    "RESIZE_COLUMNS",
+    "RESIZE_MODULE_FIELDS",
+    "SCAN_ADAPTER_COLUMNS",
+    "SCAN_LAYER_COLUMNS",
+    "SCAN_STATUSES",
     "SPACES",
     "SPACE_COLUMNS",
+    "SPECTRUM_COLUMNS",
     "STATUSES",
+    "SUGGEST_COLUMNS",
     "SUMMARY_METRICS",
     "json_text",
     "layer_index",
@@ -38,12 +56,33 @@ DEFAULT_COLLAPSE_THRESHOLD = 0.25
 #: Gaussian inputs per layer of a probe-space spectrum (``--probe-samples``).
 DEFAULT_PROBE_SAMPLES = 4096
 
+#: dense updates (full fine-tunes, DoRA's true update) with ``min(d_out, d_in)`` above this get only their
+#: leading :data:`DEFAULT_TOP_K` singular values (randomized SVD with an error bound) unless ``--top-k`` says
+#: otherwise; smaller ones get an exact SVD.
+EXACT_SVD_MAX_DIM = 1024
+
+#: leading singular values computed for a large dense update by default (``--top-k``).
+DEFAULT_TOP_K = 64
+
+#: intruder dimensions: leading directions tested (``--intruder-k``) and the cosine threshold
+#: (``--intruder-eps``), Shuttleworth et al. (2024) and PEFT's defaults.
+DEFAULT_INTRUDER_K = 10
+DEFAULT_INTRUDER_EPS = 0.5
+
+#: the reader warning of a checkpoint with DoRA layers analysed without the base weight (the proxy
+#: ``s * B @ A``); a base-aware analysis that computes the true update replaces it.
+DORA_PROXY_WARNING = "DoRA layers: spectra are of the direction update B A only (magnitude vector not included)"
+
+#: how every reader's proxy warning for DoRA layers starts (each names its format's magnitude tensor).
+DORA_PROXY_WARNING_PREFIX = "DoRA layers: spectra are of the direction update"
+
 #: the spaces a spectrum can be measured in (``analyze(..., space=...)``).
 SPACES: tuple[str, ...] = ("weight", "activation", "probe")
 
 #: keys of every weight-space layer record and columns of ``Analysis.layers``, in order.
 LAYER_COLUMNS: tuple[str, ...] = (
     "module",
+    "key",
     "module_type",
     "layer_index",
     "kind",
@@ -67,6 +106,22 @@ LAYER_COLUMNS: tuple[str, ...] = (
     "tail_energy",
     "singular_values",
 )
+
+#: columns of weight-space records whose spectrum may be truncated (an analysis with ``base`` or
+#: ``top_k``, or a full fine-tune): how many leading values were computed and how accurately.
+SPECTRUM_COLUMNS: tuple[str, ...] = ("top_k", "captured_energy", "sigma_error_bound")
+
+#: columns of base-aware records (``base`` given): the base tensor and the update's size relative to it.
+BASE_COLUMNS: tuple[str, ...] = ("base_tensor", "relative_sigma_max", "relative_frobenius_norm")
+
+#: columns of records with intruder dimensions (``intruders=True``).
+INTRUDER_COLUMNS: tuple[str, ...] = ("intruders", "intruder_indices", "intruder_max_cos")
+
+#: columns a weight-space record has only in some analyses, in the order they follow :data:`LAYER_COLUMNS`.
+OPTIONAL_COLUMNS: tuple[str, ...] = SPECTRUM_COLUMNS + BASE_COLUMNS + INTRUDER_COLUMNS
+
+#: the fields a base-aware or truncated analysis adds to its JSON, in order.
+BASE_FIELDS: tuple[str, ...] = ("base", "top_k", "intruder_k", "intruder_eps")
 
 #: the columns activation- and probe-space records add after :data:`LAYER_COLUMNS`.
 SPACE_COLUMNS: tuple[str, ...] = ("space", "tokens")
@@ -127,6 +182,66 @@ COMPARISON_GROUP_COLUMNS: tuple[str, ...] = (
     "d_mean_utilization",
     "d_weighted_utilization",
 )
+
+#: keys of each module object of ``spectra resize --format json`` (exactly these, in this order).
+RESIZE_MODULE_FIELDS: tuple[str, ...] = (
+    "module",
+    "key",
+    "rank_before",
+    "rank_after",
+    "energy_kept",
+    "spectral_error",
+    "frobenius_error_rel",
+)
+
+#: columns of ``Resize.table`` (one row per module): the JSON fields, then shape and stored bytes.
+RESIZE_COLUMNS: tuple[str, ...] = RESIZE_MODULE_FIELDS + ("shape", "bytes_before", "bytes_after")
+
+#: columns of ``Suggestion.table`` (one row per module), in order.
+SUGGEST_COLUMNS: tuple[str, ...] = (
+    "module",
+    "module_type",
+    "layer_index",
+    "rank",
+    "status",
+    "energy_rank",
+    "energy_curve",
+    "saturated",
+    "collapsed",
+    "suggested_rank",
+    "predicted_utilization",
+)
+
+#: columns of ``Overlap.table`` (one row per module present in both adapters), in order.
+OVERLAP_COLUMNS: tuple[str, ...] = (
+    "module",
+    "module_type",
+    "layer_index",
+    "shape",
+    "rank_a",
+    "rank_b",
+    "status",
+    "k",
+    "left_overlap",
+    "right_overlap",
+    "chance_left",
+    "chance_right",
+    "left_angles",
+    "right_angles",
+)
+
+#: statuses of an adapter row of a scan (``spectra scan``): analysed, or the one-line reason it was not.
+SCAN_STATUSES: tuple[str, ...] = ("ok", "error")
+
+#: columns of a scan's ``adapters.parquet``, in order (manifest metadata columns follow them).
+SCAN_ADAPTER_COLUMNS: tuple[str, ...] = (
+    ("path", "format", "method", "base_model", "r", "modules", "analysed", "collapsed", "total_rank")
+    + tuple(f"mean_{name}" for name in SUMMARY_METRICS)
+    + ("weighted_utilization", "skipped", "warnings", "status", "error", "seconds", "size", "mtime", "content_key")
+)
+
+#: columns of a scan's ``layers.parquet``: the adapter's ``path``, then every layer column of ``analyze``.
+SCAN_LAYER_COLUMNS: tuple[str, ...] = ("path",) + LAYER_COLUMNS
 
 _INTEGER = re.compile(r"^\d+$")
 

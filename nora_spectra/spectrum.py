@@ -10,6 +10,11 @@ activation-space measurement) gets its singular values here; nothing else comput
 * dense ``delta``: :func:`dense_spectrum`, an exact SVD, or a randomized top-k SVD with a rigorous
   a-posteriori error bound when only the leading values are asked for.
 
+Base-aware analyses also need singular values and vectors of dense matrices (a base weight ``W0``,
+a tuned weight ``W0 + dW``): :func:`spectral_norm`, :func:`leading_left_singular_vectors` and
+:func:`left_singular_vectors` compute them here too, exactly (LAPACK for small matrices, ARPACK's
+Lanczos iteration to machine precision for the few leading ones of large matrices).
+
 Low-rank method (see ``docs/metrics.md``): with thin QR factorizations ``B = Q_B R_B`` and ``A^T = Q_A R_A``,
 
 .. math::  s B A = Q_B \\, (s R_B R_A^T) \\, Q_A^T,
@@ -68,13 +73,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from numpy.typing import ArrayLike
 
 __all__ = [
+    "DENSE_VECTORS_MAX_DIM",
     "GRAM_RCOND_LIMIT",
     "NonFiniteFactorsError",
     "Spectrum",
     "adapter_singular_values",
     "blas_threads",
     "dense_spectrum",
+    "leading_left_singular_vectors",
+    "left_singular_vectors",
     "singular_values",
+    "spectral_norm",
     "spectrum",
 ]
 
@@ -566,14 +575,11 @@ def dense_spectrum(delta: ArrayLike, top_k: int | None = None, *, seed: int = 0)
     k_full = min(m.shape)
     if k_full == 0:
         return Spectrum(np.zeros(0), total_energy=0.0)
-    peak = float(np.max(np.abs(m)))
-    if not math.isfinite(peak):
-        raise NonFiniteFactorsError("the update holds NaN or Inf")
-    if peak == 0.0:
+    m, exponent = _power_of_two_scaled(m)
+    if exponent is None:
         return Spectrum(np.zeros(k_full if top_k is None else min(top_k, k_full)), total_energy=0.0)
-    exponent = math.frexp(peak)[1]
-    m = np.ldexp(m, -exponent)
-    total = float(np.sum(m * m))
+    flat = m.reshape(-1) if m.flags.c_contiguous else m.ravel()
+    total = float(np.dot(flat, flat))  # ||m||_F^2 without a temporary the size of m
     k = k_full if top_k is None else min(top_k, k_full)
     if top_k is None or k + _OVERSAMPLING > _RANDOMIZED_MAX_SHARE * k_full:
         values = np.linalg.svd(m, compute_uv=False)[:k]
@@ -601,3 +607,137 @@ def _ldexp(x: float, exponent: int) -> float:
         return math.ldexp(x, exponent)
     except OverflowError:
         return math.inf
+
+
+#: finite entries whose largest magnitude lies in this range are used as they are; others are first
+#: rescaled by an exact power of two so that products and squared norms neither overflow nor underflow.
+_SAFE_PEAK_RANGE = (2.0**-400, 2.0**400)
+
+
+def _power_of_two_scaled(m: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """``(m', e)`` with ``m == m' * 2**e`` exactly; ``m'`` is ``m`` itself (no copy) unless it must be rescaled.
+
+    Returns ``(m, None)`` for an all-zero matrix.
+
+    Raises:
+        NonFiniteFactorsError: ``m`` holds NaN or Inf.
+    """
+    peak = max(float(m.max()), -float(m.min()))
+    if not math.isfinite(peak):
+        raise NonFiniteFactorsError("the matrix holds NaN or Inf")
+    if peak == 0.0:
+        return m, None
+    if _SAFE_PEAK_RANGE[0] < peak < _SAFE_PEAK_RANGE[1]:
+        return m, 0
+    exponent = math.frexp(peak)[1]
+    return np.ldexp(m, -exponent), exponent
+
+
+# --------------------------------------------------------------------------------------------------
+# singular vectors and norms of dense matrices (base-aware analyses)
+
+#: a matrix with ``min(d_out, d_in)`` at most this gets a dense LAPACK SVD for its leading singular
+#: vectors and its spectral norm; a larger one gets ARPACK's Lanczos iteration on the ones wanted.
+DENSE_VECTORS_MAX_DIM = 512
+
+
+def _dense_matrix(matrix: ArrayLike) -> np.ndarray:
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {m.shape}")
+    return m
+
+
+def _lanczos(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` leading left singular vectors and values of ``m`` by ARPACK (``scipy.sparse.linalg.svds``).
+
+    ``tol=0`` asks ARPACK for machine precision; the start vector is fixed, so results are reproducible.
+    """
+    from scipy.sparse.linalg import svds
+
+    start = np.random.default_rng(0).standard_normal(min(m.shape))
+    u, s, _ = svds(m, k=k, tol=0, v0=start, return_singular_vectors="u", solver="arpack")
+    order = np.argsort(s)[::-1]
+    return u[:, order], s[order]
+
+
+def spectral_norm(matrix: ArrayLike) -> float:
+    """``||M||_2 = sigma_1(M)``, exact to rounding (LAPACK, or ARPACK for large matrices).
+
+    Args:
+        matrix: ``(d_out, d_in)`` real matrix.
+
+    Raises:
+        NonFiniteFactorsError: the matrix holds NaN or Inf.
+        ValueError: it is not 2-D.
+    """
+    m = _dense_matrix(matrix)
+    if m.size == 0:
+        return 0.0
+    m, exponent = _power_of_two_scaled(m)
+    if exponent is None:
+        return 0.0
+    if min(m.shape) <= DENSE_VECTORS_MAX_DIM:
+        top = float(np.linalg.svd(m, compute_uv=False)[0])
+    else:
+        top = float(_lanczos(m, 1)[1][0])
+    return _ldexp(top, exponent)
+
+
+def leading_left_singular_vectors(matrix: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` leading left singular vectors and singular values of a dense matrix.
+
+    Args:
+        matrix: ``(d_out, d_in)`` real matrix.
+        k: how many; at most ``min(d_out, d_in)`` are returned.
+
+    Returns:
+        ``(U_k, sigma_k)``: ``(d_out, k')`` orthonormal columns and ``(k',)`` descending values,
+        ``k' = min(k, d_out, d_in)``. Exact to rounding: a dense LAPACK SVD when
+        ``min(d_out, d_in) <= DENSE_VECTORS_MAX_DIM`` or ``k`` is over half of it, else ARPACK to
+        machine precision. Each vector's sign is arbitrary. An all-zero matrix returns the first
+        ``k'`` standard basis vectors and zeros.
+
+    Raises:
+        NonFiniteFactorsError: the matrix holds NaN or Inf.
+        ValueError: it is not 2-D or ``k < 1``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    m = _dense_matrix(matrix)
+    k = min(k, *m.shape)
+    if k == 0:
+        return np.zeros((m.shape[0], 0)), np.zeros(0)
+    m, exponent = _power_of_two_scaled(m)
+    if exponent is None:
+        return np.eye(m.shape[0], k), np.zeros(k)
+    if min(m.shape) <= DENSE_VECTORS_MAX_DIM or 2 * k > min(m.shape):
+        u, s, _ = np.linalg.svd(m, full_matrices=False)
+        u, s = u[:, :k], s[:k]
+    else:
+        u, s = _lanczos(m, k)
+    return u, np.ldexp(s, exponent)
+
+
+def left_singular_vectors(matrix: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Every left singular vector and singular value of a dense matrix (thin SVD, LAPACK ``gesdd``).
+
+    Args:
+        matrix: ``(d_out, d_in)`` real matrix.
+
+    Returns:
+        ``(U, sigma)``: ``(d_out, min(d_out, d_in))`` orthonormal columns and the descending values.
+
+    Raises:
+        NonFiniteFactorsError: the matrix holds NaN or Inf.
+        ValueError: it is not 2-D.
+    """
+    m = _dense_matrix(matrix)
+    k = min(m.shape)
+    if k == 0:
+        return np.zeros((m.shape[0], 0)), np.zeros(0)
+    m, exponent = _power_of_two_scaled(m)
+    if exponent is None:
+        return np.eye(m.shape[0], k), np.zeros(k)
+    u, s, _ = np.linalg.svd(m, full_matrices=False)
+    return u, np.ldexp(s, exponent)

@@ -12,6 +12,9 @@ factors, never forming the dense ``d_out x d_in`` matrix when a factored form ex
 LoRA and NoRA factors are low-rank; a full fine-tune difference ``W_tuned - W_base`` is dense;
 LyCORIS LoKr is a Kronecker product (its factors may themselves be low-rank) and LoHa a Hadamard
 product of two low-rank products. ``Update`` is the union of the four.
+
+:func:`dense_matrix` forms the ``d_out x d_in`` matrix of any kind: only base-aware analyses need it
+(the tuned weight ``W0 + dW``, DoRA's true update), never the spectrum.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Union
 
 import numpy as np
 
-__all__ = ["DenseUpdate", "HadamardUpdate", "KroneckerUpdate", "LowRankUpdate", "Update", "UPDATE_KINDS"]
+__all__ = ["DenseUpdate", "HadamardUpdate", "KroneckerUpdate", "LowRankUpdate", "Update", "UPDATE_KINDS", "dense_matrix"]
 
 
 def _shape_error(kind: str, detail: str) -> ValueError:
@@ -166,3 +169,31 @@ Update = Union[LowRankUpdate, DenseUpdate, KroneckerUpdate, HadamardUpdate]
 
 #: every update kind, for dispatch and validation.
 UPDATE_KINDS: tuple[type, ...] = (LowRankUpdate, DenseUpdate, KroneckerUpdate, HadamardUpdate)
+
+
+def dense_matrix(update: Update) -> np.ndarray:
+    """The update as a dense float64 ``(d_out, d_in)`` matrix (scale applied).
+
+    Forms what the spectrum never needs to: use it where the matrix itself is wanted (the tuned weight
+    ``W0 + dW`` of a base-aware analysis, DoRA's true update). A :class:`DenseUpdate` returns its
+    ``delta`` itself, not a copy.
+
+    Raises:
+        TypeError: ``update`` is not an update kind.
+    """
+    if isinstance(update, DenseUpdate):
+        return np.asarray(update.delta, dtype=np.float64)
+    if isinstance(update, LowRankUpdate):
+        product = np.asarray(update.B, np.float64) @ np.asarray(update.A, np.float64)
+        product *= float(update.scale)
+        return product
+    if isinstance(update, KroneckerUpdate):
+        product = np.kron(dense_matrix(update.left), dense_matrix(update.right))
+        product *= float(update.scale)
+        return product
+    if isinstance(update, HadamardUpdate):
+        product = np.asarray(update.first.B, np.float64) @ np.asarray(update.first.A, np.float64)
+        product *= np.asarray(update.second.B, np.float64) @ np.asarray(update.second.A, np.float64)
+        product *= float(update.scale)
+        return product
+    raise TypeError(f"not an update kind: {type(update).__name__}")

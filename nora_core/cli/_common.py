@@ -8,12 +8,10 @@ from typing import Any
 
 import click
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 uses the backport declared in pyproject.toml
-    import tomli as tomllib
+from nora_core.parsing import ParseError, read_toml, type_name
 
 __all__ = [
+    "BoundedInt",
     "ExistingPath",
     "UserError",
     "csv_list",
@@ -23,6 +21,7 @@ __all__ = [
     "run_or_fail",
     "seed_everything",
     "user_errors",
+    "with_config",
 ]
 
 
@@ -45,34 +44,53 @@ def load_toml(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value is None:
         return None
     try:
-        with open(value, "rb") as handle:
-            data = tomllib.load(handle)
+        data = read_toml(value)
     except OSError as exc:
-        raise UserError(f"{value}: cannot read ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{value}: invalid TOML ({exc})") from None
+        raise UserError(f"{value}: cannot read ({exc.strerror or exc})") from None
+    except ParseError as exc:
+        raise UserError(str(exc)) from None
     known: dict[str, str] = {}  # "model", "model_dir" -> "model_dir"; "r", "rank" -> "rank"
     paths: set[str] = set()  # options whose value is a path: relative ones are relative to the file
+    flags: set[str] = set()  # boolean options: the file must say true or false
     for p in ctx.command.params:
         if p.name and p.name != "config":
             for alias in [p.name, *getattr(p, "opts", [])]:
                 known[alias.lstrip("-").replace("-", "_")] = p.name
             if isinstance(p.type, (click.Path, ExistingPath)):
                 paths.add(p.name)
+            if isinstance(p.type, click.types.BoolParamType):
+                flags.add(p.name)
     defaults = {}
     for key, item in data.items():
         name = known.get(key.replace("-", "_"))
         if name is None:
             raise UserError(f"{value}: unknown key {key!r} (use the option names of `nora train --help`)")
+        scalar = (str, int, float, bool)
+        if not (isinstance(item, scalar) or (isinstance(item, list) and all(isinstance(v, scalar) for v in item))):
+            raise UserError(
+                f"{value}: {key} must be a string, number, boolean or a list of them, got {type_name(item)}"
+            )
         if isinstance(item, list):
             item = ",".join(str(v) for v in item)
-        if name in paths and isinstance(item, str):
+        if name in paths and not isinstance(item, str):
+            raise UserError(f"{value}: {key} must be a path (a string), got {type_name(item)}")
+        if name in flags and not isinstance(item, bool):
+            raise UserError(f"{value}: {key} must be true or false, got {type_name(item)}")
+        if "\0" in str(item):
+            raise UserError(f"{value}: {key} holds a NUL character")
+        if name in paths:
             # as `spectra check` configs: a path in the file means the same wherever the command runs
             item = os.path.join(os.path.dirname(value), os.path.expanduser(item))
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["nora.config"] = value
     return value
+
+
+class BoundedInt(click.IntRange):
+    """An integer option with bounds; a non-integer reads "'abc' is not a valid integer." as with ``int``."""
+
+    name = "integer"
 
 
 class ExistingPath(click.ParamType):
@@ -117,12 +135,30 @@ def one_line(message: str) -> str:
 
 def run_or_fail(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a ``ValueError`` a user can cause (bad setting) becomes one line, exit 2."""
+    from nora_core.data import DataFormatError
+
     try:
         return fn(*args, **kwargs)
+    except (DataFormatError, FileNotFoundError) as exc:  # name the config the path came from, if any
+        raise UserError(with_config(str(exc), click.get_current_context(silent=True))) from None
+    except OSError as exc:  # e.g. a run directory whose name is too long, or not writable
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise UserError(with_config(f"{where}{exc.strerror or exc}", click.get_current_context(silent=True))) from None
     except user_errors():
         raise
     except (ValueError, TypeError) as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(with_config(str(exc), click.get_current_context(silent=True))) from None
+
+
+def with_config(message: str, ctx: click.Context | None) -> str:
+    """``message``, followed by `` (options from FILE)`` when a ``--config`` file gave option values,
+    so that an error about a value names the file it came from."""
+    while ctx is not None:
+        config = ctx.meta.get("nora.config")
+        if config is not None:
+            return message if config in message else f"{message} (options from {config})"
+        ctx = ctx.parent
+    return message
 
 
 def seed_everything(seed: int) -> None:

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from nora_core.cli._common import one_line, user_errors
+from nora_core.cli._common import one_line, user_errors, with_config
 
 __all__ = ["cli", "main"]
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         # click's usage errors (missing option, bad value, unknown option) print usage, a hint and the
         # error on four lines; a user error of `nora` is one line
-        click.echo(f"nora: error: {one_line(exc.format_message())}", err=True)
+        click.echo(f"nora: error: {with_config(one_line(exc.format_message()), getattr(exc, 'ctx', None))}", err=True)
         sys.exit(2)
     except ModuleNotFoundError as exc:
         if exc.name != "torch":
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted!", err=True)
         sys.exit(130)
     except user_errors() as exc:
-        click.echo(f"nora: error: {exc}", err=True)
+        click.echo(f"nora: error: {one_line(str(exc))}", err=True)
         sys.exit(2)
 
 

@@ -13,7 +13,15 @@ from typing import Any
 
 import click
 
-from nora_core.cli._common import ExistingPath, csv_list, load_toml, progress_wanted, run_or_fail, seed_everything
+from nora_core.cli._common import (
+    BoundedInt,
+    ExistingPath,
+    csv_list,
+    load_toml,
+    progress_wanted,
+    run_or_fail,
+    seed_everything,
+)
 
 __all__ = ["train_command", "tracking_callbacks"]
 
@@ -36,13 +44,14 @@ def tracking_callbacks(track_every: int) -> list[Any]:
 @click.option("--eval-data", type=ExistingPath(directory=False), help="Validation JSONL.")
 @click.option("--format", "data_format", type=click.Choice(["auto", "text", "qa", "mathinstruct", "conversations"]),
               default="auto", show_default=True, help="Record format of the JSONL files.")
-@click.option("--max-length", type=int, default=256, show_default=True,
+@click.option("--max-length", type=BoundedInt(max=2**20), default=256, show_default=True,
               help="Longest sequence in tokens (capped at the model's block size).")
 @click.option("--response-only/--full-sequence", default=True, show_default=True,
               help="Compute the loss on the answer only, or on prompt and answer.")
 @click.option("--skip-malformed", is_flag=True, help="Skip malformed JSONL lines (counted) instead of failing.")
 @click.option("--method", type=click.Choice(["lora", "nora"]), default="nora", show_default=True)
-@click.option("--r", "rank", type=int, default=8, show_default=True, help="Adapter rank.")
+@click.option("--rank", "--r", "rank", type=BoundedInt(max=2**16), default=8, show_default=True,
+              help="Adapter rank r (--r also works, but not under torchrun, which takes --r for its own options).")
 @click.option("--alpha", type=float, help="Scale numerator (scale = alpha / r); default alpha = r.")
 @click.option("--rslora", is_flag=True, help="Scale alpha / sqrt(r).")
 @click.option("--activation", type=click.Choice(["silu", "relu", "gelu", "identity"]), default="silu",
@@ -51,27 +60,31 @@ def tracking_callbacks(track_every: int) -> list[Any]:
 @click.option("--targets", default="q_proj,v_proj", show_default=True, help="Comma-separated target modules.")
 @click.option("--run-dir", type=click.Path(file_okay=False), required=True,
               help="Where checkpoints, metrics.jsonl and the adapter go.")
-@click.option("--steps", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Global batch (sequences per step).")
-@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--steps", type=BoundedInt(max=2**40), default=200, show_default=True)
+@click.option("--batch-size", type=BoundedInt(max=2**16), default=16, show_default=True, help="Global batch (sequences per step).")
+@click.option("--grad-accum", type=BoundedInt(max=2**16), default=1, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True, help="Linear warmup steps (at most --steps).")
+@click.option("--warmup", type=BoundedInt(max=2**40), default=10, show_default=True, help="Linear warmup steps (at most --steps).")
 @click.option("--min-lr-ratio", type=float, default=0.1, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Max grad norm (0 disables).")
 @click.option("--bf16", is_flag=True, help="bf16 autocast.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=BoundedInt(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--eval-every", type=int, default=50, show_default=True)
-@click.option("--eval-batches", type=int, help="Evaluate on at most this many batches.")
-@click.option("--save-every", type=int, default=100, show_default=True, help="Checkpoint interval (0: never).")
-@click.option("--keep-last", type=int, default=2, show_default=True)
-@click.option("--track-every", type=int, default=25, show_default=True, help="Spectral tracking interval (0: off).")
-@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--eval-every", type=BoundedInt(max=2**40), default=50, show_default=True)
+@click.option("--eval-batches", type=BoundedInt(max=2**40), help="Evaluate on at most this many batches.")
+@click.option("--save-every", type=BoundedInt(max=2**40), default=100, show_default=True, help="Checkpoint interval (0: never).")
+@click.option("--keep-last", type=BoundedInt(max=2**40), default=2, show_default=True)
+@click.option("--track-every", type=BoundedInt(max=2**40), default=25, show_default=True, help="Spectral tracking interval (0: off).")
+@click.option("--log-every", type=BoundedInt(max=2**40), default=10, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --run-dir.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: only when stderr is a terminal, never in CI logs).")
 def train_command(**opts: Any) -> None:
-    """Fine-tune LoRA or NoRA adapters on a JSONL dataset."""
+    """Fine-tune LoRA or NoRA adapters on a JSONL dataset.
+
+    Integer options have upper bounds (rank 2**16, batch size 2**16, max length 2**20, counts 2**40)
+    so that a value from a hostile config cannot ask for terabytes or an endless batch loop.
+    """
     result = _train_from_options(opts)
     _echo_result(result)
 

@@ -230,7 +230,9 @@ class GPT(nn.Module):
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (src / name).is_file():
                 raise FileNotFoundError(f"{src / name}: not found (expected a GPT saved by save_pretrained)")
-        config = GPTConfig.from_dict(json.loads((src / CONFIG_NAME).read_text(encoding="utf-8")))
+        from nora_core.parsing import read_json  # bounded: depth, numbers, UTF-8 (a ParseError is a ValueError)
+
+        config = GPTConfig.from_dict(read_json(src / CONFIG_NAME))
         model = cls(config)
         state = load_file(str(src / WEIGHTS_NAME))
         state["lm_head.weight"] = state["wte.weight"]

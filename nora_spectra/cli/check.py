@@ -98,9 +98,13 @@ def command(
         return
 
     if not settings.has_gates:
+        from nora_spectra.check_config import find_pyproject
+
+        read = [os.fspath(p) for p in (find_pyproject(), config_file) if p is not None]
+        where = f" (read {', '.join(read)})" if read else ""
         raise UsageError(
-            "no gate configured: pass --min-utilization, --min-effective-rank, --max-collapsed-fraction or "
-            "--baseline, or set them in [tool.spectra.check]"
+            f"no gate configured{where}: pass --min-utilization, --min-effective-rank, --max-collapsed-fraction "
+            "or --baseline, or set them in [tool.spectra.check]"
         )
     baselines = load_baseline(settings.baseline) if settings.baseline is not None else None
     result = evaluate(analyze_paths(paths, settings), settings, baselines)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from nora_spectra._text import one_line
+
 from nora_spectra.cli.analyze import format_in_option, write_result
 from nora_spectra.errors import UsageError
 from nora_spectra.render.comparison import COMPARISON_FORMATS, format_comparison
@@ -49,14 +51,13 @@ def command(
 
     analyses = []
     for path in paths:
-        found = load_analyses(
+        analyses.extend(load_analyses(
             path, adapter=adapter, format=format_in, collapse_threshold=collapse_threshold, emit_warnings=False
-        )
-        if not quiet:
-            for analysis in found:
-                for message in analysis.warnings:
-                    click.echo(f"spectra: warning: {analysis.display_name}: {message}", err=True)
-        analyses.extend(found)
+        ))
+    if not quiet:  # once every input is read: a failing command prints its one error line only
+        for analysis in analyses:
+            for message in analysis.warnings:
+                click.echo(one_line(f"spectra: warning: {analysis.display_name}: {message}"), err=True)
     if len(analyses) < 2:
         raise UsageError("compare needs at least two checkpoints")
     names = None if labels is None else [s.strip() for s in labels.split(",")]

@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from nora_spectra._text import one_line
 from nora_spectra.errors import SpectraError
 
 __all__ = ["cli", "main"]
@@ -24,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("nora_spectra.cli.compare", "Compare the spectra of several checkpoints module by module."),
     "report": ("nora_spectra.cli.report", "Write a self-contained HTML or Markdown report with plots."),
     "check": ("nora_spectra.cli.check", "CI gate: fail when rank utilization drops below limits."),
+    "resize": ("nora_spectra.cli.resize", "Write a smaller adapter: each module's best rank-k approximation."),
+    "suggest": ("nora_spectra.cli.suggest", "Suggest a rank and a per-module rank_pattern for the next run."),
+    "overlap": ("nora_spectra.cli.overlap", "Subspace overlap of two adapters, module by module (LoRA paper's phi)."),
+    "scan": ("nora_spectra.cli.scan", "Analyse every adapter under some directories into Parquet tables."),
+    "census": ("nora_spectra.cli.census", "Write an HTML census (utilization by r, module type, base model) of a scan."),
     "demo": ("nora_spectra.cli.demo", "Build small LoRA and NoRA checkpoints and analyse them (no downloads)."),
 }
 
@@ -68,13 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="spectra", standalone_mode=False)
     except SpectraError as exc:
-        click.echo(f"spectra: error: {exc}", err=True)
+        click.echo(f"spectra: error: {one_line(str(exc))}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:  # bad option or argument: one line, like every user error
         where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(f"spectra: error: {exc.format_message()}{where}", err=True)
+        click.echo(f"spectra: error: {one_line(exc.format_message())}{where}", err=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

@@ -2,7 +2,7 @@
 
 A PATH is an adapter checkpoint, an analysis JSON file from ``spectra analyze --format json``, or a
 training run directory (``metrics.jsonl``: loss curves and effective-rank trajectories, plus its final
-adapter). ``.html`` writes one file with inline CSS and images; ``.md`` writes Markdown and a
+adapter). ``--overlap`` adds the subspace overlap of the first checkpoint with each other one. ``.html`` writes one file with inline CSS and images; ``.md`` writes Markdown and a
 ``<name>_files/`` folder of PNGs next to it. Every file is written atomically.
 """
 
@@ -27,6 +27,9 @@ __all__ = ["command"]
 @click.option("--collapse-threshold", type=float, default=DEFAULT_COLLAPSE_THRESHOLD, show_default=True,
               help="Flag a layer collapsed when effective_rank / r is below this.")
 @click.option("--dpi", type=click.IntRange(50, 300), default=100, show_default=True, help="Resolution of the plots.")
+@click.option("--overlap", is_flag=True,
+              help="Add the subspace overlap of the first checkpoint with each other one (table, bars, phi heat map).")
+@click.option("--overlap-module", metavar="NAME", help="The module of the phi heat map (default: the first compared).")
 @click.option("-q", "--quiet", is_flag=True, help="No messages on stderr.")
 def command(
     paths: tuple[str, ...],
@@ -37,6 +40,8 @@ def command(
     format_in: str | None,
     collapse_threshold: float,
     dpi: int,
+    overlap: bool,
+    overlap_module: str | None,
     quiet: bool,
 ) -> None:
     """Write an HTML or Markdown report of checkpoints and training runs: warnings, summary,
@@ -45,7 +50,11 @@ def command(
     from nora_spectra.report import report
 
     names = None if labels is None else [s.strip() for s in labels.split(",")]
-    options = {"collapse_threshold": collapse_threshold, "dpi": dpi}
+    from nora_spectra.errors import UsageError
+
+    if overlap_module is not None and not overlap:
+        raise UsageError("--overlap-module needs --overlap")
+    options = {"collapse_threshold": collapse_threshold, "dpi": dpi, "overlap": overlap, "overlap_module": overlap_module}
     if adapter is not None:
         options["adapter"] = adapter
     if format_in is not None:

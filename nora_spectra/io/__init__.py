@@ -4,10 +4,22 @@
 :mod:`nora_spectra.io.registry`), validates the checkpoint eagerly from its configs and headers, and
 returns a :class:`Checkpoint` whose :meth:`~Checkpoint.iter_layers` yields one :class:`ModuleUpdate`
 (the module, its rank and shape, and its update, one of :mod:`nora_spectra.updates`) at a time.
-See ``docs/formats.md``.
+``open_model_weights(path)`` opens a safetensors model (a base model, one file or sharded) for
+base-aware analyses. See ``docs/formats.md``.
 """
 
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, ModuleUpdate
+from nora_spectra.io.model_weights import ModelWeights, open_model_weights
 from nora_spectra.io.registry import Format, detect_format, formats, load_checkpoint
 
-__all__ = ["Checkpoint", "Format", "ModuleEntry", "ModuleUpdate", "detect_format", "formats", "load_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "Format",
+    "ModelWeights",
+    "ModuleEntry",
+    "ModuleUpdate",
+    "detect_format",
+    "formats",
+    "load_checkpoint",
+    "open_model_weights",
+]

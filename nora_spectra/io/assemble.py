@@ -8,17 +8,39 @@ becomes a :class:`~nora_spectra.io.checkpoint.ModuleEntry` whose ``read`` return
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import AdapterSettings
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
+from nora_spectra.io.factors import read_vector
 from nora_spectra.io.peft_keys import PEFT_PREFIX, LayerPlan, _dense_module, scan_keys
 from nora_spectra.io.safetensors_file import check_readable
+from nora_spectra.schema import DORA_PROXY_WARNING
 from nora_spectra.updates import LowRankUpdate
 
-__all__ = ["assemble_checkpoint", "read_pair"]
+__all__ = ["assemble_checkpoint", "machine_memory", "module_memory", "read_pair"]
+
+
+def machine_memory() -> int | None:
+    """The machine's physical memory in bytes, or None where the platform does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return None
+
+
+def module_memory(rank: int, d_out: int, d_in: int) -> int:
+    """Bytes a module's analysis holds at its peak, from its header shapes alone (docs/formats.md).
+
+    The factors in float64 (``8 (d_out + d_in) r``; reading adds at most as much again for the stored
+    bits) plus the spectrum's work arrays, a few ``k x max(r, k)`` float64 blocks with
+    ``k = min(r, d_out, d_in)``.
+    """
+    k = min(rank, d_out, d_in)
+    return 16 * (d_out + d_in) * rank + 8 * 4 * k * max(rank, k)
 
 
 def read_pair(source: TensorSource, plan: LayerPlan, scale: float) -> LowRankUpdate:
@@ -92,9 +114,17 @@ def assemble_checkpoint(
         )
     entries: list[ModuleEntry] = []
     method = settings.kind if settings else "lora"
+    memory = machine_memory()
     for plan in scan.plans:
         for key in (plan.key_a, plan.key_b):
             check_readable(weights, source.info(key))
+        need = module_memory(plan.rank, *plan.shape)
+        if memory is not None and need > memory:
+            raise CheckpointError(
+                weights,
+                f"module {plan.module!r}: analysing its factors (rank {plan.rank}, shape {list(plan.shape)}) needs "
+                f"about {need / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB",
+            )
         layer_notes = []
         scale = 1.0
         if settings is not None:
@@ -124,6 +154,7 @@ def assemble_checkpoint(
                 read=partial(read_pair, source, plan, scale),
                 dora=plan.dora,
                 notes=tuple(layer_notes),
+                read_magnitude=None if plan.key_magnitude is None else partial(read_vector, source, plan.key_magnitude),
             )
         )
     if settings is None:
@@ -136,7 +167,7 @@ def assemble_checkpoint(
         if settings.use_dora and not any(plan.dora for plan in scan.plans):
             warnings.append("use_dora is set but no lora_magnitude_vector was found")
     if any(plan.dora for plan in scan.plans):
-        warnings.append("DoRA layers: spectra are of the direction update B A only (magnitude vector not included)")
+        warnings.append(DORA_PROXY_WARNING)
     if any(plan.has_bias for plan in scan.plans):
         warnings.append("lora_B.bias tensors are ignored: a bias is not part of the update's spectrum")
     if scan.skipped:

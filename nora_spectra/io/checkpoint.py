@@ -77,6 +77,7 @@ class ModuleUpdate:
     Attributes are those of :class:`ModuleEntry` (without ``read``) plus ``update``, one of the kinds of
     :mod:`nora_spectra.updates`; for LoRA and NoRA a ``LowRankUpdate`` with ``A`` (r, n), ``B`` (m, r)
     and the scale of PEFT's rule (``alpha / r``, ``alpha / sqrt(r)``, rank and alpha patterns).
+    ``read_magnitude`` is the entry's (DoRA modules), still unread: only a base-aware analysis needs it.
     """
 
     module: str
@@ -89,6 +90,7 @@ class ModuleUpdate:
     dtype: str
     dora: bool = False
     notes: tuple[str, ...] = ()
+    read_magnitude: Callable[[], np.ndarray] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -146,15 +148,18 @@ class Checkpoint:
 
 def materialize(entry: ModuleEntry) -> ModuleUpdate:
     """Read ``entry``'s tensors and return the :class:`ModuleUpdate`."""
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf bits are reported as a status, not warned
+        update = entry.read()
     return ModuleUpdate(
         module=entry.module,
         key=entry.key,
         kind=entry.kind,
-        update=entry.read(),
+        update=update,
         rank=entry.rank,
         shape=entry.shape,
         layer_type=entry.layer_type,
         dtype=entry.dtype,
         dora=entry.dora,
         notes=entry.notes,
+        read_magnitude=entry.read_magnitude,
     )

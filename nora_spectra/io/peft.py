@@ -8,7 +8,6 @@ and ``nora`` formats both read this layout; :func:`config_kind` tells them apart
 from __future__ import annotations
 
 import os
-
 from typing import TYPE_CHECKING
 
 from nora_spectra.errors import CheckpointError

@@ -47,6 +47,7 @@ class LayerPlan:
             differ).
         dora: a DoRA magnitude vector exists.
         has_bias: a ``lora_B.bias`` exists.
+        key_magnitude: tensor key of the DoRA magnitude vector, or None.
     """
 
     module: str
@@ -59,6 +60,7 @@ class LayerPlan:
     dtype: str
     dora: bool = False
     has_bias: bool = False
+    key_magnitude: str | None = None
 
 
 @dataclass
@@ -210,7 +212,22 @@ def _plan(path: str, module: str, found: _Parts, by_key: dict[str, TensorInfo]) 
         shape = (b.shape[0], math.prod(a.shape[1:]))
     if rank == 0:
         raise CheckpointError(path, f"module {module!r}: factors have rank 0")
+    if 0 in shape or 0 in a.shape or 0 in b.shape:
+        raise CheckpointError(
+            path, f"module {module!r}: a factor has an empty dimension ({names[0]} {list(a.shape)}, {names[1]} {list(b.shape)})"
+        )
     dtype = a.dtype_name if a.dtype == b.dtype else f"{a.dtype_name}/{b.dtype_name}"
+    key_magnitude = parts.get("lora_magnitude_vector")
+    if key_magnitude is not None:
+        # one value per output feature; an embedding's per embedding-dim column (the update is (B A)^T)
+        size = shape[1] if layer_type == "embedding" else shape[0]
+        magnitude = by_key[key_magnitude]
+        if magnitude.dtype not in FLOAT_DTYPES or magnitude.numel != size:
+            raise CheckpointError(
+                path,
+                f"module {module!r}: DoRA magnitude {key_magnitude!r} is {magnitude.dtype} {list(magnitude.shape)}, "
+                f"expected {size} float values",
+            )
     return LayerPlan(
         module=module,
         key=found.prefix,
@@ -220,8 +237,9 @@ def _plan(path: str, module: str, found: _Parts, by_key: dict[str, TensorInfo]) 
         rank=rank,
         shape=shape,
         dtype=dtype,
-        dora="lora_magnitude_vector" in parts,
+        dora=key_magnitude is not None,
         has_bias="lora_B.bias" in parts,
+        key_magnitude=key_magnitude,
     )
 
 

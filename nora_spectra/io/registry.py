@@ -14,18 +14,20 @@ directory, the bare-safetensors reader for a safetensors file).
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pkgutil
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable
 
+from nora_core.parsing import ParseError, read_json
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.io.safetensors_file import SafetensorsFile
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.io.checkpoint import Checkpoint
+    from nora_spectra.io.model_weights import ModelWeights
+    from nora_spectra.io.writing import ResizeWriter
 
 __all__ = ["Format", "Probe", "detect_format", "formats", "get_format", "load_checkpoint"]
 
@@ -43,12 +45,15 @@ class Format:
         sniff: True when the path is in this format; reads configs and headers only, never raises.
         open: validate the path and return its :class:`~nora_spectra.io.checkpoint.Checkpoint`; raises
             :class:`~nora_spectra.errors.CheckpointError` naming the file on anything wrong.
+        resize: how ``spectra resize`` writes this format (:class:`~nora_spectra.io.writing.ResizeWriter`),
+            or None when it cannot yet (resize then refuses it, naming the formats it can write).
     """
 
     name: str
     summary: str
     sniff: Callable[["Probe"], bool]
     open: Callable[["Probe", "str | None"], "Checkpoint"]
+    resize: "ResizeWriter | None" = None
 
 
 class Probe:
@@ -57,11 +62,14 @@ class Probe:
     Args:
         path: the file or directory the user gave.
         adapter: the adapter sub-directory asked for, or None.
+        base: the base model of a base-aware analysis (``--base``), opened, or None. Only formats that
+            are a difference against a base (``full``) read it.
     """
 
-    def __init__(self, path: str, adapter: str | None = None) -> None:
+    def __init__(self, path: str, adapter: str | None = None, base: "ModelWeights | None" = None) -> None:
         self.path = path
         self.adapter = adapter
+        self.base = base
         self.is_dir = os.path.isdir(path)
         self.is_file = os.path.isfile(path)
         self.name = os.path.basename(os.path.normpath(path))
@@ -87,9 +95,8 @@ class Probe:
         """The parsed JSON at ``path``, or None when it is missing or unreadable (sniffers never raise)."""
         if path not in self._json:
             try:
-                with open(path, encoding="utf-8") as handle:
-                    self._json[path] = json.load(handle)
-            except (OSError, ValueError, RecursionError):
+                self._json[path] = read_json(path)
+            except (OSError, ParseError):
                 self._json[path] = None
         return self._json[path]
 
@@ -163,11 +170,11 @@ def detect_format(path: "str | os.PathLike[str]", adapter: str | None = None) ->
     return _detect(_probe(path, adapter))
 
 
-def _probe(path: "str | os.PathLike[str]", adapter: str | None) -> Probe:
+def _probe(path: "str | os.PathLike[str]", adapter: str | None, base: "ModelWeights | None" = None) -> Probe:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(path, "no such file or directory")
-    probe = Probe(path, adapter)
+    probe = Probe(path, adapter, base)
     if not (probe.is_dir or probe.is_file):
         raise CheckpointError(path, "not a regular file or directory")
     return probe
@@ -185,7 +192,11 @@ def _detect(probe: Probe) -> str | None:
 
 
 def load_checkpoint(
-    path: "str | os.PathLike[str]", adapter: str | None = None, *, format: str = AUTO
+    path: "str | os.PathLike[str]",
+    adapter: str | None = None,
+    *,
+    format: str = AUTO,
+    base: "str | os.PathLike[str] | ModelWeights | None" = None,
 ) -> "Checkpoint":
     """Open and validate a checkpoint of any registered format without reading any tensor.
 
@@ -194,6 +205,9 @@ def load_checkpoint(
         adapter: the name of an adapter saved in a sub-directory (PEFT layout), or None.
         format: ``"auto"`` to detect the format, or the name of a registered format to force it
             (``--format-in``).
+        base: a safetensors base model (path or opened :class:`~nora_spectra.io.model_weights.ModelWeights`).
+            With a base, a model that is no adapter is read as a full fine-tune (format ``full``: its
+            updates are ``W_tuned - W_base``); adapters ignore it here.
 
     Returns:
         A :class:`~nora_spectra.io.checkpoint.Checkpoint`; iterate its modules with ``iter_layers()``.
@@ -205,6 +219,10 @@ def load_checkpoint(
         UsageError: ``format`` names no registered format.
     """
     probe = _probe(path, adapter)
+    if base is not None:
+        from nora_spectra.io.model_weights import open_model_weights
+
+        probe.base = open_model_weights(base)
     if format != AUTO:
         return get_format(format).open(probe, adapter)
     name = _detect(probe)
@@ -226,7 +244,7 @@ def _fallback(probe: Probe) -> str:
     if probe.path.endswith((".bin", ".pt", ".pth")):
         raise CheckpointError(
             probe.path,
-            "a bare torch pickle is not supported: put it in a directory as adapter_model.bin with an "
-            "adapter_config.json, or convert it to safetensors",
+            "a bare torch pickle is not supported unless it holds torchtune's <module>.lora_a.weight keys: put "
+            "it in a directory as adapter_model.bin with an adapter_config.json, or convert it to safetensors",
         )
     raise CheckpointError(probe.path, "not an adapter: expected a .safetensors file or an adapter directory")

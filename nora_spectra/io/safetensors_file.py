@@ -23,12 +23,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nora_core.parsing import ParseError, parse_json
 from nora_spectra.errors import CheckpointError
 
-__all__ = ["MAX_HEADER_BYTES", "DTYPES", "FLOAT_DTYPES", "TensorInfo", "SafetensorsFile", "check_readable"]
+__all__ = [
+    "MAX_DIMENSION",
+    "MAX_HEADER_BYTES",
+    "DTYPES",
+    "FLOAT_DTYPES",
+    "TensorInfo",
+    "SafetensorsFile",
+    "check_readable",
+    "raw_dtype",
+    "upcast",
+]
 
 #: The official parser rejects headers larger than this (100 MB).
 MAX_HEADER_BYTES = 100_000_000
+
+#: The largest dimension a tensor may declare (2**40). Offsets tiling the file bound every non-empty
+#: tensor by the file's size; this bounds the dimensions of empty ones (``[0, 10**30]``), which
+#: would otherwise reach the maths as sizes to allocate.
+MAX_DIMENSION = 2**40
 
 #: safetensors dtype tag -> (item size in bytes, readable name).
 DTYPES: dict[str, tuple[int, str]] = {
@@ -147,6 +163,30 @@ class SafetensorsFile:
             raise CheckpointError(self.path, f"truncated while reading tensor {name!r}") from None
         return flat.reshape(info.shape)
 
+    def read_index(self, name: str, index: int) -> np.ndarray:
+        """Read ``tensor[index]`` (along the first axis) only, upcast exactly to float64.
+
+        For stacked per-expert factors (mlx-lm's ``(E, r, d)`` MoE LoRA), so that one expert costs one expert's
+        bytes, not the whole stack's.
+
+        Raises:
+            CheckpointError: as :meth:`read`; IndexError when ``index`` is outside the first axis.
+        """
+        info = self._tensors[name]
+        check_readable(self.path, info)
+        if not info.shape or not 0 <= index < info.shape[0]:
+            raise IndexError(f"{name}: index {index} outside shape {list(info.shape)}")
+        count = info.numel // info.shape[0]
+        raw_dtype = np.dtype(_RAW_NUMPY[info.dtype])
+        offset = info.start + index * count * raw_dtype.itemsize
+        try:
+            raw = np.fromfile(self.path, dtype=raw_dtype, count=count, offset=offset)
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {exc.strerror or exc}") from exc
+        if raw.size != count:
+            raise CheckpointError(self.path, f"truncated while reading tensor {name!r}")
+        return upcast(raw, info.dtype).reshape(info.shape[1:])
+
     # ------------------------------------------------------------------ parsing
 
     def _parse(self) -> None:
@@ -172,11 +212,9 @@ class SafetensorsFile:
         except OSError as exc:
             raise CheckpointError(path, f"cannot read file: {exc.strerror or exc}") from exc
         try:
-            header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(path, f"corrupt safetensors header: not valid JSON ({exc})") from exc
-        except _DuplicateKey as exc:
-            raise CheckpointError(path, f"corrupt safetensors header: key {exc.args[0]!r} appears twice") from exc
+            header = parse_json(raw_header, path, reject_duplicates=True)
+        except ParseError as exc:
+            raise CheckpointError(path, f"corrupt safetensors header: {exc.problem}") from None
         if not isinstance(header, dict):
             raise CheckpointError(
                 path, f"corrupt safetensors header: expected a JSON object, got {type(header).__name__}"
@@ -207,6 +245,19 @@ def check_readable(path: str, info: TensorInfo) -> None:
                 f"tensor {info.name!r} is {info.dtype} (float8); reading it needs the ml_dtypes package "
                 "(pip install ml_dtypes)",
             ) from exc
+
+
+def raw_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of a float tensor's stored bits (``<u2`` for BF16, ``u1`` for F8), for :func:`upcast`."""
+    return np.dtype(_RAW_NUMPY[dtype])
+
+
+def upcast(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Exact upcast to float64 of stored bits read as :func:`raw_dtype` (1-D in, 1-D out); chunks of a
+    tensor may be upcast separately (readers that bound their memory do)."""
+    out = np.empty(raw.size, dtype=np.float64)
+    _upcast(raw, dtype, out)
+    return out
 
 
 #: Elements read and upcast per step: the raw block and its float32 bits stay in the CPU cache, and
@@ -297,14 +348,16 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, data_len:
     if dtype not in DTYPES:
         raise bad(f"has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise bad(f"has an invalid shape {shape!r}")
+        raise bad(f"has an invalid shape {_short(shape)}")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise bad(f"declares a dimension beyond 2**40 in shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(o) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise bad(f"has invalid data_offsets {offsets!r}")
+        raise bad(f"has invalid data_offsets {_short(offsets)}")
     begin, end = offsets
     if end > data_len:
         raise bad(f"has data_offsets {offsets} out of range (data region is {data_len} bytes; truncated file?)")
@@ -340,17 +393,10 @@ def _check_tiling(path: str, tensors: list[TensorInfo], data_start: int, data_le
         )
 
 
-class _DuplicateKey(Exception):
-    """A JSON object in the header repeats a key (json.loads would silently keep the last one)."""
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a hostile header cannot flood a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value: object) -> bool:

@@ -15,7 +15,11 @@ import numpy as np
 
 from nora_spectra._torch import INSTALL_HINT
 from nora_spectra.errors import CheckpointError
-from nora_spectra.io.pickle_scan import forbidden_globals
+from nora_spectra.io.pickle_scan import (
+    declared_storage_problem,
+    forbidden_globals,
+    pickle_problem,
+)
 from nora_spectra.io.safetensors_file import DTYPES, TensorInfo
 
 __all__ = ["TorchBinFile"]
@@ -57,6 +61,12 @@ class TorchBinFile:
             raise CheckpointError(
                 self.path, f"refused to unpickle: it refers to {', '.join(forbidden)}, which could run code"
             )
+        problem = pickle_problem(self.path)  # damaged or odd pickles never reach torch.load's error path
+        if problem is not None:
+            raise CheckpointError(self.path, f"not a readable torch checkpoint: {problem}")
+        problem = declared_storage_problem(self.path)  # before torch allocates what the pickle declares
+        if problem is not None:
+            raise CheckpointError(self.path, f"refused to load: {problem}")
         try:
             import torch
         except ImportError as exc:

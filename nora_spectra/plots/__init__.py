@@ -10,7 +10,8 @@ Every number comes from the analysis records (``singular_values``, ``effective_r
 ``utilization``, ``energy_rank_90``...). The curves are only re-expressions of the stored singular
 values for drawing (``sigma_i / sigma_1``, ``sigma_i / sum_j sigma_j``, cumulative ``sigma^2`` shares).
 Training plots take the step records of a run's ``metrics.jsonl``. Checkpoint plots live in
-:mod:`.checkpoint`, training-run plots in :mod:`.training`.
+:mod:`.checkpoint`, training-run plots in :mod:`.training`, subspace-overlap plots (an
+:class:`~nora_spectra.overlap.Overlap`) in :mod:`.overlap`.
 """
 
 from nora_spectra.plots._common import color, figure_png, series_of
@@ -21,6 +22,7 @@ from nora_spectra.plots.checkpoint import (
     spectrum_decay,
     utilization_heatmap,
 )
+from nora_spectra.plots.overlap import overlap_bars, phi_heatmap
 from nora_spectra.plots.training import effective_rank_trajectory, training_loss
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "effective_rank_trajectory",
     "effective_rank_vs_rank",
     "figure_png",
+    "overlap_bars",
+    "phi_heatmap",
     "series_of",
     "spectrum_decay",
     "training_loss",

@@ -7,7 +7,18 @@ from typing import Any, Callable, Sequence
 
 from nora_spectra.schema import to_jsonable
 
-__all__ = ["COLUMN_SETS", "NUMERIC_KEYS", "Column", "cell", "csv_cell", "layer_rows", "markdown_table", "signed"]
+__all__ = [
+    "BASE_AWARE_COLUMNS",
+    "COLUMN_SETS",
+    "NUMERIC_KEYS",
+    "Column",
+    "cell",
+    "csv_cell",
+    "layer_columns",
+    "layer_rows",
+    "markdown_table",
+    "signed",
+]
 
 #: (record key, header, formatter)
 Column = tuple[str, str, Callable[[Any], str]]
@@ -69,11 +80,30 @@ COLUMN_SETS: dict[str, tuple[Column, ...]] = {
     ),
 }
 
+#: columns added to a view when the records carry them (base-aware analyses, truncated spectra).
+BASE_AWARE_COLUMNS: tuple[Column, ...] = (
+    ("captured_energy", "captured", _fixed(3)),
+    ("relative_sigma_max", "rel_2", _sig),
+    ("relative_frobenius_norm", "rel_F", _sig),
+    ("intruders", "intruders", _int),
+)
+
 #: columns whose cells are right-aligned in the terminal table.
 NUMERIC_KEYS = frozenset(
     {"rank", "effective_rank", "utilization", "stable_rank", "energy_rank_90", "energy_rank_99",
-     "numerical_rank", "spectral_entropy", "tail_energy", "sigma_max"}
+     "numerical_rank", "spectral_entropy", "tail_energy", "sigma_max", "captured_energy", "relative_sigma_max",
+     "relative_frobenius_norm", "intruders"}
 )
+
+
+def layer_columns(view: str, records: Sequence[dict[str, Any]]) -> tuple[Column, ...]:
+    """The columns of ``view`` (``full`` or ``effective_rank``), before ``status``: those of
+    :data:`BASE_AWARE_COLUMNS` the records carry."""
+    columns = COLUMN_SETS[view]
+    extra = tuple(col for col in BASE_AWARE_COLUMNS if records and col[0] in records[0])
+    if not extra:
+        return columns
+    return columns[:-1] + extra + columns[-1:]
 
 
 def cell(value: Any, digits: int = 3) -> str:

@@ -3,7 +3,7 @@
 The report is one file with inline CSS and its PNG figures as base64 ``data:`` URIs: no scripts, no
 stylesheets or fonts from elsewhere, nothing fetched over the network. Sections, in order: collapse
 warnings, summary (and the comparison when there are several checkpoints), per-module tables, plots,
-training runs, adapter configs.
+subspace overlap (``--overlap``), training runs, adapter configs.
 
 Formatting only: every number comes from the analysis records and summaries (via
 :class:`~nora_spectra.report.ReportData`). Table cells carry the exact stored value in a
@@ -18,7 +18,7 @@ import html
 import json
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from nora_spectra.render._cells import COLUMN_SETS, NUMERIC_KEYS, cell, signed
+from nora_spectra.render._cells import NUMERIC_KEYS, cell, layer_columns, signed
 from nora_spectra.schema import to_jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,7 +113,7 @@ def module_table(analysis: "Analysis", label: str | None = None) -> str:
 
     ``label`` (the checkpoint's label in a report) becomes the table's ``data-label`` attribute.
     """
-    columns = COLUMN_SETS["full"]
+    columns = layer_columns("full", analysis.records)
     rows = []
     for rec in analysis.records:
         cells = []
@@ -328,12 +328,30 @@ def _figures_section(data: "ReportData") -> str:
     parts = ['<section id="plots"><h2>Plots</h2><div class="figs">']
     for fig in data.figures:
         uri = "data:image/png;base64," + base64.b64encode(fig.png).decode("ascii")
-        wide = ' class="wide"' if fig.name.startswith("utilization_heatmap") else ""
+        wide = ' class="wide"' if fig.name.startswith(("utilization_heatmap", "overlap_bars")) else ""
         parts.append(
             f'<figure{wide} id="fig-{_e(fig.name)}"><img src="{uri}" alt="{_e(fig.title)}">'
             f"<figcaption><b>{_e(fig.title)}.</b> {_e(fig.caption)}</figcaption></figure>"
         )
     parts.append("</div></section>")
+    return "\n".join(parts)
+
+
+def _overlap_section(data: "ReportData") -> str:
+    """The subspace overlap of the first checkpoint with each other one (``--overlap``): summary and table."""
+    if not data.overlaps:
+        return ""
+    from nora_spectra.render.overlap import overlap_table_html
+
+    parts = ['<section id="overlap"><h2>Subspace overlap</h2>',
+             '<p class="meta">Per module: the mean squared cosine of the principal angles between the two updates\' '
+             "top-k singular subspaces (φ(k, k) of the LoRA paper), for the left (output) and right (input) "
+             "singular vectors; chance is k / d, what two random subspaces give. The plots are in the Plots "
+             "section.</p>"]
+    for item in data.overlaps:
+        parts.append(f"<h3>{_e(item.labels[0])} and {_e(item.labels[1])}</h3>")
+        parts.append(overlap_table_html(item))
+    parts.append("</section>")
     return "\n".join(parts)
 
 
@@ -378,6 +396,7 @@ def render_report_html(data: "ReportData") -> str:
         _warnings_section(data),
         _summary_section(data),
         _modules_section(data),
+        _overlap_section(data),
         _figures_section(data),
         _runs_section(data),
         _configs_section(data),
@@ -385,6 +404,8 @@ def render_report_html(data: "ReportData") -> str:
     toc = [("warnings", "Warnings"), ("summary", "Summary")]
     if data.analyses:
         toc.append(("modules", "Per-module metrics"))
+    if data.overlaps:
+        toc.append(("overlap", "Subspace overlap"))
     if data.figures:
         toc.append(("plots", "Plots"))
     if data.runs:

@@ -1,7 +1,7 @@
 """The Markdown report: ``report.md`` text plus the PNG files it links from a folder next to it.
 
-Same sections as the HTML report (warnings, summary, comparison, per-module tables, plots, training
-runs, configs). Formatting only; the per-checkpoint sections reuse
+Same sections as the HTML report (warnings, summary, comparison, per-module tables, subspace overlap,
+plots, training runs, configs). Formatting only; the per-checkpoint sections reuse
 :func:`nora_spectra.render.text_formats.render_markdown`, the Markdown of ``spectra analyze``.
 """
 
@@ -99,6 +99,11 @@ def render_report_markdown(data: "ReportData", image_dir: str) -> tuple[str, dic
         for label, analysis in data.checkpoints:
             parts.append(f"### {label}")
             parts.append(_demote(_demote(render_markdown(analysis).strip())))
+    if data.overlaps:
+        from nora_spectra.render.overlap import overlap_markdown
+
+        parts.append("## Subspace overlap")
+        parts.extend(overlap_markdown(item, "###").strip() for item in data.overlaps)
     images: dict[str, bytes] = {}
     if data.figures:
         parts.append("## Plots")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from nora_spectra.render._cells import COLUMN_SETS, NUMERIC_KEYS, cell, layer_rows
+from nora_spectra.render._cells import NUMERIC_KEYS, cell, layer_columns, layer_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.result import Analysis
@@ -93,7 +93,7 @@ def render_table(analysis: "Analysis", *, effective_rank: bool = False, by_layer
     Returns:
         A header line, the per-layer table and the summary block, newline-terminated.
     """
-    columns = COLUMN_SETS["effective_rank" if effective_rank else "full"]
+    columns = layer_columns("effective_rank" if effective_rank else "full", analysis.records)
     header = f"{analysis.display_name}  (format {analysis.format}, method {analysis.method}, {len(analysis)} layers"
     space = getattr(analysis, "space", "weight")
     if space != "weight":  # activation and probe spectra must not pass for weight-space ones

@@ -16,8 +16,8 @@ import csv
 import io
 from typing import TYPE_CHECKING, Sequence, Union
 
-from nora_spectra.render._cells import COLUMN_SETS, cell, csv_cell, layer_rows, markdown_table
-from nora_spectra.schema import LAYER_COLUMNS, json_text, to_jsonable
+from nora_spectra.render._cells import cell, csv_cell, layer_columns, layer_rows, markdown_table
+from nora_spectra.schema import LAYER_COLUMNS, OPTIONAL_COLUMNS, json_text, to_jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.result import Analysis
@@ -45,13 +45,18 @@ def render_json(analyses: Analyses, *, indent: int | None = 2) -> str:
 
 
 def render_csv(analyses: Analyses) -> str:
-    """One CSV table of every layer of every analysis (columns :data:`CSV_COLUMNS`)."""
+    """One CSV table of every layer of every analysis: columns :data:`CSV_COLUMNS`, then the
+    :data:`~nora_spectra.schema.OPTIONAL_COLUMNS` any record carries (base-aware analyses; empty cells
+    for the records without them)."""
+    items = _as_list(analyses)
+    present = {key for analysis in items for rec in analysis.records[:1] for key in rec}
+    keys = LAYER_COLUMNS + tuple(name for name in OPTIONAL_COLUMNS if name in present)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for analysis in _as_list(analyses):
+    writer.writerow(CSV_COLUMNS + keys[len(LAYER_COLUMNS):])
+    for analysis in items:
         for rec in analysis.records:
-            row = [analysis.checkpoint, csv_cell(analysis.adapter)] + [csv_cell(to_jsonable(rec.get(key))) for key in LAYER_COLUMNS]
+            row = [analysis.checkpoint, csv_cell(analysis.adapter)] + [csv_cell(to_jsonable(rec.get(key))) for key in keys]
             writer.writerow(row)
     return buffer.getvalue()
 
@@ -89,7 +94,7 @@ def _md_one(analysis: "Analysis", effective_rank: bool, by_layer: bool = False) 
         ]
         parts.append(markdown_table([title, "layers", "mean erank", "mean util", "weighted util", "collapsed"], rows))
     if analysis.records:
-        columns = COLUMN_SETS["effective_rank" if effective_rank else "full"]
+        columns = layer_columns("effective_rank" if effective_rank else "full", analysis.records)
         rows = layer_rows(analysis.records, columns)
         for row in rows:
             row[0] = f"`{row[0]}`"

@@ -43,6 +43,9 @@ class SourceInfo:
         format, method, config, adapter: as the reader reported them.
         warnings: the reader's warnings, in order (a space appends its own).
         skipped: ``(name, reason)`` of tensors that are not adapter updates.
+        metadata: the weights file's header metadata (safetensors ``__metadata__``: kohya's ``ss_*``
+            training settings, diffusers' ``lora_adapter_metadata``, ...), without the writer's
+            ``format`` marker (``"pt"``, ``"np"``, ``"mlx"``).
     """
 
     checkpoint: str
@@ -52,6 +55,7 @@ class SourceInfo:
     adapter: str | None = None
     warnings: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def source_info(checkpoint: Any) -> SourceInfo:
@@ -64,7 +68,15 @@ def source_info(checkpoint: Any) -> SourceInfo:
         adapter=getattr(checkpoint, "adapter", None),
         warnings=list(getattr(checkpoint, "warnings", None) or []),
         skipped=[(str(n), str(r)) for n, r in (getattr(checkpoint, "skipped", None) or [])],
+        metadata={
+            str(k): str(v) for k, v in (getattr(checkpoint, "metadata", None) or {}).items() if k not in _WRITER_MARKERS
+        },
     )
+
+
+#: header metadata keys that describe the file's writer, not the adapter (safetensors' torch, numpy and mlx
+#: writers, PEFT and diffusers add ``{"format": "pt"}``): kept on the Checkpoint, left out of the Analysis.
+_WRITER_MARKERS = frozenset({"format"})
 
 
 @dataclass

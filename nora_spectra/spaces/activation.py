@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
@@ -50,37 +51,44 @@ __all__ = ["OPTIONS", "ActivationRun", "prepare"]
 log = logging.getLogger(__name__)
 
 #: keyword options of this space.
-OPTIONS = ("model", "data", "samples", "layers", "batch_size", "tokenizer", "max_length")
+OPTIONS = ("model", "data", "samples", "layers", "batch_size", "tokenizer", "max_length", "model_class")
 
 DataArg = Union[str, "os.PathLike[str]", Any]
 
 
 # --------------------------------------------------------------------------- running the model
-def _token_batches(dataset: Any, samples: int, batch_size: int) -> Iterable[tuple["torch.Tensor", "torch.Tensor"]]:
+def _token_batches(sequences: Any, samples: int, batch_size: int) -> Iterable[tuple["torch.Tensor", "torch.Tensor"]]:
     """``(input_ids (b, L), mask (b, L) bool)`` for the first ``samples`` rows, real tokens masked in."""
     import torch
 
-    n = min(samples, len(dataset))
+    n = min(samples, len(sequences))
     for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n))
-        ids, _labels = dataset.batch(idx)
-        mask = torch.arange(ids.shape[1])[None, :] < dataset.lengths[idx][:, None]
-        yield ids, mask
+        yield sequences.batch(torch.arange(start, min(start + batch_size, n)))
 
 
-def _as_dataset(data: DataArg, loaded: "LoadedModel") -> tuple[Any, str]:
-    """A ``TokenDataset`` from a JSONL path, a TokenDataset or an (N, T) id tensor; and its description."""
+def _as_sequences(data: DataArg, loaded: "LoadedModel") -> tuple[Any, str]:
+    """``TokenSequences`` from a JSONL path, a ``TokenSequences``/``TokenDataset`` or an (N, T) id tensor,
+    and a description of the data.
+
+    A path is encoded for measurement (:func:`nora_core.data.load_sequences`: the tokenizer's own special
+    tokens, no next-token shift, at most ``loaded.max_length`` tokens). An in-memory ``TokenDataset`` is
+    measured as it is (its ``input_ids`` up to each row's length); an id tensor has no padding.
+    """
     import torch
 
-    from nora_core.data import DataFormatError, TokenDataset, load_dataset
+    from nora_core.data import DataFormatError, TokenDataset, TokenSequences, load_sequences
 
+    if isinstance(data, TokenSequences):
+        return data, f"<TokenSequences of {len(data)}>"
     if isinstance(data, TokenDataset):
-        return data, f"<TokenDataset of {len(data)}>"
+        return TokenSequences(data.input_ids, data.lengths), f"<TokenDataset of {len(data)}>"
     if isinstance(data, (str, os.PathLike)):
         if loaded.tokenizer is None:
-            raise UsageError(f"{loaded.source}: the model has no tokenizer; pass tokenizer=... or token ids as data")
+            raise UsageError(
+                f"{loaded.source}: the model directory has no tokenizer; pass --tokenizer DIR (or token ids as data)"
+            )
         try:
-            dataset = load_dataset(data, loaded.tokenizer, max_length=loaded.max_length)
+            sequences = load_sequences(data, loaded.tokenizer, max_length=loaded.max_length)
         except FileNotFoundError:
             raise UsageError(f"{os.fspath(data)}: data file not found") from None
         except (DataFormatError, ValueError) as exc:
@@ -88,14 +96,17 @@ def _as_dataset(data: DataArg, loaded: "LoadedModel") -> tuple[Any, str]:
             if not message.startswith(os.fspath(data)):
                 message = f"{os.fspath(data)}: {message}"
             raise UsageError(message) from None
-        return dataset, os.fspath(data)
+        return sequences, os.fspath(data)
     if isinstance(data, (torch.Tensor, np.ndarray)):
         ids = torch.as_tensor(data, dtype=torch.long)
-        if ids.ndim != 2:
-            raise UsageError(f"data ids must be (N, T), got shape {tuple(ids.shape)}")
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise UsageError(f"data ids must be a non-empty (N, T) array, got shape {tuple(ids.shape)}")
         lengths = torch.full((ids.shape[0],), ids.shape[1])
-        return TokenDataset(ids, ids.clone(), lengths), f"<ids {tuple(ids.shape)}>"
-    raise UsageError(f"data must be a JSONL path, a TokenDataset or an (N, T) id tensor, got {type(data).__name__}")
+        return TokenSequences(ids, lengths), f"<ids {tuple(ids.shape)}>"
+    raise UsageError(
+        "data must be a JSONL path, TokenSequences, a TokenDataset or an (N, T) id tensor, "
+        f"got {type(data).__name__}"
+    )
 
 
 def _capture(
@@ -151,13 +162,36 @@ def _load_adapter_into(module: "nn.Module", path: "str | os.PathLike[str]") -> b
 
     if any(True for _ in adapter_layers(module)):
         raise UsageError("the base model already holds adapters; pass a plain model with a checkpoint path")
-    try:
-        load_adapter(module, path)
+    try:  # modules_to_save (a SEQ_CLS head, a trained embedding) are loaded too, and restored by unload
+        load_adapter(module, path, modules_to_save=True)
     except FileNotFoundError as exc:
         raise CheckpointError(path, str(exc)) from None
     except ValueError as exc:
         raise CheckpointError(path, f"does not fit the model: {exc}") from None
     return True
+
+
+#: a saved classification head's output layer (PEFT's SEQ_CLS / TOKEN_CLS ``modules_to_save``).
+_HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+
+
+def _saved_head_labels(path: "str | os.PathLike[str]") -> int | None:
+    """The number of labels of a classification head saved with the adapter (rows of its output weight),
+    read from the safetensors header; None when there is none."""
+    from nora_spectra.io.safetensors_file import SafetensorsFile
+
+    file = os.path.join(os.fspath(path), "adapter_model.safetensors")
+    if not os.path.isfile(file):
+        return None
+    header = SafetensorsFile(file)
+    for key in header.keys():
+        # PEFT writes <module>.weight; older versions <module>.modules_to_save.<adapter>.weight
+        name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", key.removeprefix("base_model.model."))
+        if any(name == head or name.endswith("." + head) for head in _HEAD_WEIGHTS):
+            shape = header.info(key).shape
+            if len(shape) == 2:
+                return int(shape[0])
+    return None
 
 
 class ActivationRun:
@@ -171,7 +205,7 @@ class ActivationRun:
         self,
         loaded: "LoadedModel",
         selected: dict[str, Any],
-        dataset: Any,
+        sequences: Any,
         data_desc: str,
         samples: int,
         batch_size: int,
@@ -180,13 +214,15 @@ class ActivationRun:
     ) -> None:
         self.loaded = loaded
         self.selected = selected
-        self.dataset = dataset
+        self.sequences = sequences
         self.data_desc = data_desc
         self.total = samples
         self.batch_size = batch_size
         self.info = info
         self.injected = injected
         self.tokens = 0
+        #: module name -> tensor-key prefix as stored (checkpoint paths); an in-memory model's names are its keys.
+        self.keys: dict[str, str] = {}
 
     def layers(self, report: Report | None) -> Iterator[LayerSpectrum]:
         done = [0]
@@ -195,7 +231,7 @@ class ActivationRun:
             done[0] += k
             report(done[0], self.total, "samples")  # type: ignore[misc]
 
-        batches = _token_batches(self.dataset, self.total, self.batch_size)
+        batches = _token_batches(self.sequences, self.total, self.batch_size)
         factors = _capture(self.loaded, self.selected, batches, on_batch if report else None)
         self.tokens = max((f.n for f in factors.values()), default=0)
         top_rank = max(layer.r for layer in self.selected.values())
@@ -216,6 +252,7 @@ class ActivationRun:
                 sigma = None
             identity = {
                 "module": name,
+                "key": self.keys.get(name, name),
                 "kind": layer.method,
                 "layer_type": "linear",
                 "dtype": str(layer.lora_A.weight.dtype).removeprefix("torch."),
@@ -255,6 +292,7 @@ def prepare(
     batch_size: int = 8,
     tokenizer: Any | None = None,
     max_length: int | None = None,
+    model_class: str | None = None,
 ) -> ActivationRun:
     """Load the model, inject the adapter, read the data and select the layers.
 
@@ -264,63 +302,85 @@ def prepare(
             ``AdapterLinear`` layers (then ``model`` must be None).
         model: the base model: a directory (see :func:`nora_spectra.model_loading.load_model`), an
             ``nn.Module`` without adapters, or a ``LoadedModel``. Required with a checkpoint path.
-        data: a JSONL file (any format of :mod:`nora_core.data`), a ``TokenDataset``, or an ``(N, T)``
-            tensor of token ids (every position real).
+        data: a JSONL file (any format of :mod:`nora_core.data`, encoded as the model sees it in use:
+            :func:`nora_core.data.load_sequences`), ``TokenSequences``, a ``TokenDataset`` (measured as it
+            is), or an ``(N, T)`` tensor of token ids (every position real).
         samples: number of sequences (the first ones) to run; the paper uses 128.
         layers: which adapter modules to measure, see :func:`select_layers` (paper: ``"last:5"``).
         batch_size: sequences per forward pass.
-        tokenizer: overrides the model's tokenizer when ``data`` is a path.
-        max_length: longest tokenised sequence; default the model's limit (at most 512).
+        tokenizer: a tokenizer directory (``--tokenizer DIR``) or object, overriding the model's own when
+            ``data`` is a path.
+        max_length: longest tokenised sequence, special tokens included; default the model's maximum
+            (:func:`nora_spectra.model_loading.model_max_length`), which it may not exceed.
+        model_class: the transformers class to load a model directory as (``--model-class``, one of
+            :data:`nora_spectra.model_loading.MODEL_CLASSES`); default chosen from the adapter's
+            ``task_type`` and the model config.
 
     Raises:
-        CheckpointError: the checkpoint or model path is missing or malformed.
+        CheckpointError: the checkpoint or model path is missing or malformed, or the adapter's modules
+            are not in the model (the message says why and which ``--model-class`` fits).
         UsageError: bad options (no model, no data, no adapters, nothing selected, unreadable data).
     """
     from nora_spectra._torch import require_torch
 
     require_torch("--space activation")
     from nora_core.inject import adapter_layers
-    from nora_spectra.model_loading import LoadedModel, as_loaded_model
+    from nora_spectra.model_loading import LoadedModel, as_loaded_model, load_tokenizer, module_mismatch
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise UsageError(f"samples must be >= 1, got {samples}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise UsageError(f"max_length must be an integer >= 1, got {max_length!r}")
     from_path = isinstance(source, (str, os.PathLike))
     if from_path and (model is None or data is None):
         raise UsageError("--space activation needs --model MODEL and --data FILE")
     if data is None:
         raise UsageError("activation space needs data (--data FILE)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
     injected = False
     if from_path:
         from nora_spectra.io import load_checkpoint
 
         checkpoint = load_checkpoint(source)
+        keys = {entry.module: entry.key for entry in checkpoint.entries}
         info = source_info(checkpoint)
         info.checkpoint = os.fspath(source)
         info.adapter = None
         info.skipped = []
-        loaded = as_loaded_model(model)
+        task_type = (checkpoint.config or {}).get("task_type") if isinstance(checkpoint.config, dict) else None
+        loaded = as_loaded_model(model, model_class=model_class, task_type=task_type,
+                                 num_labels=_saved_head_labels(source))
+        config = getattr(getattr(loaded.model, "config", None), "to_dict", lambda: None)()
+        problem = module_mismatch(loaded.model, list(checkpoint.modules), config=config, task_type=task_type)
+        if problem is not None:
+            loaded_as = f" (loaded as {loaded.model_class}: {loaded.why})" if loaded.model_class else ""
+            raise CheckpointError(source, f"does not fit the model {loaded.source}{loaded_as}: {problem}")
         injected = _load_adapter_into(loaded.model, source)
     else:
+        keys = {}
         if model is not None:
             raise UsageError("pass either a checkpoint path with model=..., or a model holding adapters, not both")
-        loaded = as_loaded_model(source)
+        loaded = as_loaded_model(source, model_class=model_class)
         info = SourceInfo(checkpoint="<in-memory model>", format="in-memory", method="")
     try:
         if tokenizer is not None:
             loaded = dataclasses.replace(loaded, tokenizer=tokenizer)
         if max_length is not None:
-            loaded = dataclasses.replace(loaded, max_length=int(max_length))
+            if loaded.kind != "module" and max_length > loaded.max_length:
+                raise UsageError(f"--max-length {max_length} exceeds the model's maximum of {loaded.max_length} tokens")
+            loaded = dataclasses.replace(loaded, max_length=max_length)
         assert isinstance(loaded, LoadedModel)
         all_layers = dict(adapter_layers(loaded.model))
         if not all_layers:
             raise UsageError("the model holds no adapter layers (AdapterLinear) to measure")
         names = select_layers(list(all_layers), layers)
-        dataset, data_desc = _as_dataset(data, loaded)
-        n_samples = min(samples, len(dataset))
+        sequences, data_desc = _as_sequences(data, loaded)
+        n_samples = min(samples, len(sequences))
         if n_samples < samples:
-            info.warnings.append(f"asked for {samples} samples but the data holds {len(dataset)}; used {n_samples}")
+            info.warnings.append(f"asked for {samples} samples but the data holds {len(sequences)}; used {n_samples}")
     except BaseException:
         if injected:
             from nora_core.inject import unload
@@ -328,4 +388,6 @@ def prepare(
             unload(loaded.model)
         raise
     selected = {name: all_layers[name] for name in names}
-    return ActivationRun(loaded, selected, dataset, data_desc, n_samples, batch_size, info, injected)
+    run = ActivationRun(loaded, selected, sequences, data_desc, n_samples, batch_size, info, injected)
+    run.keys = keys
+    return run

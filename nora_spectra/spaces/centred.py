@@ -10,12 +10,13 @@ number of tokens, and the condition number is never squared. Plain numpy, no tor
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import numpy as np
 
-from nora_spectra.spectrum import NonFiniteFactorsError, adapter_singular_values
+from nora_spectra.spectrum import NonFiniteFactorsError, adapter_singular_values, dense_spectrum
 
-__all__ = ["CentredFactor", "centred_spectrum"]
+__all__ = ["CentredFactor", "centred_response_spectrum", "centred_spectrum"]
 
 
 class CentredFactor:
@@ -79,6 +80,12 @@ class CentredFactor:
         self.n = total
 
     @property
+    def triangle(self) -> np.ndarray:
+        """The unpadded factor: ``(k, width)`` upper-trapezoidal with ``k <= min(rows seen, width)``
+        and the same ``R^T R = H_c^T H_c``."""
+        return self._r
+
+    @property
     def R(self) -> np.ndarray:
         """``(width, width)`` upper-triangular ``R`` with ``R^T R = H_c^T H_c`` (zero rows padded)."""
         out = np.zeros((self.width, self.width))
@@ -104,3 +111,51 @@ def centred_spectrum(factor: CentredFactor, B: np.ndarray, scale: float) -> np.n
     if not factor.finite:
         raise NonFiniteFactorsError("the adapter hidden held NaN or Inf")
     return adapter_singular_values(factor.R.T, B, scale)
+
+
+def centred_response_spectrum(hidden: Iterable[np.ndarray], B: np.ndarray, scale: float, samples: int) -> np.ndarray:
+    """Singular values of the centred branch output ``s H_c B^T`` at a cost set by ``min(r, d_out, samples)``.
+
+    The output ``s H B^T`` (samples x d_out) has rank at most ``k = min(r, d_out, samples)``; the work
+    follows the smallest side:
+
+    * ``r <= min(d_out, samples)``: the hidden rows are reduced to their ``r x r`` factor
+      (:class:`CentredFactor`) and :func:`centred_spectrum` gives ``sigma(s B R^T)``: ``O(samples r^2 +
+      d_out r^2)`` time, ``O(r^2)`` memory;
+    * otherwise the output rows ``s H B^T`` themselves are reduced (width ``d_out``), keeping only the
+      unpadded ``min(samples, d_out) x d_out`` factor, whose singular values are those of the centred
+      output: ``O(samples r d_out + samples min(samples, d_out) d_out)`` time, ``O(min(samples, d_out)
+      d_out)`` memory, which is at most the size of ``B`` since ``r`` exceeds ``min(samples, d_out)``.
+
+    Args:
+        hidden: batches of hidden rows ``H`` (each ``(m, r)``), ``samples`` rows in all.
+        B: ``(d_out, r)`` up-projection.
+        scale: the adapter's scale ``s``.
+        samples: the total number of rows the batches hold.
+
+    Returns:
+        ``(min(r, d_out),)`` float64, descending (zeros beyond the output's rank bound).
+
+    Raises:
+        NonFiniteFactorsError: the hidden rows or ``B`` held NaN/Inf.
+    """
+    B = np.asarray(B, dtype=np.float64)
+    d_out, r = B.shape
+    if r <= min(d_out, samples):
+        factor = CentredFactor(r)
+        for rows in hidden:
+            factor.update(rows)
+        return centred_spectrum(factor, B, scale)
+    if not (math.isfinite(scale) and np.all(np.isfinite(B))):
+        raise NonFiniteFactorsError("B or the scale holds NaN or Inf")
+    up = B.T * float(scale)  # (r, d_out)
+    factor = CentredFactor(d_out)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for rows in hidden:
+            factor.update(rows @ up)  # (m, d_out): the branch output rows
+    if not factor.finite:
+        raise NonFiniteFactorsError("the adapter output held NaN or Inf")
+    values = dense_spectrum(factor.triangle).values
+    out = np.zeros(min(r, d_out))
+    out[: values.size] = values[: out.size]
+    return out

@@ -43,10 +43,11 @@ from scipy.special import erfc, expit
 from nora_spectra.errors import UsageError
 from nora_spectra.schema import ACTIVATION_COLUMNS, DEFAULT_PROBE_SAMPLES
 from nora_spectra.spaces import LayerSpectrum, Report, SourceInfo, source_info
-from nora_spectra.spaces.centred import CentredFactor, centred_spectrum
+from nora_spectra.spaces.centred import centred_response_spectrum
 from nora_spectra.spaces.selection import select_layers
 from nora_spectra.spaces.weight import open_checkpoint
 from nora_spectra.spectrum import NonFiniteFactorsError
+from nora_spectra.updates import HadamardUpdate, LowRankUpdate
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.io import Checkpoint
@@ -66,8 +67,15 @@ __all__ = [
 #: keyword options of this space.
 OPTIONS = ("adapter", "format", "probe_scale", "probe_samples", "seed", "layers")
 
-#: rows drawn and reduced at a time (bounds memory at ``_CHUNK * d_in`` floats).
+#: rows drawn and reduced at a time, at most.
 _CHUNK = 1024
+#: ...and at most this many floats in one batch of inputs, hidden or output rows (16 MiB).
+_BATCH_FLOATS = 2**21
+
+
+def _chunk(*widths: int) -> int:
+    """Rows per batch: ``_CHUNK``, fewer when a row is wide, so a batch holds at most ``_BATCH_FLOATS``."""
+    return max(1, min(_CHUNK, _BATCH_FLOATS // max(1, *widths)))
 
 
 def _silu(z: np.ndarray) -> np.ndarray:
@@ -118,13 +126,14 @@ def probe_response_singular_values(
         ``(min(r, d_out),)`` float64, descending.
     """
     A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != A.shape[1]:
         raise ValueError(f"inputs must be (n, {A.shape[1]}), got {X.shape}")
-    factor = CentredFactor(A.shape[0])
-    for start in range(0, X.shape[0], _CHUNK):
-        factor.update(apply_activation(activation, X[start : start + _CHUNK] @ A.T))
-    return centred_spectrum(factor, np.asarray(B, dtype=np.float64), scale)
+    step = _chunk(*A.shape, B.shape[0])
+    hidden = (apply_activation(activation, X[start : start + step] @ A.T) for start in range(0, X.shape[0], step))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as non-finite, not warned
+        return centred_response_spectrum(hidden, B, scale, X.shape[0])
 
 
 def probe_layer(
@@ -153,12 +162,17 @@ def probe_layer(
         ``probe_scale * sigma(s B A)``.
     """
     A = np.asarray(A, dtype=np.float64)
-    factor = CentredFactor(A.shape[0])
-    for start in range(0, samples, _CHUNK):
-        m = min(_CHUNK, samples - start)
-        X = rng.standard_normal((m, A.shape[1])) * probe_scale  # (m, d_in)
-        factor.update(apply_activation(activation, X @ A.T))  # (m, r)
-    return centred_spectrum(factor, np.asarray(B, dtype=np.float64), scale) / math.sqrt(samples - 1)
+    B = np.asarray(B, dtype=np.float64)
+    step = _chunk(*A.shape, B.shape[0])
+
+    def hidden() -> Iterator[np.ndarray]:
+        for start in range(0, samples, step):
+            m = min(step, samples - start)
+            X = rng.standard_normal((m, A.shape[1])) * probe_scale  # (m, d_in)
+            yield apply_activation(activation, X @ A.T)  # (m, r)
+
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as non-finite, not warned
+        return centred_response_spectrum(hidden(), B, scale, samples) / math.sqrt(samples - 1)
 
 
 def _layer_seed(seed: int, module: str) -> list[int]:
@@ -190,6 +204,9 @@ class ProbeRun:
             if layer.module not in wanted:
                 continue
             update = layer.update
+            if isinstance(update, HadamardUpdate):  # LoHa: exactly U @ V, a low-rank product of rank r1 * r2
+                u, v = update.factors()
+                update = LowRankUpdate(v, u, update.scale)
             rng = np.random.default_rng(_layer_seed(self.seed, layer.module))
             try:
                 sigma = probe_layer(
@@ -200,6 +217,7 @@ class ProbeRun:
                 sigma = None
             identity = {
                 "module": layer.module,
+                "key": layer.key,
                 "kind": layer.kind,
                 "layer_type": layer.layer_type,
                 "dtype": layer.dtype,
@@ -256,4 +274,10 @@ def prepare(
     activation = checkpoint_activation(checkpoint)
     apply_activation(activation, np.zeros(1))  # validate the name before any work
     names = select_layers(list(checkpoint.modules), layers)
+    kron = [entry.module for entry in getattr(checkpoint, "entries", []) if entry.module in names and entry.kind == "lokr"]
+    if kron:
+        raise UsageError(
+            f"--space probe measures low-rank branches s * B act(A x); {kron[0]} is a LoKr (Kronecker) update: "
+            "use --space weight (for a linear update the probe only estimates the same spectrum)"
+        )
     return ProbeRun(checkpoint, names, activation, float(probe_scale), probe_samples, int(seed))

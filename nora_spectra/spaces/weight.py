@@ -8,35 +8,63 @@ Modules are measured by a small pool of threads (one per available core, at most
 :data:`MAX_WORKERS`), each reading one module (the safetensors reader opens the file anew at the
 tensor's offset and upcasts to float64 block by block) and computing its spectrum while the others
 do the same, so reading overlaps arithmetic and a 2-core machine does about twice the work of one
-thread. The heavy steps (file reads, casts, the Gram
-products, Householder QR) release the GIL. BLAS is limited to one thread for the whole run
-(:func:`~nora_spectra.spectrum.blas_threads`): the products are too small to gain from BLAS threads,
-and BLAS threads that busy-wait for a core make a loaded machine several times slower. Each module is
-computed by one thread with single-threaded BLAS, so the values do not depend on the number of cores
-or on scheduling; they are yielded in module order, and the progress callback is called once per
-module, in order, from the calling thread. At most ``workers + 1`` modules are in memory at once.
+thread. The heavy steps (file reads, casts, the Gram products, Householder QR) release the GIL. BLAS
+is limited to one thread for the whole run (:func:`~nora_spectra.spectrum.blas_threads`): the
+products are too small to gain from BLAS threads, and BLAS threads that busy-wait for a core make a
+loaded machine several times slower. Each module is computed by one thread with single-threaded BLAS,
+so the values do not depend on the number of cores or on scheduling; they are yielded in module
+order, and the progress callback is called once per module, in order, from the calling thread. At
+most ``workers + 1`` modules are in memory at once.
 
 The pool needs a checkpoint whose modules can be read concurrently: a :class:`~nora_spectra.io.Checkpoint`
 with its own ``iter_layers`` and ``ModuleEntry.read`` functions that hold no shared mutable state (the
-safetensors reader opens the file anew for every tensor). Any other object with ``iter_layers()`` is
-measured one module at a time.
+safetensors reader opens the file anew for every tensor). Any other object with ``iter_layers()``, and
+every base-aware analysis (which reads base tensors and keeps a cache), is measured one module at a
+time.
+
+With ``base=BASE`` the analysis is base-aware (:mod:`nora_spectra.spaces.base_aware`): a model that is no
+adapter is read as a full fine-tune (``W_tuned - W_base``), DoRA modules get their true update, and
+every record gains the base tensor and the update's size relative to it (and, with ``intruders=True``,
+its intruder dimensions). Dense updates above :data:`~nora_spectra.schema.EXACT_SVD_MAX_DIM` get only
+their leading ``top_k`` singular values (default :data:`~nora_spectra.schema.DEFAULT_TOP_K`), with the
+captured energy and an error bound in the record.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
-from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, ModuleUpdate, materialize
-from nora_spectra.schema import LAYER_COLUMNS
+from nora_spectra.errors import CheckpointError, UsageError
+from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, materialize
+from nora_spectra.schema import (
+    BASE_COLUMNS,
+    DEFAULT_INTRUDER_EPS,
+    DEFAULT_INTRUDER_K,
+    DORA_PROXY_WARNING_PREFIX,
+    INTRUDER_COLUMNS,
+    LAYER_COLUMNS,
+    SPECTRUM_COLUMNS,
+)
 from nora_spectra.spaces import LayerSpectrum, Report, SourceInfo, source_info
 from nora_spectra.spectrum import NonFiniteFactorsError, blas_threads, spectrum
 
-__all__ = ["MAX_WORKERS", "OPTIONS", "WeightRun", "measure", "open_checkpoint", "ordered_map", "prepare", "worker_count"]
+if TYPE_CHECKING:  # pragma: no cover
+    from nora_spectra.io.model_weights import ModelWeights
+    from nora_spectra.spaces.base_aware import BaseAware
+    from nora_spectra.svd_cache import SvdCache
+
+__all__ = ["MAX_WORKERS", "OPTIONS", "WeightRun", "open_checkpoint", "ordered_map", "prepare", "worker_count"]
 
 #: keyword options of this space.
-OPTIONS = ("adapter", "format")
+OPTIONS = ("adapter", "format", "base", "top_k", "intruders", "intruder_k", "intruder_eps", "cache")
+
+#: the warning that replaces the reader's DoRA proxy warning when the base gives the true update.
+DORA_TRUE_WARNING = (
+    "DoRA layers: spectra are of the true update m * (W0 + s B A) / ||W0 + s B A|| - W0, with W0 from the base"
+)
+
 
 #: At most this many modules are measured at once (each holds its float64 factors in memory).
 MAX_WORKERS = 8
@@ -45,13 +73,25 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-def open_checkpoint(source: "str | os.PathLike[str] | Checkpoint", adapter: str | None, format: str) -> "Checkpoint":
+#: a NoRA branch is s * B act(A x): the base-aware fields describe its linear skeleton s * B @ A.
+NORA_SKELETON_WARNING = (
+    "NoRA layers: W0 + s B A is the linear skeleton of the tuned layer (the activation sits between A and B); "
+    "relative size and intruder dimensions describe that skeleton"
+)
+
+
+def open_checkpoint(
+    source: "str | os.PathLike[str] | Checkpoint",
+    adapter: str | None,
+    format: str,
+    base: "ModelWeights | None" = None,
+) -> "Checkpoint":
     """``source`` itself when it is a loaded checkpoint, else :func:`nora_spectra.io.load_checkpoint` of it."""
     if hasattr(source, "iter_layers"):
         return source  # type: ignore[return-value]
     from nora_spectra.io import load_checkpoint
 
-    return load_checkpoint(source, adapter=adapter, format=format)
+    return load_checkpoint(source, adapter=adapter, format=format, base=base)
 
 
 def worker_count(modules: int) -> int:
@@ -61,28 +101,6 @@ def worker_count(modules: int) -> int:
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, MAX_WORKERS, modules))
-
-
-def measure(layer: ModuleUpdate) -> LayerSpectrum:
-    """The :class:`LayerSpectrum` of one read module (``sigma`` None when a factor holds NaN or Inf)."""
-    try:
-        sigma = spectrum(layer.update).values
-    except NonFiniteFactorsError:
-        sigma = None
-    identity = {
-        "module": layer.module,
-        "kind": layer.kind,
-        "layer_type": layer.layer_type,
-        "dtype": layer.dtype,
-        "rank": int(layer.rank),
-        "scale": float(getattr(layer.update, "scale", 1.0)),
-        "shape": layer.shape,
-    }
-    return LayerSpectrum(identity, sigma, dora=bool(getattr(layer, "dora", False)))
-
-
-def _read_and_measure(entry: ModuleEntry) -> LayerSpectrum:
-    return measure(materialize(entry))
 
 
 def ordered_map(work: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
@@ -173,40 +191,186 @@ def ordered_map(work: Callable[[_T], _R], items: Iterable[_T], workers: int) -> 
 
 
 class WeightRun:
-    """The weight-space measurement of one checkpoint."""
+    """The weight-space measurement of one checkpoint.
 
-    columns = LAYER_COLUMNS
+    Args:
+        checkpoint: the opened checkpoint.
+        base_aware: the base-model measurements, or None.
+        top_k: ``--top-k`` as validated (an integer, ``"all"`` or None for the default policy).
+        truncating: dense spectra may be truncated (a base, ``top_k`` or a full fine-tune): records get
+            :data:`SPECTRUM_COLUMNS` and large dense updates the default ``top_k``.
+    """
+
     unit = "layer"
     desc = "analysing"
 
-    def __init__(self, checkpoint: "Checkpoint") -> None:
+    def __init__(
+        self,
+        checkpoint: "Checkpoint",
+        base_aware: "BaseAware | None" = None,
+        *,
+        top_k: "int | str | None" = None,
+        truncating: bool = False,
+    ) -> None:
         self.checkpoint = checkpoint
         self.info: SourceInfo = source_info(checkpoint)
         self.total = len(checkpoint)
+        self.base_aware = base_aware
+        self.top_k = top_k
+        self.truncating = truncating
+        columns = LAYER_COLUMNS + (SPECTRUM_COLUMNS if truncating else ())
+        if base_aware is not None:
+            columns += BASE_COLUMNS + (INTRUDER_COLUMNS if base_aware.intruders else ())
+            self._dora_warning()
+            if any(getattr(entry, "kind", None) == "nora" for entry in getattr(checkpoint, "entries", None) or []):
+                self.info.warnings.append(NORA_SKELETON_WARNING)
+        self.columns = columns
+
+    def _dora_warning(self) -> None:
+        """With a base, DoRA modules whose magnitude the reader can read are analysed by their true update."""
+        entries = getattr(self.checkpoint, "entries", None) or []
+        dora = [entry for entry in entries if entry.dora]
+        proxy = [i for i, text in enumerate(self.info.warnings) if text.startswith(DORA_PROXY_WARNING_PREFIX)]
+        if not dora or not proxy:
+            return
+        unread = [entry.module for entry in dora if entry.read_magnitude is None]
+        if not unread:  # every reader's wording of the proxy warning (PEFT's is DORA_PROXY_WARNING)
+            self.info.warnings[proxy[0]] = DORA_TRUE_WARNING
 
     def _spectra(self) -> Iterator[LayerSpectrum]:
+        """Each module's spectrum, in order; on the thread pool when the checkpoint allows it."""
         checkpoint = self.checkpoint
-        pooled = isinstance(checkpoint, Checkpoint) and type(checkpoint).iter_layers is Checkpoint.iter_layers
+        pooled = (
+            self.base_aware is None
+            and isinstance(checkpoint, Checkpoint)
+            and type(checkpoint).iter_layers is Checkpoint.iter_layers
+        )
         workers = worker_count(self.total) if pooled else 1
         if workers > 1:
-            return ordered_map(_read_and_measure, checkpoint.entries, workers)
-        return (measure(layer) for layer in checkpoint.iter_layers())
+            return ordered_map(self._read_and_measure, checkpoint.entries, workers)
+        return (self._measure(layer) for layer in checkpoint.iter_layers())
+
+    def _read_and_measure(self, entry: ModuleEntry) -> LayerSpectrum:
+        return self._measure(materialize(entry))
 
     def layers(self, report: Report | None) -> Iterator[LayerSpectrum]:
-        with blas_threads(1):
-            for done, layer in enumerate(self._spectra(), start=1):
-                yield layer
-                if report is not None:
-                    report(done, self.total, layer.identity["module"])
+        try:
+            with blas_threads(1):
+                for done, layer in enumerate(self._spectra(), start=1):
+                    yield layer
+                    if report is not None:
+                        report(done, self.total, layer.identity["module"])
+        finally:
+            if self.base_aware is not None:
+                self.info.warnings.extend(self.base_aware.warnings())
+
+    def _measure(self, layer: Any) -> LayerSpectrum:
+        update = layer.update
+        dora = bool(getattr(layer, "dora", False))
+        identity: dict[str, Any] = {
+            "module": layer.module,
+            "key": layer.key,
+            "kind": layer.kind,
+            "layer_type": layer.layer_type,
+            "dtype": layer.dtype,
+            "rank": int(layer.rank),
+            "scale": float(getattr(update, "scale", 1.0)),
+            "shape": layer.shape,
+        }
+        base_aware, plan, base, key = self.base_aware, None, None, None
+        if base_aware is not None:
+            plan = base_aware.plan(layer.module, layer.layer_type, tuple(layer.shape))
+            base, key = base_aware.load(plan)
+            read_magnitude = getattr(layer, "read_magnitude", None)
+            if dora and read_magnitude is not None:
+                update = base_aware.true_dora(update, base, read_magnitude(), layer.layer_type)
+                dora = False
+        if self.truncating:
+            from nora_spectra.spaces.base_aware import spectrum_fields, with_top_k
+
+            update = with_top_k(update, self.top_k)
+        try:
+            spec = spectrum(update)
+        except NonFiniteFactorsError:
+            spec = None
+        if self.truncating:
+            fields = spectrum_fields(spec, update)
+            identity.update(fields)
+            if layer.kind == "full" and fields["top_k"] is not None:
+                identity["rank"] = fields["top_k"]  # no rank budget: the values analysed
+        if base_aware is not None and plan is not None and base is not None:
+            identity.update(base_aware.fields(plan, base, key, update, spec))
+        return LayerSpectrum(identity, None if spec is None else spec.values, dora=dora)
 
     def fields(self) -> dict[str, Any]:
-        return {}
+        if self.base_aware is None and not self.truncating:
+            return {}
+        out: dict[str, Any] = {"base": None, "top_k": self.top_k, "intruder_k": None, "intruder_eps": None}
+        if self.base_aware is not None:
+            out["base"] = self.base_aware.base.path
+            if self.base_aware.intruders:
+                out.update(intruder_k=self.base_aware.intruder_k, intruder_eps=self.base_aware.intruder_eps)
+        return out
 
 
-def prepare(source: "str | os.PathLike[str] | Checkpoint", *, adapter: str | None = None, format: str = "auto") -> WeightRun:
+def prepare(
+    source: "str | os.PathLike[str] | Checkpoint",
+    *,
+    adapter: str | None = None,
+    format: str = "auto",
+    base: "str | os.PathLike[str] | ModelWeights | None" = None,
+    top_k: "int | str | None" = None,
+    intruders: bool = False,
+    intruder_k: int | None = None,
+    intruder_eps: float | None = None,
+    cache: "bool | str | os.PathLike[str] | SvdCache | None" = None,
+) -> WeightRun:
     """Open ``source`` (a path or a loaded :class:`~nora_spectra.io.Checkpoint`) for weight-space spectra.
 
+    Args:
+        source: the checkpoint.
+        adapter, format: as for :func:`nora_spectra.io.load_checkpoint`.
+        base: a safetensors base model (file, sharded index or directory): a base-aware analysis.
+        top_k: leading singular values of each dense update: an integer, ``"all"`` (exact SVD), or None
+            (exact up to ``min(d_out, d_in) = 1024``, else 64).
+        intruders: count intruder dimensions (needs ``base``).
+        intruder_k, intruder_eps: their ``k`` (10) and ``epsilon`` (0.5).
+        cache: the on-disk cache of base SVDs: None/True the default directory (``$NORA_SPECTRA_CACHE``,
+            ``~/.cache/nora-spectra``), False none, or a directory.
+
     Raises:
-        CheckpointError: the path is missing, malformed or of an unknown format.
+        CheckpointError: the path or the base is missing, malformed or of an unknown format; a module
+            the base lacks or whose shape does not fit it.
+        UsageError: an invalid ``top_k``, intruder options without ``intruders``, or ``intruders``
+            without ``base``.
     """
-    return WeightRun(open_checkpoint(source, adapter, format))
+    from nora_spectra.spaces.base_aware import check_intruder_options, check_top_k
+
+    top_k = check_top_k(top_k)
+    if not isinstance(intruders, bool):
+        raise UsageError(f"intruders must be true or false, got {intruders!r}")
+    if not intruders and (intruder_k is not None or intruder_eps is not None):
+        given = "--intruder-k" if intruder_k is not None else "--intruder-eps"
+        raise UsageError(f"{given} applies only with --intruders")
+    k, eps = check_intruder_options(
+        DEFAULT_INTRUDER_K if intruder_k is None else intruder_k,
+        DEFAULT_INTRUDER_EPS if intruder_eps is None else intruder_eps,
+    )
+    if intruders and base is None:
+        raise UsageError("--intruders needs the base model: --base BASE (base=BASE in Python)")
+    if base is None:
+        checkpoint = open_checkpoint(source, adapter, format)
+        truncating = top_k is not None or getattr(checkpoint, "format", None) == "full"
+        return WeightRun(checkpoint, top_k=top_k, truncating=truncating)
+    from nora_spectra.io.model_weights import open_model_weights
+    from nora_spectra.spaces.base_aware import BaseAware
+    from nora_spectra.svd_cache import open_cache
+
+    if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
+        raise CheckpointError(os.fspath(source), "no such file or directory")  # the checkpoint before its base
+    weights = open_model_weights(base)
+    checkpoint = open_checkpoint(source, adapter, format, weights)
+    base_aware = BaseAware(
+        weights, checkpoint, cache=open_cache(cache), intruders=intruders, intruder_k=k, intruder_eps=eps
+    )
+    return WeightRun(checkpoint, base_aware, top_k=top_k, truncating=True)

@@ -228,3 +228,67 @@ def test_demo_in_miniature_writes_analyses_and_caches_the_base(tmp_path: Path, c
     # with the base cached (nothing pretrained first), the run is the same: seeded before the adapters
     again = _adapter_and_losses(tmp_path / "demo" / "runs" / "lora-r2")
     assert again[1] == first[1] and all(torch.equal(again[0][k], first[0][k]) for k in first[0])
+
+
+def test_the_documented_torchrun_command_with_rank(setup: dict) -> None:
+    """docs/training.md's command, run by the real torchrun (2 gloo processes on CPU): --rank reaches
+    nora train (torchrun read --r as an ambiguous prefix of its own options); rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [
+        str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "nora_core.cli", "train",
+        "--model", str(setup["base"]), "--data", str(setup["train"]), "--run-dir", str(setup["run"]),
+        "--method", "nora", "--rank", "8", "--steps", "2", "--batch-size", "4", "--save-every", "2",
+        "--track-every", "0", "--eval-every", "0", "--device", "cpu", "--no-progress",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run_dir:") == 1 and "steps: 2" in done.stdout  # rank 0 reports once
+    config = json.loads((setup["run"] / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "NORA"
+    assert sorted(p.name for p in (setup["run"] / "checkpoints").iterdir()) == ["step-000002"]
+    assert len((setup["run"] / "metrics.jsonl").read_text().splitlines()) == 1
+    # --r still works outside torchrun
+    code = subprocess.run([sys.executable, "-m", "nora_core.cli", "train", "--help"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert "--rank, --r INTEGER" in code.stdout
+
+
+def test_a_learning_rate_adamw_cannot_take_is_one_line_and_exit_2(setup: dict, capsys) -> None:
+    code, out, err = run(
+        ["train", "--model", str(setup["base"]), "--data", str(setup["train"]), "--run-dir", str(setup["run"]),
+         "--steps", "2", "--batch-size", "4", "--lr", "1e39", "--no-progress"],
+        capsys,
+    )
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("nora: error: TrainConfig.lr 1e+39 is too large for AdamW on float32 parameters")
+    assert not setup["run"].exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("progress = 2", "progress must be true or false, got an integer"),
+        ('run_dir = "a\\u0000b"', "run_dir holds a NUL character"),
+        ("data = 5", "data must be a path (a string), got an integer"),
+        ("seed = 1979-05-27T07:32:00Z", "seed must be a string, number, boolean or a list of them, got a datetime"),
+        ("batch_size = 100000", "Invalid value for '--batch-size': 100000 is not in the range x<=65536. (options from"),
+        ('device = "meta"', "TrainConfig.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'meta' (options from"),
+        ('run_dir = "' + "a" * 5000 + '"', "File name too long (options from"),
+    ],
+)
+def test_hostile_config_values_are_one_line_naming_the_config(setup: dict, tmp_path: Path, capsys, line, problem) -> None:
+    toml = tmp_path / "run.toml"
+    base = {"model": f'"{setup["base"]}"', "data": f'"{setup["train"]}"', "run_dir": '"run"', "steps": "1",
+            "batch_size": "2"}
+    base.pop(line.split(" = ")[0], None)
+    toml.write_text("".join(f"{k} = {v}\n" for k, v in base.items()) + line + "\n")
+    code, out, err = run(["train", "--config", str(toml), "--no-progress"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("nora: error: ") and problem in err and str(toml) in err

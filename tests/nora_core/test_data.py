@@ -198,3 +198,96 @@ def test_stdlib_corpus_is_deterministic_and_bounded() -> None:
     assert text == stdlib_docstrings(max_bytes=50_000)
     assert 40_000 < len(text.encode()) <= 50_000
     assert text.isprintable() is False and "\n\n" in text  # docstrings separated by blank lines
+
+
+def test_docstring_pairs_split_first_sentence_from_the_rest(tmp_path: Path) -> None:
+    from nora_core.corpus import docstring_pairs
+
+    (tmp_path / "mod.py").write_text(
+        'def f():\n    """Return the sum of two numbers.\n\n    Both must be integers; floats are rejected with\n'
+        '    a TypeError naming the bad argument."""\n\n'
+        'def g():\n    """Too short to pair. Tiny rest here that is not long."""\n\n'
+        'class C:\n    """A class with a long enough first sentence!   And a description that is long enough to be\n'
+        '    kept as the positive side."""\n'
+    )
+    pairs = docstring_pairs(directory=tmp_path)
+    assert sorted(pairs) == [
+        ("A class with a long enough first sentence!", "And a description that is long enough to be kept as the positive side."),
+        ("Return the sum of two numbers.", "Both must be integers; floats are rejected with a TypeError naming the bad argument."),
+    ]
+    assert docstring_pairs(directory=tmp_path, seed=0) == pairs and len(docstring_pairs(1, directory=tmp_path)) == 1
+    real = docstring_pairs(64)
+    assert real == docstring_pairs(64) and len(real) == 64 and len(set(real)) == 64
+    assert all(len(a) >= 15 and a[-1] in ".!?" and len(b) >= 40 for a, b in real)
+    with pytest.raises(FileNotFoundError):
+        docstring_pairs(directory=tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------ measurement path (TokenSequences)
+def _bert_tokenizer(tmp_path: Path):
+    """A real transformers BERT tokenizer built offline from a tiny WordPiece vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "quick", "brown", "fox", "question", ":", "answer",
+             "2", "+", "?", "4", "a", "b", "c"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return transformers.BertTokenizerFast(str(tmp_path / "vocab.txt"))  # the first argument: vocab (5.x) or vocab_file (4.x)
+
+
+def test_byte_tokenizer_measurement_is_bos_text_eos_every_position_kept() -> None:
+    from nora_core.data import TokenSequences, encode_for_model
+
+    tok = ByteTokenizer()
+    assert encode_for_model(tok, "abc", max_length=64) == [tok.bos_id, 97, 98, 99, tok.eos_id]
+    # truncation keeps both special tokens, like a transformers tokenizer
+    assert encode_for_model(tok, "abcdef", max_length=4) == [tok.bos_id, 97, 98, tok.eos_id]
+    assert encode_for_model(tok, "", max_length=8) == [tok.bos_id, tok.eos_id]
+    assert encode_for_model(tok, "abc", max_length=1) == [tok.bos_id]
+    with pytest.raises(ValueError, match="max_length"):
+        encode_for_model(tok, "abc", max_length=0)
+    seqs = TokenSequences.from_samples([Sample("Question: q\nAnswer: ", "a"), Sample("", "xy")], max_length=64)
+    first = [tok.bos_id] + list(b"Question: q\nAnswer: a") + [tok.eos_id]
+    assert seqs.lengths.tolist() == [len(first), 4]
+    assert seqs.tokens == len(first) + 4
+    assert seqs.input_ids[0].tolist() == first
+    assert seqs.input_ids[1].tolist() == [tok.bos_id, 120, 121, tok.eos_id] + [tok.pad_id] * (len(first) - 4)
+    # unlike the training dataset, nothing is shifted off: the training inputs lack the final EOS
+    train = TokenDataset.from_samples([Sample("Question: q\nAnswer: ", "a")], max_length=64)
+    assert train.input_ids[0, : int(train.lengths[0])].tolist() == first[:-1]
+    ids, mask = seqs.batch(torch.tensor([1]))
+    assert ids.tolist() == [[tok.bos_id, 120, 121, tok.eos_id]] and mask.tolist() == [[True] * 4]
+    ids, mask = seqs.batch(torch.tensor([0, 1]))
+    assert ids.shape == (2, len(first)) and int(mask.sum()) == seqs.tokens
+
+
+def test_transformers_tokenizer_measurement_keeps_its_own_special_tokens(tmp_path: Path) -> None:
+    from nora_core.data import TokenSequences, encode_for_model
+
+    tok = _bert_tokenizer(tmp_path)
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    assert encode_for_model(tok, "the quick brown fox", max_length=64) == [cls, 5, 6, 7, 8, sep]
+    assert encode_for_model(tok, "the quick brown fox", max_length=4) == [cls, 5, 6, sep]
+    path = _write(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}, {"text": "the fox"}])
+    from nora_core.data import load_sequences
+
+    seqs = load_sequences(path, tok, max_length=64)
+    assert seqs.input_ids[0, : int(seqs.lengths[0])].tolist() == tok("Question: 2+2?\nAnswer: 4")["input_ids"]
+    assert seqs.input_ids[1].tolist()[:4] == [cls, 5, 8, sep] and seqs.lengths.tolist()[1] == 4
+    assert seqs.pad_id == tok.pad_token_id and set(seqs.input_ids[1, 4:].tolist()) == {tok.pad_token_id}
+
+
+def test_token_sequences_validate_and_drop_empty_rows(caplog) -> None:
+    from nora_core.data import TokenSequences
+
+    class Plain:  # encode only, no special tokens
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    seqs = TokenSequences.from_samples([Sample("", ""), Sample("", "ab")], Plain(), max_length=8, source="f.jsonl")
+    assert len(seqs) == 1 and seqs.dropped == 1 and seqs.input_ids.tolist() == [[97, 98]]
+    assert "f.jsonl: dropped 1 empty sample" in caplog.text
+    with pytest.raises(ValueError, match="f.jsonl: no sample has a token"):
+        TokenSequences.from_samples([Sample("", "")], Plain(), max_length=8, source="f.jsonl")
+    with pytest.raises(ValueError, match="lengths must lie"):
+        TokenSequences(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"input_ids must be \(N, T\)"):
+        TokenSequences(torch.zeros(3, dtype=torch.long), torch.tensor([1, 1, 1]))

@@ -353,3 +353,60 @@ def test_metrics_jsonl_spectra_equal_nora_spectra_on_the_saved_factors(tmp_path:
             assert spec["module_type"] == spec["module"].rsplit(".", 1)[-1] and spec["rank"] == 4
             for key in ("effective_rank", "utilization", "stable_rank", "sigma_max"):
                 assert spec[key] == expected[key], key
+
+
+def test_save_every_1_never_names_the_checkpoint_of_the_diverging_update(tmp_path: Path) -> None:
+    """The checkpoint written right after the update that diverged holds finite but bad weights; the loss
+    after it is the first non-finite one, so the last good checkpoint is the one before it, and --resume
+    must continue from that one."""
+
+    class DivergesAfter(nn.Module):
+        def __init__(self, calls: int) -> None:
+            super().__init__()
+            self.inner, self.calls, self.left = tiny_model(), 0, calls
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            logits = self.inner(input_ids)
+            return logits * float("nan") if self.calls > self.left else logits
+
+    data, _ = tiny_data(n=16)
+    cfg = TrainConfig(run_dir=str(tmp_path), steps=20, batch_size=4, lr=1e-2, save_every=1, keep_last=1)
+    with pytest.raises(NonFiniteLossError) as info:
+        train(DivergesAfter(calls=7), cfg, data)  # the weights of step 7 give the first NaN loss (step 8)
+    message = str(info.value)
+    assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'step-000006'}." in message
+    assert "Set aside as diverged: diverged-step-000007." in message
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["diverged-step-000007", "step-000006"]  # keep_last=1 did not prune the good one
+    assert latest_checkpoint(tmp_path).name == "step-000006"
+    resumed = train(tiny_model(), TrainConfig(**{**cfg.to_dict(), "resume": True, "lr": 1e-3, "steps": 8}), data)
+    assert resumed.resumed_from == 6 and resumed.steps == 8
+
+
+def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path: Path) -> None:
+    def poison(step: int, model: nn.Module) -> dict:
+        if step == 3:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("inf"))
+        return {}
+
+    data, _ = tiny_data(n=16)
+    cfg = TrainConfig(run_dir=str(tmp_path), steps=10, batch_size=4, save_every=1, track_spectra_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite adapter weights after step 3; not saved\. "
+                       r"Last good checkpoint: .*step-000002\."):
+        train(tiny_model(), cfg, data, callbacks=[poison])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
+@pytest.mark.parametrize(("lr", "dtype"), [(1e39, torch.float32), (1e38, torch.float32), (1e5, torch.float16)])
+def test_a_learning_rate_adamw_cannot_apply_is_refused_before_training(lr: float, dtype: torch.dtype) -> None:
+    data, _ = tiny_data(n=8)
+    if dtype == torch.float32:
+        with pytest.raises(ValueError, match=r"TrainConfig.lr .* too large for AdamW on float32 parameters"):
+            TrainConfig(lr=lr, steps=1, batch_size=4)
+        return
+    model = tiny_model().to(dtype)
+    with pytest.raises(ValueError, match=r"too large for AdamW on float16 parameters: its first step, "
+                       r"lr / \(1 - beta1\) = 1e\+06, exceeds the largest float16 value, 6\.55e\+04"):
+        train(model, TrainConfig(lr=lr, steps=1, batch_size=4, device="cpu"), data)

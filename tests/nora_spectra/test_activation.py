@@ -254,6 +254,8 @@ def test_checkpoint_path_and_model_dir_match_in_memory(saved):
     assert from_disk.config is not None and from_disk.config.get("activation") == "silu"
     for a, b in zip(from_disk.records, in_memory.records):
         assert a["module"] == b["module"]
+        assert a["key"] == "base_model.model." + a["module"]  # the prefix as stored in the file
+        assert b["key"] == b["module"]  # an in-memory model: its module names are the keys
         np.testing.assert_allclose(a["singular_values"], b["singular_values"], rtol=1e-12)
 
 

@@ -327,6 +327,25 @@ def test_layers_dataframe_has_documented_columns(tmp_path):
     assert set(frame["module_type"]) == {"q_proj", "down_proj"}
 
 
+def test_records_carry_the_stored_key_and_the_json_the_header_metadata(tmp_path):
+    ck = write_peft_dir(tmp_path / "ck", random_factors(np.random.default_rng(7), 4, SHAPES), r=4, alpha=8)
+    result = analyze(ck)
+    assert [rec["key"] for rec in result.records] == [PREFIX + rec["module"] for rec in result.records]
+    assert list(result.records[0])[:2] == ["module", "key"]
+    assert result.metadata == {} and "metadata" not in result.to_dict()  # PEFT's {"format": "pt"} only
+    bare = tmp_path / "bare.safetensors"
+    a, b = random_factors(np.random.default_rng(8), 2, {"m.q_proj": (6, 5)})["m.q_proj"]
+    save_file({"m.q_proj.lora_A.weight": a, "m.q_proj.lora_B.weight": b}, str(bare),
+              metadata={"format": "pt", "ss_network_dim": "2", "note": "x"})
+    result = analyze(bare, emit_warnings=False)
+    assert result.records[0]["key"] == "m.q_proj"
+    assert result.metadata == {"ss_network_dim": "2", "note": "x"}
+    data = result.to_dict()
+    assert data["metadata"] == {"ss_network_dim": "2", "note": "x"}
+    assert list(data)[-2:] == ["metadata", "nora_spectra_version"]
+    assert Analysis.from_dict(data).metadata == result.metadata
+
+
 def test_round_trip_through_json(tmp_path):
     result = analyze(_mixed_checkpoint(tmp_path), emit_warnings=False)
     again = Analysis.from_json(result.to_json())

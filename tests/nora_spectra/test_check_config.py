@@ -111,7 +111,7 @@ def test_override_lookup_is_first_glob_match() -> None:
         ("[[tool.spectra.check.overrides]]\nmin_utilization = 0.1\n", r"overrides\[0\]: pattern must be"),
         ("[[tool.spectra.check.overrides]]\npattern = \"*\"\nmax_collapsed_fraction = 0.1\n", r"checkpoint-wide"),
         ("[[tool.spectra.check.overrides]]\npattern = \"*\"\nmax_drop = 2\n", r"overrides\[0\]: max_drop must be"),
-        ("[tool.spectra.check\n", r"invalid TOML"),
+        ("[tool.spectra.check\n", r"not valid TOML"),
     ],
 )
 def test_bad_pyproject_names_file_and_key(tmp_path: Path, text: str, match: str) -> None:

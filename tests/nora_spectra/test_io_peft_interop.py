@@ -113,3 +113,28 @@ def test_peft_dora_and_named_adapter(tmp_path):
     ckpt = load_checkpoint(tmp_path, adapter="chat")
     assert ckpt.adapter == "chat" and ckpt.modules == ["layers.0.q_proj", "layers.1.q_proj"]
     assert all(layer.dora and layer.update.scale == 2.0 for layer in ckpt.iter_layers())
+
+
+def test_peft_dora_magnitude_is_read_for_linear_conv_and_embedding(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "conv", "embed"], use_dora=True)
+    model = get_peft_model(_Tiny(layers=1), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param))  # lora_B starts at zero; the magnitude at ||W0||
+    model.save_pretrained(tmp_path)
+    stored = {
+        name.removeprefix("base_model.model.").split(".lora_magnitude_vector")[0]: param.detach().double().numpy()
+        for name, param in model.named_parameters()
+        if "lora_magnitude_vector" in name
+    }
+    entries = {entry.module: entry for entry in load_checkpoint(tmp_path).entries}
+    assert set(stored) == set(entries) == {"embed", "conv", "layers.0.q_proj"}
+    for module, entry in entries.items():
+        assert entry.dora and entry.read_magnitude is not None
+        magnitude = entry.read_magnitude()
+        np.testing.assert_array_equal(magnitude, stored[module].reshape(-1))  # conv: (1, c_out, 1, 1) -> (c_out,)
+        size = entry.shape[1] if entry.layer_type == "embedding" else entry.shape[0]
+        assert magnitude.shape == (size,)

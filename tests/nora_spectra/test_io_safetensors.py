@@ -96,7 +96,7 @@ CORRUPT = [
     ("header_beyond_file", dict(header={"x": _t()}, data=b"\0" * 8, header_len=10_000), "beyond the file"),
     ("header_over_100mb", dict(header={"x": _t()}, data=b"\0" * 8, header_len=200_000_000), "100 MB"),
     ("header_not_json", dict(header=b"{not json", data=b""), "not valid JSON"),
-    ("header_not_utf8", dict(header=b"\xff\xfe{}", data=b""), "not valid JSON"),
+    ("header_not_utf8", dict(header=b"\xff\xfe{}", data=b""), "not UTF-8 JSON (byte 0xff at offset 0"),
     ("header_not_object", dict(header=[1, 2], data=b""), "expected a JSON object"),
     ("entry_not_object", dict(header={"x": 3}, data=b""), "'x' is not a JSON object"),
     ("unknown_dtype", dict(header={"x": _t(dtype="F12")}, data=b"\0" * 8), "unknown dtype 'F12'"),

@@ -52,6 +52,7 @@ def test_results_do_not_import_renderers_plots_pandas_or_torch_at_import_time() 
     code = (
         "import sys\n"
         "import nora_spectra.analysis, nora_spectra.comparison, nora_spectra.gates, nora_spectra.result\n"
+        "import nora_spectra.resize, nora_spectra.suggest, nora_spectra.overlap\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'matplotlib')\n"
         "         or m.startswith(('nora_spectra.render', 'nora_spectra.plots'))]\n"
         "print(sorted(heavy))\n"
@@ -71,6 +72,19 @@ def test_weight_space_analysis_works_without_torch(checkpoint: Path) -> None:
     out = _python(code)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [3, False]
+
+
+def test_resize_and_overlap_work_without_torch(checkpoint: Path, tmp_path: Path) -> None:
+    code = _BLOCK_TORCH + (
+        "import json, sys\n"
+        "from nora_spectra import overlap, resize\n"
+        f"r = resize({str(checkpoint)!r}, {str(tmp_path / 'small')!r}, rank=2)\n"
+        f"o = overlap({str(checkpoint)!r}, {str(tmp_path / 'small')!r})\n"
+        "print(json.dumps([r.summary['rank_after'], round(o.summary['mean_left_overlap'], 6), 'torch' in sys.modules]))\n"
+    )
+    out = _python(code)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [6, 1.0, False]
 
 
 @pytest.mark.parametrize(

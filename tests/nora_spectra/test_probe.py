@@ -26,7 +26,11 @@ def dense_probe(A, B, scale, activation, X):
 
 
 @pytest.mark.parametrize("activation", ["identity", "silu", "relu", "gelu"])
-@pytest.mark.parametrize("r, d_in, d_out, n", [(4, 10, 7, 50), (8, 6, 12, 3000), (5, 9, 3, 4)])
+@pytest.mark.parametrize(
+    "r, d_in, d_out, n",
+    # r smallest (hidden path); d_out smallest, samples smallest, and r above both (output path)
+    [(4, 10, 7, 50), (8, 6, 12, 3000), (5, 9, 3, 4), (40, 10, 6, 300), (50, 12, 60, 20), (30, 5, 25, 7)],
+)
 def test_response_matches_dense_float64(activation, r, d_in, d_out, n):
     rng = np.random.default_rng(0)
     A, B, X = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r)), rng.standard_normal((n, d_in))
@@ -34,8 +38,43 @@ def test_response_matches_dense_float64(activation, r, d_in, d_out, n):
     want = dense_probe(A, B, 0.7, activation, X)
     k = len(got)
     assert k == min(r, d_out)
-    np.testing.assert_allclose(got, want[:k], rtol=0, atol=RTOL * want[0])
-    assert np.all(want[k:] <= 1e-10 * want[0])
+    j = min(k, want.size)  # with fewer samples than min(r, d_out), the rest are exact zeros
+    np.testing.assert_allclose(got[:j], want[:j], rtol=0, atol=RTOL * want[0])
+    assert np.all(got[j:] == 0) and np.all(want[k:] <= 1e-10 * want[0])
+
+
+@pytest.mark.parametrize(
+    "r, d_in, d_out, samples, width",
+    [(6000, 1, 1, 4096, 1), (300, 4, 20, 64, 20), (16, 8, 64, 4096, 16), (64, 8, 2, 3, 2)],
+)
+def test_probe_work_follows_min_of_rank_output_and_samples(monkeypatch, r, d_in, d_out, samples, width):
+    """The streamed factor is r wide only when r is the smallest side; otherwise d_out (the 24 KB file
+    with r = 6000 and d_in = d_out = 1 took 7-20 s with an r x r factor)."""
+    from nora_spectra.spaces import centred
+
+    widths, rows = [], []
+    original = centred.CentredFactor
+
+    class Spy(original):  # type: ignore[misc, valid-type]
+        def __init__(self, w: int) -> None:
+            widths.append(w)
+            super().__init__(w)
+
+        def update(self, batch: np.ndarray) -> None:
+            rows.append(batch.shape)
+            super().update(batch)
+
+    monkeypatch.setattr(centred, "CentredFactor", Spy)
+    rng = np.random.default_rng(1)
+    A, B = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r))
+    got = probe_layer(A, B, 0.5, "silu", samples=samples, rng=np.random.default_rng(2))
+    assert widths == [width] and got.shape == (min(r, d_out),)
+    assert sum(m for m, _ in rows) == samples
+    assert max(m * max(r, d_in, d_out) for m, _ in rows) <= 2**21 or max(m for m, _ in rows) == 1
+    if r * samples <= 2_000_000:  # the reference forms every output row
+        X = np.random.default_rng(2).standard_normal((samples, d_in))
+        want = dense_probe(A, B, 0.5, "silu", X) / math.sqrt(samples - 1)
+        np.testing.assert_allclose(got[: min(want.size, got.size)], want[: got.size], rtol=0, atol=1e-9 * want[0])
 
 
 def test_activations_match_torch():
@@ -153,7 +192,8 @@ def test_space_options_drive_probe_and_activation(tmp_path):
     out = _analyze([str(path), "--space", "activation", "--model", str(base), "--data", str(jsonl), "--samples", "2"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
-    assert data["space"] == "activation" and data["tokens"] == 16 + len("spectra") + 1  # BOS + text, the first cut at block_size 16
+    # BOS + text + EOS, every position measured; the first text cut to block_size 16 keeping BOS and EOS
+    assert data["space"] == "activation" and data["tokens"] == 16 + len("spectra") + 2
 
     from click.testing import CliRunner
 

@@ -39,7 +39,7 @@ def _parse_csv_cell(key: str, text: str):
         return {"true": True, "false": False}[text]
     if key in ("rank", "layer_index", "energy_rank_90", "energy_rank_99", "numerical_rank"):
         return int(text)
-    if key in ("module", "module_type", "kind", "layer_type", "dtype", "status"):
+    if key in ("module", "key", "module_type", "kind", "layer_type", "dtype", "status"):
         return text
     return float(text)
 

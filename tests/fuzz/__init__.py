@@ -1,0 +1,1 @@
+"""The fuzz suite: seeded mutations of real inputs through every reader and command that takes a file."""
