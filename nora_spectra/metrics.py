@@ -38,6 +38,7 @@ __all__ = [
 
 #: Relative slack in the energy-rank comparison (absorbs rounding in the cumulative sum).
 _ENERGY_RTOL = 1e-12
+_EPS = float(np.finfo(np.float64).eps)
 
 #: The metric fields of a layer record, in JSON order, as returned by :func:`spectrum_metrics`.
 METRIC_FIELDS = (
@@ -84,7 +85,10 @@ def effective_rank(sigma: ArrayLike) -> float:
     Returns:
         ``1 <= erank <= #nonzero sigma``; 0.0 for an all-zero spectrum.
     """
-    s = _as_spectrum(sigma)
+    return _effective_rank(_as_spectrum(sigma))
+
+
+def _effective_rank(s: np.ndarray) -> float:
     total = s.sum()
     if total == 0:
         return 0.0
@@ -106,7 +110,11 @@ def energy_rank(sigma: ArrayLike, q: float) -> int:
     """
     if not 0 < q <= 1:
         raise ValueError(f"q must lie in (0, 1], got {q}")
-    energy = np.cumsum(_relative_energy(_as_spectrum(sigma)))
+    return _energy_rank(np.cumsum(_relative_energy(_as_spectrum(sigma))), q)
+
+
+def _energy_rank(energy: np.ndarray, q: float) -> int:
+    """:func:`energy_rank` from the cumulative relative energies."""
     if energy.size == 0 or energy[-1] == 0:
         return 0
     needed = q * energy[-1] * (1 - _ENERGY_RTOL)
@@ -120,11 +128,14 @@ def numerical_rank(sigma: ArrayLike, shape: Sequence[int]) -> int:
         sigma: ``(k,)`` singular values.
         shape: ``(d_out, d_in)`` of the update.
     """
-    s = _as_spectrum(sigma)
+    return _numerical_rank(_as_spectrum(sigma), shape)
+
+
+def _numerical_rank(s: np.ndarray, shape: Sequence[int]) -> int:
     top = s.max(initial=0.0)
     if top == 0:
         return 0
-    tol = top * max(shape) * np.finfo(np.float64).eps
+    tol = top * max(shape) * _EPS
     return int(np.count_nonzero(s > tol))
 
 
@@ -135,17 +146,24 @@ def spectral_entropy(sigma: ArrayLike) -> float:
     spectrum: 0.0. (WeightWatcher uses ``p`` from ``sigma^2``; we keep ``sigma`` like the effective rank.)
     """
     s = _as_spectrum(sigma)
-    erank = effective_rank(s)
+    return _spectral_entropy(_effective_rank(s), s.size)
+
+
+def _spectral_entropy(erank: float, k: int) -> float:
+    """:func:`spectral_entropy` from the effective rank of a spectrum of ``k`` values."""
     if erank == 0:
         return 0.0
-    if s.size == 1:
+    if k == 1:
         return 1.0
-    return float(min(1.0, math.log(erank) / math.log(s.size)))
+    return float(min(1.0, math.log(erank) / math.log(k)))
 
 
 def participation_ratio(sigma: ArrayLike) -> float:
     """Participation ratio ``(sum sigma^2)^2 / sum sigma^4`` (0.0 for a zero spectrum)."""
-    e = _relative_energy(_as_spectrum(sigma))
+    return _participation_ratio(_relative_energy(_as_spectrum(sigma)))
+
+
+def _participation_ratio(e: np.ndarray) -> float:
     if not e.any():
         return 0.0
     return float(e.sum() ** 2 / np.sum(e**2))
@@ -157,7 +175,10 @@ def tail_energy(sigma: ArrayLike, rank: int) -> float:
     The tail is positions ``i > ceil(r / 2)`` (1-based) of the spectrum padded with zeros to length
     ``r``: for r = 16, sigma_9 .. sigma_16. 0.0 for a zero spectrum or r = 1.
     """
-    energy = _relative_energy(_as_spectrum(sigma))
+    return _tail_energy(_relative_energy(_as_spectrum(sigma)), rank)
+
+
+def _tail_energy(energy: np.ndarray, rank: int) -> float:
     total = energy.sum()
     if total == 0:
         return 0.0
@@ -191,23 +212,26 @@ def spectrum_metrics(
         raise ValueError(f"rank must be >= 1, got {rank}")
     if not 0 <= collapse_threshold <= 1:
         raise ValueError(f"collapse_threshold must lie in [0, 1], got {collapse_threshold}")
-    s = _as_spectrum(sigma)
+    s = _as_spectrum(sigma)  # validated once; the private helpers below take it as it is
     sigma_max = float(s.max(initial=0.0))
-    erank = effective_rank(s)
+    erank = _effective_rank(s)
     utilization = erank / rank
     zero = sigma_max == 0
+    energy = _relative_energy(s)
+    cumulative = np.cumsum(energy)
+    stable = float(np.sum(energy))
     return {
         "effective_rank": erank,
-        "stable_rank": stable_rank(s),
-        "energy_rank_90": energy_rank(s, 0.90),
-        "energy_rank_99": energy_rank(s, 0.99),
-        "numerical_rank": numerical_rank(s, shape),
-        "spectral_entropy": spectral_entropy(s),
+        "stable_rank": stable,
+        "energy_rank_90": _energy_rank(cumulative, 0.90),
+        "energy_rank_99": _energy_rank(cumulative, 0.99),
+        "numerical_rank": _numerical_rank(s, shape),
+        "spectral_entropy": _spectral_entropy(erank, s.size),
         "utilization": utilization,
         "sigma_max": sigma_max,
-        "frobenius_norm": float(sigma_max * math.sqrt(np.sum(_relative_energy(s)))),
-        "tail_energy": tail_energy(s, rank),
-        "participation_ratio": participation_ratio(s),
+        "frobenius_norm": float(sigma_max * math.sqrt(stable)),
+        "tail_energy": _tail_energy(energy, rank),
+        "participation_ratio": _participation_ratio(energy),
         "collapsed": utilization < collapse_threshold,
         "status": "zero" if zero else "ok",
     }
