@@ -28,10 +28,11 @@ def name_list(names: Sequence[str], limit: int = 3, sep: str = ", ") -> str:
 
 
 def package_version() -> str:
-    """The installed nora-spectra version, or ``"unknown"`` in a source tree without metadata."""
-    try:
-        from importlib.metadata import version
+    """The nora-spectra version (``nora_spectra/_version.py``, which ``pyproject.toml`` reads too).
 
-        return version("nora-spectra")
-    except Exception:  # pragma: no cover - a source tree without metadata
-        return "unknown"
+    A constant rather than ``importlib.metadata.version``: that import and lookup cost about 20 ms of
+    every ``spectra`` command's start-up, and a source tree without installed metadata knows it too.
+    """
+    from nora_spectra._version import __version__
+
+    return __version__

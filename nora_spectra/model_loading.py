@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from nora_core.parsing import ParseError, read_json
 from nora_spectra.errors import CheckpointError, UsageError
+from nora_spectra.schema import MODEL_CLASSES
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -67,15 +68,6 @@ _NO_TOKENIZER_LIMIT = 1_000_000
 #: ``GPTConfig`` fields whose presence marks a nora_core small-GPT ``config.json``.
 _GPT_KEYS = frozenset({"vocab_size", "block_size", "n_layer", "n_head", "n_embd"})
 
-#: ``--model-class`` name -> transformers auto class.
-MODEL_CLASSES: dict[str, str] = {
-    "causal-lm": "AutoModelForCausalLM",
-    "encoder": "AutoModel",
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "encoder-decoder": "AutoModelForSeq2SeqLM",
-}
 
 #: PEFT ``task_type`` -> model class.
 _TASK_TYPES = {

@@ -31,6 +31,7 @@ __all__ = [
     "EXACT_SVD_MAX_DIM",
     "INTRUDER_COLUMNS",
     "LAYER_COLUMNS",
+    "MODEL_CLASSES",
     "OPTIONAL_COLUMNS",
     "OVERLAP_COLUMNS",
     "RESIZE_COLUMNS",
@@ -272,3 +273,15 @@ def json_text(items: list[dict[str, Any]], *, several: bool, indent: int | None 
     """
     data: Any = {"checkpoints": items} if several else items[0]
     return json.dumps(data, indent=indent, allow_nan=False) + "\n"
+
+
+#: ``--model-class`` name -> transformers auto class (:mod:`nora_spectra.model_loading`; here so that the
+#: CLI can offer the choices without importing the loader).
+MODEL_CLASSES: dict[str, str] = {
+    "causal-lm": "AutoModelForCausalLM",
+    "encoder": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "encoder-decoder": "AutoModelForSeq2SeqLM",
+}

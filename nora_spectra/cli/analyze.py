@@ -14,7 +14,6 @@ import sys
 import click
 
 from nora_spectra._text import one_line
-from nora_spectra.model_loading import MODEL_CLASSES
 from nora_spectra.schema import (
     DEFAULT_COLLAPSE_THRESHOLD,
     DEFAULT_INTRUDER_EPS,
@@ -22,6 +21,7 @@ from nora_spectra.schema import (
     DEFAULT_PROBE_SAMPLES,
     DEFAULT_TOP_K,
     EXACT_SVD_MAX_DIM,
+    MODEL_CLASSES,
     SPACES,
 )
 

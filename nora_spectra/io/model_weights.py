@@ -17,13 +17,12 @@ tensor's stored bytes: the key of the on-disk cache of base-model SVDs (:mod:`no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -37,6 +36,9 @@ from nora_spectra.io.safetensors_file import (
     raw_dtype,
     upcast,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    import hashlib
 
 __all__ = [
     "INDEX_NAME",
@@ -160,6 +162,8 @@ class ModelWeights:
 
     def _hasher(self, name: str) -> "hashlib._Hash":
         info = self.info(name)
+        import hashlib  # only when a base's content key is computed
+
         hasher = hashlib.blake2b(digest_size=20)
         hasher.update(_DIGEST_VERSION)
         hasher.update(json.dumps([info.dtype, list(info.shape)]).encode())

@@ -344,6 +344,10 @@ def prepare(
         UsageError: an invalid ``top_k``, intruder options without ``intruders``, or ``intruders``
             without ``base``.
     """
+    if base is None and top_k is None and intruders is False and intruder_k is None and intruder_eps is None:
+        # the common case: no base-aware option to check, and nothing of spaces/base_aware.py to import
+        checkpoint = open_checkpoint(source, adapter, format)
+        return WeightRun(checkpoint, truncating=getattr(checkpoint, "format", None) == "full")
     from nora_spectra.spaces.base_aware import check_intruder_options, check_top_k
 
     top_k = check_top_k(top_k)

@@ -32,7 +32,6 @@ from nora_spectra.io.factors import (
 )
 from nora_spectra.io.peft import is_adapter_weights_file
 from nora_spectra.io.peft_keys import natural_key
-from nora_spectra.io.pickle_scan import pickle_strings
 from nora_spectra.io.registry import Format, Probe
 from nora_spectra.io.signatures import torchtune_keys
 
@@ -46,6 +45,8 @@ def _sniff(probe: Probe) -> bool:
     if not probe.is_file or is_adapter_weights_file(probe):
         return False
     if _PICKLE_NAMES.fullmatch(probe.name):
+        from nora_spectra.io.pickle_scan import pickle_strings  # only for .pt/.pth (zipfile, pickletools)
+
         return torchtune_keys(pickle_strings(probe.path))
     return probe.looks_like_safetensors() and torchtune_keys(probe.safetensors().keys())
 
