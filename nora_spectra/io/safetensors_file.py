@@ -14,6 +14,7 @@ the file.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -304,6 +305,20 @@ def _read_exact(handle: "io.RawIOBase", array: np.ndarray) -> None:
         done += got
 
 
+@functools.lru_cache(maxsize=None)
+def _bfloat16() -> np.dtype | None:
+    """ml_dtypes' bfloat16, or None when ml_dtypes is missing (installed without dependencies).
+
+    Its cast to float64 is exact and direct, about twice as fast as widening and shifting the bits
+    (0.4 against 0.8-1.3 ns per value here); the shift is the fallback.
+    """
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def _upcast(raw: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
     """Exact upcast of raw stored values (1-D) into ``out`` (float64, same length), in one pass over ``out``.
 
@@ -312,10 +327,13 @@ def _upcast(raw: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray | 
     """
     with np.errstate(invalid="ignore"):
         if dtype == "BF16":
-            # bfloat16 is the top half of a float32: widen-and-shift the bits, then one cast to float64
-            bits = (np.empty(raw.size, np.uint32) if scratch is None else scratch)[: raw.size]
-            np.left_shift(raw, 16, out=bits, dtype=np.uint32)
-            np.copyto(out, bits.view(np.float32))
+            bfloat16 = _bfloat16()
+            if bfloat16 is not None:
+                np.copyto(out, raw.view(bfloat16))
+            else:  # bfloat16 is the top half of a float32: widen-and-shift the bits, then one cast
+                bits = (np.empty(raw.size, np.uint32) if scratch is None else scratch)[: raw.size]
+                np.left_shift(raw, 16, out=bits, dtype=np.uint32)
+                np.copyto(out, bits.view(np.float32))
         elif dtype in _ML_DTYPES_NAME:
             import ml_dtypes
 

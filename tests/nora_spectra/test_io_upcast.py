@@ -26,7 +26,12 @@ def bf16_reference(codes: np.ndarray) -> np.ndarray:
     return np.where(exponent == 0, subnormal, np.where(exponent == 0xFF, special, normal))
 
 
-def test_every_bf16_bit_pattern_upcasts_exactly_across_block_boundaries(tmp_path, monkeypatch):
+@pytest.mark.parametrize("route", ["ml_dtypes", "bit shift"])
+def test_every_bf16_bit_pattern_upcasts_exactly_across_block_boundaries(tmp_path, monkeypatch, route):
+    if route == "bit shift":  # the fallback without ml_dtypes
+        monkeypatch.setattr(safetensors_file, "_bfloat16", lambda: None)
+    else:
+        assert safetensors_file._bfloat16() is not None
     monkeypatch.setattr(safetensors_file, "_BLOCK", 1000)  # 65536 values: 66 blocks, the last one short
     codes = np.arange(1 << 16, dtype=np.uint16)
     data = codes.astype("<u2").tobytes()
