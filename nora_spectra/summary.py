@@ -57,14 +57,12 @@ def _finite_pairs(records: Iterable[Record], name: str) -> list[tuple[float, flo
 
 def mean(records: Iterable[Record], name: str) -> float | None:
     """Arithmetic mean of metric ``name`` over the averaged layers (None when there are none)."""
-    values = [v for v, _ in _finite_pairs(records, name)]
-    return math.fsum(values) / len(values) if values else None
+    return _mean([v for v, _ in _finite_pairs(records, name)])
 
 
 def median(records: Iterable[Record], name: str) -> float | None:
     """Median of metric ``name`` over the averaged layers (None when there are none)."""
-    values = [v for v, _ in _finite_pairs(records, name)]
-    return float(statistics.median(values)) if values else None
+    return _median([v for v, _ in _finite_pairs(records, name)])
 
 
 def rank_weighted_mean(records: Iterable[Record], name: str) -> float | None:
@@ -73,23 +71,35 @@ def rank_weighted_mean(records: Iterable[Record], name: str) -> float | None:
     For ``utilization = effective_rank / r`` this is ``sum(effective_rank) / sum(r)``.
     Returns None when no averaged layer has a positive rank.
     """
-    pairs = _finite_pairs(records, name)
-    total = math.fsum(r for _, r in pairs)
-    if total <= 0:
-        return None
-    return math.fsum(v * r for v, r in pairs) / total
+    return _rank_weighted_mean(_finite_pairs(records, name))
 
 
 def metric_stats(records: Sequence[Record], name: str) -> dict[str, float | None]:
     """``{"mean", "median", "weighted_mean", "min", "max"}`` of metric ``name`` (None where undefined)."""
-    values = [v for v, _ in _finite_pairs(records, name)]
+    pairs = _finite_pairs(records, name)  # once, not once per statistic
+    values = [v for v, _ in pairs]
     return {
-        "mean": mean(records, name),
-        "median": median(records, name),
-        "weighted_mean": rank_weighted_mean(records, name),
+        "mean": _mean(values),
+        "median": _median(values),
+        "weighted_mean": _rank_weighted_mean(pairs),
         "min": min(values) if values else None,
         "max": max(values) if values else None,
     }
+
+
+def _mean(values: list[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
+
+
+def _median(values: list[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def _rank_weighted_mean(pairs: list[tuple[float, float]]) -> float | None:
+    total = math.fsum(r for _, r in pairs)
+    if total <= 0:
+        return None
+    return math.fsum(v * r for v, r in pairs) / total
 
 
 def count_by_status(records: Iterable[Record]) -> dict[str, int]:
