@@ -38,7 +38,7 @@ gradience is looked up as ``--gradience CMD`` (default: ``/tmp/gradvenv/bin/grad
 virtualenv so that it cannot change this project's environment: ``python3 -m venv /tmp/gradvenv &&
 /tmp/gradvenv/bin/pip install torch==2.13.0 && /tmp/gradvenv/bin/pip install gradience==0.11.0``).
 When it is missing, only our numbers and the floor are printed. The floor needs ``ml_dtypes`` in this
-environment (a dev dependency). Absolute times on a shared machine are noisy: read the ratios, and
+environment (a dependency of nora-spectra). Absolute times on a shared machine are noisy: read the ratios, and
 the load average printed at the start and the end.
 
 Usage::
