@@ -213,9 +213,14 @@ def blas_threads(limit: int = 1) -> Iterator[None]:
 
 
 def _gram(factor: np.ndarray, rows_are_r: bool) -> np.ndarray:
-    """Gram matrix over the factor's long dimension: ``A A^T`` for ``A`` (r, n), ``B^T B`` for ``B`` (n, r)."""
+    """Gram matrix over the factor's long dimension: ``A A^T`` for ``A`` (r, n), ``B^T B`` for ``B`` (n, r).
+
+    ``np.dot``, not ``@``: both call BLAS ``syrk`` and give the same bits, but ``np.dot`` releases the
+    GIL around it, while ``@`` held it for these shapes (r = 16, numpy 2.4: measured with a Python loop
+    beside it), which serialized the weight space's threads at small ranks.
+    """
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        return factor @ factor.T if rows_are_r else factor.T @ factor
+        return np.dot(factor, factor.T) if rows_are_r else np.dot(factor.T, factor)
 
 
 def _peak_exponent(factor: np.ndarray) -> int | None:
