@@ -63,10 +63,11 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 import numpy as np
 
+from nora_spectra._threads import blas_limit
 from nora_spectra.updates import DenseUpdate, HadamardUpdate, KroneckerUpdate, LowRankUpdate, Update
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -192,20 +193,17 @@ def _idle_blas_threads_sleep() -> Iterator[None]:
         os.environ.pop(key, None)
 
 
-@contextmanager
-def blas_threads(limit: int = 1) -> Iterator[None]:
+def blas_threads(limit: int = 1) -> ContextManager[Any]:
     """Limit every BLAS/LAPACK library loaded (numpy's and scipy's) to ``limit`` threads while inside.
 
     The products here (``r x r`` and ``n x r`` with ``r <= 256``) gain nothing from BLAS threads, and
     OpenBLAS threads that busy-wait for a core make a loaded machine several times slower; callers that
     run several spectra at once (:mod:`nora_spectra.spaces.weight`) use one BLAS thread per worker. The
-    limit is process-wide (threadpoolctl), so set it once around a whole computation, not per call.
+    limit is process-wide (threadpoolctl, through :func:`nora_spectra._threads.blas_limit`), so set it
+    once around a whole computation, not per call.
     """
-    _lapack()  # scipy's OpenBLAS must be loaded to be limited
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=limit, user_api="blas"):
-        yield
+    _lapack()  # scipy's OpenBLAS must be loaded to be limited, and seen by a fresh controller
+    return blas_limit(limit, refresh=True)
 
 
 # --------------------------------------------------------------------------------------------------
