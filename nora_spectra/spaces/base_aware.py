@@ -42,38 +42,10 @@ from nora_spectra.updates import DenseUpdate, Update, dense_matrix
 __all__ = [
     "BaseAware",
     "BaseTensor",
-    "check_intruder_options",
-    "check_top_k",
     "effective_top_k",
     "spectrum_fields",
     "with_top_k",
 ]
-
-def check_top_k(value: Any) -> int | str | None:
-    """Validate ``top_k``: None, ``"all"`` or an integer >= 1.
-
-    Raises:
-        UsageError: anything else.
-    """
-    if value is None or value == "all":
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise UsageError(f"--top-k must be a positive integer or 'all', got {value!r}")
-    return int(value)
-
-
-def check_intruder_options(k: Any, eps: Any) -> tuple[int, float]:
-    """Validate the intruder options: ``k`` an integer >= 1, ``eps`` a number in (0, 1].
-
-    Raises:
-        UsageError: either is out of range.
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise UsageError(f"--intruder-k must be a positive integer, got {k!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < float(eps) <= 1:
-        raise UsageError(f"--intruder-eps must be a number in (0, 1], got {eps!r}")
-    return int(k), float(eps)
-
 
 def effective_top_k(requested: "int | str | None", shape: tuple[int, int]) -> int | None:
     """The number of leading singular values a dense update of ``shape`` gets (None: all of them, exactly).

@@ -36,6 +36,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
+import numpy as np
+
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, materialize
 from nora_spectra.schema import (
@@ -55,7 +57,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.spaces.base_aware import BaseAware
     from nora_spectra.svd_cache import SvdCache
 
-__all__ = ["MAX_WORKERS", "OPTIONS", "WeightRun", "open_checkpoint", "ordered_map", "prepare", "worker_count"]
+__all__ = [
+    "MAX_WORKERS",
+    "OPTIONS",
+    "WeightRun",
+    "check_intruder_options",
+    "check_top_k",
+    "open_checkpoint",
+    "ordered_map",
+    "prepare",
+    "worker_count",
+]
 
 #: keyword options of this space.
 OPTIONS = ("adapter", "format", "base", "top_k", "intruders", "intruder_k", "intruder_eps", "cache")
@@ -66,18 +78,17 @@ DORA_TRUE_WARNING = (
 )
 
 
-#: At most this many modules are measured at once (each holds its float64 factors in memory).
-MAX_WORKERS = 8
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-
-
 #: a NoRA branch is s * B act(A x): the base-aware fields describe its linear skeleton s * B @ A.
 NORA_SKELETON_WARNING = (
     "NoRA layers: W0 + s B A is the linear skeleton of the tuned layer (the activation sits between A and B); "
     "relative size and intruder dimensions describe that skeleton"
 )
+
+#: At most this many modules are measured at once (each holds its float64 factors in memory).
+MAX_WORKERS = 8
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def open_checkpoint(
@@ -313,6 +324,32 @@ class WeightRun:
         return out
 
 
+def check_top_k(value: Any) -> int | str | None:
+    """Validate ``top_k``: None, ``"all"`` or an integer >= 1.
+
+    Raises:
+        UsageError: anything else.
+    """
+    if value is None or value == "all":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UsageError(f"--top-k must be a positive integer or 'all', got {value!r}")
+    return int(value)
+
+
+def check_intruder_options(k: Any, eps: Any) -> tuple[int, float]:
+    """Validate the intruder options: ``k`` an integer >= 1, ``eps`` a number in (0, 1].
+
+    Raises:
+        UsageError: either is out of range.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise UsageError(f"--intruder-k must be a positive integer, got {k!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < float(eps) <= 1:
+        raise UsageError(f"--intruder-eps must be a number in (0, 1], got {eps!r}")
+    return int(k), float(eps)
+
+
 def prepare(
     source: "str | os.PathLike[str] | Checkpoint",
     *,
@@ -344,12 +381,6 @@ def prepare(
         UsageError: an invalid ``top_k``, intruder options without ``intruders``, or ``intruders``
             without ``base``.
     """
-    if base is None and top_k is None and intruders is False and intruder_k is None and intruder_eps is None:
-        # the common case: no base-aware option to check, and nothing of spaces/base_aware.py to import
-        checkpoint = open_checkpoint(source, adapter, format)
-        return WeightRun(checkpoint, truncating=getattr(checkpoint, "format", None) == "full")
-    from nora_spectra.spaces.base_aware import check_intruder_options, check_top_k
-
     top_k = check_top_k(top_k)
     if not isinstance(intruders, bool):
         raise UsageError(f"intruders must be true or false, got {intruders!r}")
