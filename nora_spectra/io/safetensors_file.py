@@ -156,13 +156,7 @@ class SafetensorsFile:
         """
         info = self._tensors[name]
         check_readable(self.path, info)
-        try:
-            flat = _read_float64(self.path, info)
-        except OSError as exc:
-            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {exc.strerror or exc}") from exc
-        except EOFError:
-            raise CheckpointError(self.path, f"truncated while reading tensor {name!r}") from None
-        return flat.reshape(info.shape)
+        return self._read_values(info, 0, info.numel).reshape(info.shape)
 
     def read_index(self, name: str, index: int) -> np.ndarray:
         """Read ``tensor[index]`` (along the first axis) only, upcast exactly to float64.
@@ -178,15 +172,21 @@ class SafetensorsFile:
         if not info.shape or not 0 <= index < info.shape[0]:
             raise IndexError(f"{name}: index {index} outside shape {list(info.shape)}")
         count = info.numel // info.shape[0]
-        raw_dtype = np.dtype(_RAW_NUMPY[info.dtype])
-        offset = info.start + index * count * raw_dtype.itemsize
+        return self._read_values(info, index * count, count).reshape(info.shape[1:])
+
+    def _read_values(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
+        """Values ``first .. first + count - 1`` of the flattened tensor, upcast to float64 (1-D); the
+        caller has checked the dtype (:func:`check_readable`).
+
+        Raises:
+            CheckpointError: the file cannot be read or ends early.
+        """
         try:
-            raw = np.fromfile(self.path, dtype=raw_dtype, count=count, offset=offset)
+            return _read_float64(self.path, info, first, count)
         except OSError as exc:
-            raise CheckpointError(self.path, f"cannot read tensor {name!r}: {exc.strerror or exc}") from exc
-        if raw.size != count:
-            raise CheckpointError(self.path, f"truncated while reading tensor {name!r}")
-        return upcast(raw, info.dtype).reshape(info.shape[1:])
+            raise CheckpointError(self.path, f"cannot read tensor {info.name!r}: {exc.strerror or exc}") from exc
+        except EOFError:
+            raise CheckpointError(self.path, f"truncated while reading tensor {info.name!r}") from None
 
     # ------------------------------------------------------------------ parsing
 
@@ -266,8 +266,9 @@ def upcast(raw: np.ndarray, dtype: str) -> np.ndarray:
 _BLOCK = 1 << 16
 
 
-def _read_float64(path: str, info: TensorInfo) -> np.ndarray:
-    """Read ``info``'s stored values from ``path`` and upcast them exactly to a new float64 array (1-D).
+def _read_float64(path: str, info: TensorInfo, first: int, count: int) -> np.ndarray:
+    """Read values ``first .. first + count - 1`` of ``info``'s flattened tensor from ``path`` and upcast
+    them exactly to a new float64 array (1-D).
 
     The file is opened anew (so concurrent reads from several threads are safe) and read block by
     block into a small buffer, each block upcast straight into its slice of the result: one pass over
@@ -275,19 +276,21 @@ def _read_float64(path: str, info: TensorInfo) -> np.ndarray:
 
     Raises:
         OSError: the file cannot be read.
-        EOFError: the file ends before the tensor does (it changed since its header was validated).
+        EOFError: the file ends before the values do (it changed since its header was validated).
     """
-    n = info.numel
-    out = np.empty(n, dtype=np.float64)
+    stored = np.dtype(_RAW_NUMPY[info.dtype])
+    out = np.empty(count, dtype=np.float64)
     with open(path, "rb", buffering=0) as handle:
-        handle.seek(info.start)
+        handle.seek(info.start + first * stored.itemsize)
         if info.dtype == "F64" and sys.byteorder == "little":
             _read_exact(handle, out)
             return out
-        raw = np.empty(min(n, _BLOCK), dtype=_RAW_NUMPY[info.dtype])
-        scratch = np.empty(raw.size, dtype=np.uint32) if info.dtype == "BF16" else None
-        for start in range(0, n, _BLOCK):
-            stop = min(n, start + _BLOCK)
+        raw = np.empty(min(count, _BLOCK), dtype=stored)
+        scratch = None  # the bit-shift fallback's uint32 buffer, made once per tensor if it is needed
+        if info.dtype == "BF16" and _bfloat16() is None:
+            scratch = np.empty(raw.size, dtype=np.uint32)
+        for start in range(0, count, _BLOCK):
+            stop = min(count, start + _BLOCK)
             block = raw[: stop - start]
             _read_exact(handle, block)
             _upcast(block, info.dtype, out[start:stop], scratch)
