@@ -362,8 +362,7 @@ class TokenDataset:
         tok = tokenizer if tokenizer is not None else ByteTokenizer()
         bos = _special(tok, "bos_id", "bos_token_id")
         eos = _special(tok, "eos_id", "eos_token_id")
-        pad = _special(tok, "pad_id", "pad_token_id")
-        pad = pad if pad is not None else (eos if eos is not None else 0)
+        pad = _pad_id(tok)
         rows: list[tuple[list[int], list[int]]] = []
         too_short = masked = 0  # samples dropped: fewer than two tokens / every label masked
         for sample in samples:

@@ -36,6 +36,14 @@ def check_writable(path: "str | os.PathLike[str]", what: str = "output") -> Path
     return target
 
 
+@contextlib.contextmanager
+def _wrapped(path: "str | os.PathLike[str]", what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"{os.fspath(path)}: cannot write the {what}: {exc.strerror or exc}") from None
+
+
 def write_output(path: "str | os.PathLike[str]", data: "str | bytes", what: str = "output") -> None:
     """Write ``data`` (text as UTF-8, or bytes) to ``path``: parents created, atomically.
 
@@ -48,22 +56,12 @@ def write_output(path: "str | os.PathLike[str]", data: "str | bytes", what: str 
         UsageError: the file cannot be written (the message names it and the reason).
     """
     target = check_writable(path, what)
-    try:
+    with _wrapped(path, what):
         target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, bytes):
             atomic_write_bytes(target, data)
         else:
             atomic_write_text(target, data)
-    except OSError as exc:
-        raise UsageError(f"{os.fspath(path)}: cannot write the {what}: {exc.strerror or exc}") from None
-
-
-@contextlib.contextmanager
-def _wrapped(path: "str | os.PathLike[str]", what: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        raise UsageError(f"{os.fspath(path)}: cannot write the {what}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager

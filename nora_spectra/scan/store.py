@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from nora_core.atomic import atomic_write
+from nora_core.atomic import atomic_write, atomic_write_text, fsync_directory
 from nora_spectra._text import package_version
 from nora_spectra.errors import UsageError
 from nora_spectra.schema import SCAN_ADAPTER_COLUMNS, SCAN_LAYER_COLUMNS
@@ -98,19 +98,6 @@ def rows_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> "pa
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise UsageError(f"column {name!r} holds values of incompatible types ({exc})") from None
     return pa.table(arrays)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - a platform without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_parquet(path: Path, table: "pa.Table") -> None:
@@ -357,8 +344,7 @@ class ScanStore:
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "nora_spectra_version": package_version(),
                 }
-                with atomic_write(scan_file, "w") as handle:
-                    handle.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+                atomic_write_text(scan_file, json.dumps(document, indent=2, sort_keys=True) + "\n")
         except OSError as exc:
             raise UsageError(f"{name}: cannot write the scan: {exc.strerror or exc}") from None
         _clean(root)
@@ -399,7 +385,7 @@ class ScanStore:
         try:
             for name, table in tables.items():  # layers first: the adapters file commits the part
                 _write_parquet(parts_dir / name, table)
-                _fsync_dir(parts_dir)
+                fsync_directory(parts_dir)
         except OSError as exc:
             raise UsageError(f"{parts_dir}: cannot write a part of the scan: {exc.strerror or exc}") from None
         self._written.update(tables)
@@ -419,11 +405,10 @@ class ScanStore:
         try:
             _write_parquet(self.directory / ADAPTERS_FILE, adapters)
             _write_parquet(self.directory / LAYERS_FILE, layers)
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
             for file, table in zip(CSV_FILES, (adapters, layers)):
                 if csv_too:
-                    with atomic_write(self.directory / file, "w") as handle:
-                        handle.write(csv_text(table))
+                    atomic_write_text(self.directory / file, csv_text(table))
                 elif (self.directory / file).exists():
                     (self.directory / file).unlink()  # a CSV of an earlier run would no longer match
         except OSError as exc:
