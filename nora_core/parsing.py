@@ -199,6 +199,18 @@ def _bracket_depth(text: str) -> int:
     return int(np.cumsum(steps).max())
 
 
+def _nested_deeper(text: str, strings: "re.Pattern[str]", blank: str, max_depth: int) -> bool:
+    """Whether ``text``'s brackets and braces, outside what ``strings`` matches, nest deeper than ``max_depth``.
+
+    Each opening bracket or brace adds at most one level, so a text with no more than ``max_depth`` of
+    them (strings included) cannot be too deep: the common case (a JSON Lines record, a config) is
+    decided by two ``str.count`` calls instead of the regex and numpy pass (about 1 us against 40 us).
+    """
+    if text.count("[") + text.count("{") <= max_depth:
+        return False
+    return _bracket_depth(strings.sub(blank, text)) > max_depth
+
+
 def _int(text: str) -> Any:
     return int(text) if len(text) <= _MAX_INT_CHARS else _OversizedInt(text)
 
@@ -241,7 +253,7 @@ def parse_json(
         ParseError: not UTF-8, not JSON, a repeated key, too deep, or a number that is not a finite float64.
     """
     text = decode_utf8(data, path, "JSON") if isinstance(data, bytes) else data
-    if _bracket_depth(_JSON_STRING.sub('""', text)) > max_depth:  # before the recursive C parser sees it
+    if _nested_deeper(text, _JSON_STRING, '""', max_depth):  # before the recursive C parser sees it
         raise ParseError(path, f"not valid JSON: nested deeper than {max_depth} levels")
     hook = _no_duplicates if reject_duplicates else None
     try:
@@ -304,7 +316,7 @@ def parse_toml(data: "str | bytes", path: "str | os.PathLike[str]", *, max_depth
     else:  # pragma: no cover - Python 3.10 uses the backport declared in pyproject.toml
         import tomli as tomllib
     text = decode_utf8(data, path, "TOML") if isinstance(data, bytes) else data
-    if _bracket_depth(_TOML_SKIP.sub("", text)) > max_depth:  # before the recursive parser sees it
+    if _nested_deeper(text, _TOML_SKIP, "", max_depth):  # before the recursive parser sees it
         raise ParseError(path, f"not valid TOML: nested deeper than {max_depth} levels")
     try:
         value = tomllib.loads(text)
