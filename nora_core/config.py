@@ -15,12 +15,13 @@ matches (``re.match(rf"(.*\\.)?({key})$", name)``, first key in insertion order 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ACTIVATIONS", "INITS", "METHODS", "AdapterConfig", "lora_scale", "match_pattern"]
+__all__ = ["ACTIVATIONS", "INITS", "METHODS", "AdapterConfig", "lora_scale", "match_pattern", "pattern_regex"]
 
 METHODS = ("lora", "nora")
 ACTIVATIONS = ("silu", "relu", "gelu", "identity")
@@ -270,9 +271,22 @@ def match_pattern(patterns: dict[str, Any], module_name: str) -> str | None:
         module_name: a base-model module name, e.g. ``model.layers.0.self_attn.q_proj``.
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if pattern_regex(key).match(module_name):
             return key
     return None
+
+
+@functools.lru_cache(maxsize=8192)
+def pattern_regex(key: str) -> "re.Pattern[str]":
+    """PEFT's anchored form ``(.*\.)?(key)$`` of a ``rank_pattern`` / ``alpha_pattern`` key, compiled once.
+
+    ``re``'s own cache holds 512 patterns: a resized adapter with a key per module (hundreds of exact
+    names) recompiled every key for every module lookup, seconds for a few hundred modules.
+
+    Raises:
+        re.error: ``key`` is not a regex (and whatever ``re.compile`` raises on absurd input).
+    """
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:

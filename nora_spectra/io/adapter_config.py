@@ -17,6 +17,7 @@ from typing import Any
 from nora_core.config import (  # torch-free: PEFT's rules, written once
     lora_scale,
     match_pattern,
+    pattern_regex,
 )
 from nora_core.parsing import ParseError, read_json, type_name
 from nora_spectra.errors import CheckpointError
@@ -210,7 +211,7 @@ def _pattern_problem(key: str) -> str | None:
     if len(key) > MAX_PATTERN_CHARS:
         return f"is longer than {MAX_PATTERN_CHARS} characters"
     try:
-        compiled = re.compile(rf"(.*\.)?({key})$")
+        compiled = pattern_regex(key)
     except (re.error, RecursionError, OverflowError, ValueError) as exc:
         return f"is not a regex ({exc})"
     try:
