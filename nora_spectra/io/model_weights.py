@@ -114,20 +114,14 @@ class ModelWeights:
         return self._placements[name].file.path
 
     def read(self, name: str) -> np.ndarray:
-        """Read one tensor, upcast exactly to float64, in its stored shape.
-
-        The stored bits are read and upcast in chunks of :data:`_CHUNK_ELEMENTS` elements straight into
-        the result, so reading costs the float64 tensor and one chunk, not the several full-size
-        temporaries of a whole-tensor upcast.
+        """Read one tensor, upcast exactly to float64, in its stored shape (:meth:`SafetensorsFile.read`:
+        block by block into the result, so reading costs the float64 tensor and one small block).
 
         Raises:
             CheckpointError: a non-float dtype, or the file cannot be read or changed since its header was
                 validated.
         """
-        out = np.empty(self.info(name).numel, dtype=np.float64)
-        for start, chunk in self._chunks(name):
-            out[start : start + chunk.size] = chunk
-        return out.reshape(self.info(name).shape)
+        return self._placements[name].file.read(name)
 
     def read_with_digest(self, name: str) -> tuple[np.ndarray, str]:
         """:meth:`read` and :meth:`digest` of one tensor in a single pass over its bytes."""
