@@ -268,7 +268,7 @@ import numpy
 import nora_spectra.spectrum as S
 from nora_spectra.io import load_checkpoint
 from nora_spectra.metrics import spectrum_metrics
-S._lapack()
+S.lapack_routines()
 t1 = time.perf_counter()
 routes = {"1": 0, "2": 0, "3": 0}
 first_order, householder = S._first_order_values, S._Side.householder_r

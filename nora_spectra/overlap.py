@@ -40,7 +40,7 @@ from nora_spectra.labels import default_labels
 from nora_spectra.metrics import numerical_rank
 from nora_spectra.schema import OVERLAP_COLUMNS, layer_index, module_type, to_jsonable
 from nora_spectra.spectrum import NonFiniteFactorsError
-from nora_spectra.subspaces import FactoredSVD, NonFiniteUpdateError, factor_bases
+from nora_spectra.subspaces import FactoredSVD, factor_bases
 from nora_spectra.updates import HadamardUpdate, LowRankUpdate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -171,7 +171,7 @@ def _basis(layer: "ModuleUpdate") -> tuple[str, FactoredSVD | None, int]:
     try:
         bases = factor_bases(update.A, update.B, update.scale)
         values = bases.singular_values()  # the update's singular values, from its r x r core
-    except (NonFiniteUpdateError, NonFiniteFactorsError):
+    except NonFiniteFactorsError:
         return "non_finite", None, 0
     n = numerical_rank(values, layer.shape)
     if n == 0:

@@ -41,7 +41,7 @@ from nora_spectra.io.writing import TAG_OF_NAME, ResizedModule
 from nora_spectra.rank_policy import RankPolicy, make_policy, optimal_threshold, truncation
 from nora_spectra.schema import RESIZE_COLUMNS, RESIZE_MODULE_FIELDS, to_jsonable
 from nora_spectra.spectrum import NonFiniteFactorsError
-from nora_spectra.subspaces import NonFiniteUpdateError, factor_bases
+from nora_spectra.subspaces import factor_bases
 from nora_spectra.updates import LowRankUpdate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -254,7 +254,7 @@ def resize(
             try:
                 bases = factor_bases(update.A, update.B, update.scale)  # one Gram matrix per factor
                 sigma = bases.singular_values()  # exactly the update's singular values (module docstring)
-            except (NonFiniteUpdateError, NonFiniteFactorsError) as exc:
+            except NonFiniteFactorsError as exc:
                 raise CheckpointError(
                     source, f"module {entry.module!r} has NaN or Inf factors ({exc}): cannot resize it; nothing written"
                 ) from None

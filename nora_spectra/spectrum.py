@@ -81,8 +81,10 @@ __all__ = [
     "adapter_singular_values",
     "blas_threads",
     "dense_spectrum",
+    "lapack_routines",
     "leading_left_singular_vectors",
     "left_singular_vectors",
+    "scaled_gram",
     "singular_values",
     "spectral_norm",
     "spectrum",
@@ -121,8 +123,8 @@ _LAPACK: Any = None
 _LAPACK_LOCK = threading.Lock()
 
 
-def _lapack() -> Any:
-    """scipy's compiled LAPACK wrappers (``dpotrf``, ``dtrcon``, ``dtrtri``, ``dgeqrt``).
+def lapack_routines() -> Any:
+    """scipy's compiled LAPACK wrappers (``dpotrf``, ``dtrcon``, ``dtrtri``, ``dtrtrs``, ``dgeqrt``, ...).
 
     ``scipy.linalg.lapack`` is a thin re-export of the extension module ``scipy.linalg._flapack``, but
     importing it runs ``scipy/linalg/__init__.py``, which imports every decomposition (about 0.25 s,
@@ -163,7 +165,7 @@ def _load_flapack() -> Any:
                         continue
                     module = importlib.util.module_from_spec(spec)
                     loader.exec_module(module)
-                    if all(hasattr(module, f) for f in ("dpotrf", "dtrcon", "dtrtri", "dgeqrt")):
+                    if all(hasattr(module, f) for f in ("dpotrf", "dtrcon", "dtrtri", "dtrtrs", "dgeqrt")):
                         return module
         except (ImportError, OSError):  # pragma: no cover - depends on the installed scipy
             pass
@@ -202,7 +204,7 @@ def blas_threads(limit: int = 1) -> ContextManager[Any]:
     limit is process-wide (threadpoolctl, through :func:`nora_spectra._threads.blas_limit`), so set it
     once around a whole computation, not per call.
     """
-    _lapack()  # scipy's OpenBLAS must be loaded to be limited, and seen by a fresh controller
+    lapack_routines()  # scipy's OpenBLAS must be loaded to be limited, and seen by a fresh controller
     return blas_limit(limit, refresh=True)
 
 
@@ -233,7 +235,7 @@ def _peak_exponent(factor: np.ndarray) -> int | None:
     return None if peak == 0.0 else math.frexp(peak)[1]
 
 
-def _safe_gram(factor: np.ndarray, rows_are_r: bool) -> tuple[np.ndarray, np.ndarray, int]:
+def scaled_gram(factor: np.ndarray, rows_are_r: bool) -> tuple[np.ndarray, np.ndarray, int]:
     """Gram matrix of ``factor``, rescaled by an exact power of two when it would over- or underflow.
 
     The common path costs one pass (the Gram itself): NaN/Inf propagate into its trace
@@ -290,7 +292,7 @@ class _Side:
     @classmethod
     def from_gram(cls, tall: np.ndarray, gram: np.ndarray, live: np.ndarray | None) -> "_Side":
         """``gram`` is ``F^T F`` restricted to ``live`` (all of it when ``live`` is None)."""
-        lapack = _lapack()
+        lapack = lapack_routines()
         diag = gram.diagonal()
         scale = np.sqrt(diag)
         n = tall.shape[0]
@@ -321,7 +323,7 @@ class _Side:
             tall = np.asfortranarray(tall)
             overwrite = 1
         r = tall.shape[1]
-        qr, _, info = _lapack().dgeqrt(min(r, _QR_BLOCK), tall, overwrite_a=overwrite)
+        qr, _, info = lapack_routines().dgeqrt(min(r, _QR_BLOCK), tall, overwrite_a=overwrite)
         assert info == 0, f"dgeqrt failed: info {info}"
         return np.triu(qr[:r])
 
@@ -332,7 +334,7 @@ class _Side:
 
 def _first_order_values(side_a: _Side, side_b: _Side, r_a: np.ndarray, r_b: np.ndarray) -> np.ndarray | None:
     """Route 2: the Gram route's singular values when their first-order error bounds are small, else None."""
-    lapack = _lapack()
+    lapack = lapack_routines()
     inverses = []
     for side in (side_a, side_b):
         assert side.r0 is not None
@@ -382,8 +384,8 @@ def _live_indices(a: np.ndarray, gram_a: np.ndarray, b: np.ndarray, gram_b: np.n
 def _factored_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``sigma(B @ A)`` for ``r <= min(d_out, d_in)``: the ``r`` values of the core (module docstring)."""
     r = A.shape[0]
-    A_n, gram_a, exp_a = _safe_gram(A, rows_are_r=True)
-    B_n, gram_b, exp_b = _safe_gram(B, rows_are_r=False)
+    A_n, gram_a, exp_a = scaled_gram(A, rows_are_r=True)
+    B_n, gram_b, exp_b = scaled_gram(B, rows_are_r=False)
     live = _live_indices(A_n, gram_a, B_n, gram_b)
     if live is not None:  # exactly zero rows of A / columns of B: drop them from both factors
         if live.size == 0:

@@ -38,10 +38,9 @@ from functools import cached_property
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.linalg import lapack, solve_triangular
 
 from nora_spectra._threads import one_blas_thread
-from nora_spectra.spectrum import spectrum
+from nora_spectra.spectrum import NonFiniteFactorsError, lapack_routines, scaled_gram, spectrum
 from nora_spectra.updates import LowRankUpdate
 
 __all__ = ["CHOLESKY_RCOND_LIMIT", "FactorBases", "FactoredSVD", "NonFiniteUpdateError", "factor_bases", "factored_svd"]
@@ -50,12 +49,8 @@ __all__ = ["CHOLESKY_RCOND_LIMIT", "FactorBases", "FactoredSVD", "NonFiniteUpdat
 #: is re-factored by Householder QR: CholeskyQR's orthogonality loss ``eps * cond^2`` stays under ~1e-9.
 CHOLESKY_RCOND_LIMIT = 1e-3
 
-#: A Gram trace inside this range neither overflowed nor lost the factor to underflow.
-_GRAM_TRACE_RANGE = (2.0**-900, 2.0**900)
-
-
-class NonFiniteUpdateError(ValueError):
-    """A factor or the scale holds NaN or Inf: the update has no singular vectors."""
+#: A factor or the scale holds NaN or Inf: the update has no singular vectors (the spectrum's own error).
+NonFiniteUpdateError = NonFiniteFactorsError
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,26 +76,11 @@ class FactoredSVD:
         return int(self.values.shape[0])
 
 
-def _scaled(factor: np.ndarray, rows_are_r: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(factor', gram', exponent)`` with ``factor == factor' * 2**exponent`` and a Gram that did not overflow.
-
-    Raises:
-        NonFiniteUpdateError: the factor holds NaN or Inf.
-    """
-    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        gram = factor @ factor.T if rows_are_r else factor.T @ factor
-    trace = float(np.trace(gram))
-    if math.isfinite(trace) and _GRAM_TRACE_RANGE[0] < trace < _GRAM_TRACE_RANGE[1]:
-        return factor, gram, 0
-    peak = max(float(factor.max()), -float(factor.min())) if factor.size else 0.0
-    if not math.isfinite(peak):
-        raise NonFiniteUpdateError("factor holds NaN or Inf")
-    if peak == 0.0:
-        return factor, gram, 0
-    exponent = math.frexp(peak)[1]
-    scaled = np.ldexp(factor, -exponent)
-    gram = scaled @ scaled.T if rows_are_r else scaled.T @ scaled
-    return scaled, gram, exponent
+def _solve_upper(R: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``R^{-1} x`` for upper-triangular ``R`` (LAPACK ``dtrtrs``; ``R`` is nonsingular on the Cholesky route)."""
+    solution, info = lapack_routines().dtrtrs(R, x, lower=0)
+    assert info == 0, f"dtrtrs failed: info {info}"
+    return solution
 
 
 class _Basis:
@@ -115,6 +95,7 @@ class _Basis:
         self._tall = tall
         self._q: np.ndarray | None = None
         if n >= r:
+            lapack = lapack_routines()
             chol, info = lapack.dpotrf(gram, lower=0, clean=1)
             if info == 0:
                 rcond, info_con = lapack.dtrcon(chol, norm="1", uplo="U")
@@ -127,13 +108,13 @@ class _Basis:
         """``Q @ x`` (``(n, k)``) for ``x`` of shape ``(m, k)``: ``F @ (R^{-1} x)`` on the Cholesky route."""
         if self._q is not None:
             return self._q @ x
-        return self._tall @ solve_triangular(self.R, x, lower=False, check_finite=False)
+        return self._tall @ _solve_upper(self.R, x)
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """``(Q @ x)^T`` (``(k, n)``, C-contiguous), computed as ``x^T R^{-T} F^T``."""
         if self._q is not None:
             return np.ascontiguousarray((self._q @ x).T)
-        return solve_triangular(self.R, x, lower=False, check_finite=False).T @ self._tall.T
+        return _solve_upper(self.R, x).T @ self._tall.T
 
 
 class FactorBases:
@@ -145,15 +126,11 @@ class FactorBases:
     def __init__(self, A: np.ndarray, B: np.ndarray, scale: float) -> None:
         self.scale = scale
         self.shape = (B.shape[0], A.shape[1])
-        a_n, gram_a, self._exp_a = _scaled(A, rows_are_r=True)
-        b_n, gram_b, self._exp_b = _scaled(B, rows_are_r=False)
+        lapack_routines()  # scipy's OpenBLAS loaded before one_blas_thread's controller is first built
+        a_n, gram_a, self._exp_a = scaled_gram(A, rows_are_r=True)
+        b_n, gram_b, self._exp_b = scaled_gram(B, rows_are_r=False)
         self._a = _Basis(a_n.T, gram_a)  # A^T = Q_A R_A
         self._b = _Basis(b_n, gram_b)  # B = Q_B R_B
-
-    @property
-    def rank_bound(self) -> int:
-        """``min(r, d_out, d_in)``: the number of singular values."""
-        return min(self._a.R.shape[0], self._b.R.shape[0])
 
     @cached_property
     def core(self) -> LowRankUpdate:

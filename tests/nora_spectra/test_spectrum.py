@@ -291,10 +291,10 @@ def test_lapack_loads_without_scipy_linalg():
     # start-up: only scipy's compiled LAPACK wrappers, not the whole of scipy.linalg (about 0.25 s)
     code = (
         "import sys, numpy as np\n"
-        "from nora_spectra.spectrum import adapter_singular_values, _lapack\n"
+        "from nora_spectra.spectrum import adapter_singular_values, lapack_routines\n"
         "adapter_singular_values(np.ones((2, 3)), np.ones((4, 2)))\n"
         "assert 'scipy.linalg' not in sys.modules, 'scipy.linalg imported'\n"
-        "fast = _lapack()\n"
+        "fast = lapack_routines()\n"
         "from scipy.linalg import lapack\n"
         "m = np.array([[4.0, 2.0], [2.0, 3.0]])\n"
         "assert np.array_equal(fast.dpotrf(m)[0], lapack.dpotrf(m)[0])\n"
@@ -317,7 +317,7 @@ def test_openblas_thread_timeout_is_set_only_while_loading(preset):
         "import nora_spectra.spectrum as s\n"
         "seen = []\n"
         "original = s._load_flapack.__globals__['_idle_blas_threads_sleep']\n"
-        "s._lapack()\n"
+        "s.lapack_routines()\n"
         "assert os.environ.get('OPENBLAS_THREAD_TIMEOUT') == preset, os.environ.get('OPENBLAS_THREAD_TIMEOUT')\n"
         "with original():\n"
         "    seen.append(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
