@@ -11,6 +11,7 @@ pair from the header shapes alone (no tensor is read) and :func:`read_low_rank` 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -37,10 +38,13 @@ __all__ = [
 ]
 
 
-def group_keys(names: Iterable[str], suffixes: Mapping[str, str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+def group_keys(
+    path: "str | os.PathLike[str]", names: Iterable[str], suffixes: Mapping[str, str]
+) -> tuple[dict[str, dict[str, str]], list[str]]:
     """Group tensor keys by their prefix, naming each by the role of its suffix.
 
     Args:
+        path: the file, for the message.
         names: the file's tensor keys.
         suffixes: suffix (``".lora_down.weight"``) -> role (``"down"``); the longest matching suffix wins.
 
@@ -48,8 +52,8 @@ def group_keys(names: Iterable[str], suffixes: Mapping[str, str]) -> tuple[dict[
         ``(groups, others)``: ``prefix -> {role: key}`` in first-seen order, and the keys no suffix matched.
 
     Raises:
-        ValueError: two keys of one prefix have the same role (cannot happen with distinct suffixes
-            unless two suffixes share a role); callers word it with the path.
+        CheckpointError: two keys of one prefix have the same role (cannot happen with distinct suffixes
+            unless two suffixes share a role).
     """
     ordered = sorted(suffixes, key=len, reverse=True)
     groups: dict[str, dict[str, str]] = {}
@@ -62,7 +66,7 @@ def group_keys(names: Iterable[str], suffixes: Mapping[str, str]) -> tuple[dict[
         prefix, role = name[: -len(suffix)], suffixes[suffix]
         group = groups.setdefault(prefix, {})
         if role in group:
-            raise ValueError(f"{group[role]!r} and {name!r} are both the {role} of {prefix!r}")
+            raise CheckpointError(os.fspath(path), f"{group[role]!r} and {name!r} are both the {role} of {prefix!r}")
         group[role] = name
     return groups, others
 

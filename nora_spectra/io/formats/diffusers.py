@@ -166,10 +166,7 @@ def open_diffusers(probe: Probe, adapter: str | None) -> Checkpoint:
         raise CheckpointError(probe.path, f"not a diffusers LoRA: expected a .safetensors file or a directory with {WEIGHTS_NAME}")
     source = probe.safetensors(weights)
     path = source.path
-    try:
-        groups, others = group_keys(source.keys(), _SUFFIXES)
-    except ValueError as exc:
-        raise CheckpointError(path, str(exc)) from None
+    groups, others = group_keys(path, source.keys(), _SUFFIXES)
     # alphas stored under the A factor's full key (<A key>.alpha, as diffusers' kohya conversion names them)
     alphas_by_a_key = {}
     for prefix in [p for p, roles in groups.items() if set(roles) == {"alpha"} and p.endswith(_FACTOR_SUFFIXES)]:

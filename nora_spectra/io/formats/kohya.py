@@ -47,10 +47,7 @@ def open_kohya(probe: Probe, adapter: str | None, fmt: str = "kohya") -> Checkpo
         raise CheckpointError(probe.path, "--adapter NAME (adapter=NAME) applies to PEFT adapter directories only")
     source = probe.safetensors()
     path = source.path
-    try:
-        groups, others = group_keys(source.keys(), KOHYA_SUFFIXES)
-    except ValueError as exc:
-        raise CheckpointError(path, str(exc)) from None
+    groups, others = group_keys(path, source.keys(), KOHYA_SUFFIXES)
     dotted = [prefix for prefix in groups if "." in prefix]
     if not groups or dotted:
         sample = ", ".join((dotted or source.keys())[:3]) or "no tensors"

@@ -250,10 +250,7 @@ def open_lycoris(probe: Probe, adapter: str | None) -> Checkpoint:
         raise CheckpointError(probe.path, "--adapter NAME (adapter=NAME) applies to PEFT adapter directories only")
     source = probe.safetensors()
     path = source.path
-    try:
-        groups, others = group_keys(source.keys(), _SUFFIXES)
-    except ValueError as exc:
-        raise CheckpointError(path, str(exc)) from None
+    groups, others = group_keys(path, source.keys(), _SUFFIXES)
     skipped: list[tuple[str, str]] = []
     modules: dict[str, dict[str, str]] = {}
     for prefix, keys in groups.items():

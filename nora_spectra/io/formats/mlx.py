@@ -128,10 +128,7 @@ def open_mlx(probe: Probe, adapter: str | None) -> Checkpoint:
         hint = f" (found {', '.join(found)}: convert .npz adapters to safetensors)" if found else ""
         raise CheckpointError(directory, f"no {WEIGHTS_NAME}{hint}")
     source = probe.safetensors(weights)
-    try:
-        groups, others = group_keys(source.keys(), _SUFFIXES)
-    except ValueError as exc:
-        raise CheckpointError(weights, str(exc)) from None
+    groups, others = group_keys(weights, source.keys(), _SUFFIXES)
     skipped = [(name, "not a LoRA factor (full tensor or unknown key)") for name in others]
     entries: list[ModuleEntry] = []
     for prefix in sorted(groups, key=natural_key):

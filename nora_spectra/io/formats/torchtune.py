@@ -81,10 +81,7 @@ def open_torchtune(probe: Probe, adapter: str | None) -> Checkpoint:
     settings = read_adapter_config(config_path)
     source = _open_source(probe)
     path = source.path
-    try:
-        groups, others = group_keys(source.keys(), _SUFFIXES)
-    except ValueError as exc:
-        raise CheckpointError(path, str(exc)) from None
+    groups, others = group_keys(path, source.keys(), _SUFFIXES)
     skipped = [(name, "not a LoRA factor (full tensor or unknown key)") for name in others]
     scale = settings.lora_alpha / settings.r
     entries: list[ModuleEntry] = []
