@@ -64,51 +64,37 @@ class SvdCache:
 
     Attributes:
         warnings: problems met (an unreadable entry, an unwritable directory), worded for the user.
-        computed: how many spectral norms and SVDs were computed (not found in the cache).
-        hits: how many were read from the cache.
     """
 
     def __init__(self, directory: "str | os.PathLike[str] | None") -> None:
         self.root = None if directory is None else Path(directory) / _SUBDIR
         self.warnings: list[str] = []
-        self.computed = 0
-        self.hits = 0
         self._write_failed = False
 
-    def sigma_max(self, key: str | None, matrix: np.ndarray) -> float:
-        """``||W0||_2`` of ``matrix``, from the cache when its entry exists.
+    def base_facts(self, key: str | None, matrix: np.ndarray, *, vectors: bool) -> tuple[float, np.ndarray | None]:
+        """``||W0||_2`` of ``matrix`` and, with ``vectors``, all its left singular vectors, with one read of
+        the cache entry and at most one write.
 
         Args:
             key: the matrix's content key (``<digest>-N`` or ``<digest>-T``), or None not to cache.
             matrix: ``W0`` in the orientation the key names.
-        """
-        entry = self._load(key, matrix.shape)
-        if entry is not None:
-            self.hits += 1
-            return float(entry["sigma_max"])
-        self.computed += 1
-        value = spectral_norm(matrix)
-        self._store(key, {"sigma_max": np.float64(value)})
-        return value
+            vectors: also return every left singular vector (float32, ``(d_out, min(d_out, d_in))``).
 
-    def left_vectors(self, key: str | None, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every left singular vector (float32, ``(d_out, min(d_out, d_in))``) and singular value of ``matrix``.
-
-        Args:
-            key: as for :meth:`sigma_max`.
-            matrix: ``W0``.
+        Returns:
+            ``(sigma_max, vectors or None)``. ``sigma_max`` is always :func:`spectral_norm`'s value (also
+            when the SVD is computed), so relative sizes do not depend on the cache's history.
         """
-        entry = self._load(key, matrix.shape)
-        if entry is not None and "vectors" in entry:
-            self.hits += 1
-            return entry["vectors"], entry["values"]
-        self.computed += 1
-        vectors, values = left_singular_vectors(matrix)
-        vectors = vectors.astype(np.float32)
-        # sigma_max stays spectral_norm's value, so that relative sizes do not depend on the cache's history
+        entry = self._load(key, matrix.shape, vectors=vectors)
+        if entry is not None and (not vectors or "vectors" in entry):
+            return float(entry["sigma_max"]), entry["vectors"] if vectors else None
         sigma_max = entry["sigma_max"] if entry is not None else np.float64(spectral_norm(matrix))
-        self._store(key, {"sigma_max": sigma_max, "vectors": vectors, "values": values})
-        return vectors, values
+        if not vectors:
+            self._store(key, {"sigma_max": sigma_max})
+            return float(sigma_max), None
+        left, values = left_singular_vectors(matrix)
+        left = left.astype(np.float32)
+        self._store(key, {"sigma_max": sigma_max, "vectors": left, "values": values})
+        return float(sigma_max), left
 
     # ------------------------------------------------------------------ disk
 
@@ -116,7 +102,8 @@ class SvdCache:
         assert self.root is not None and _KEY.match(key), key
         return self.root / f"{key}.npz"
 
-    def _load(self, key: str | None, shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+    def _load(self, key: str | None, shape: tuple[int, ...], *, vectors: bool) -> dict[str, np.ndarray] | None:
+        """The entry of ``key`` (its vectors and values only when ``vectors``), checked; None when absent."""
         if key is None or self.root is None:
             return None
         path = self._path(key)
@@ -124,7 +111,8 @@ class SvdCache:
             return None
         try:
             with np.load(path, allow_pickle=False) as data:
-                entry = {name: data[name] for name in data.files}
+                wanted = data.files if vectors else [name for name in data.files if name not in ("vectors", "values")]
+                entry = {name: data[name] for name in wanted}
             _check_entry(entry, shape)
         except Exception as exc:  # any unreadable entry is recomputed, never trusted
             self.warnings.append(f"SVD cache entry {path} is unreadable ({type(exc).__name__}: {exc}); recomputed")

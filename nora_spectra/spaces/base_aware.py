@@ -241,13 +241,13 @@ class BaseAware:
             self.problems.append(plan.name)
             return out
         if spec is not None:
-            base_2 = self.cache.sigma_max(key, base)
+            base_2, vectors = self.cache.base_facts(key, base, vectors=self.intruders)
             base_f = float(np.linalg.norm(base))
             update_2 = float(spec.values[0]) if spec.values.size else 0.0
             out["relative_sigma_max"] = update_2 / base_2 if base_2 > 0 else None
             out["relative_frobenius_norm"] = frobenius(spec) / base_f if base_f > 0 else None
         if self.intruders and spec is not None:
-            vectors, _ = self.cache.left_vectors(key, base)
+            assert vectors is not None
             tuned = dense_matrix(update)
             tuned = base + tuned if isinstance(update, DenseUpdate) else np.add(tuned, base, out=tuned)
             try:
