@@ -166,6 +166,11 @@ def read_adapter_config(directory: str | os.PathLike[str], *, allow_modules_to_s
         ValueError: naming the file, if it is not valid JSON or not a supported config.
     """
     data, file = _read_config_json(directory)
+    return _config_from(data, file, allow_modules_to_save=allow_modules_to_save)
+
+
+def _config_from(data: dict, file: Path, *, allow_modules_to_save: bool) -> AdapterConfig:
+    """:meth:`AdapterConfig.from_dict` of ``file``'s parsed content, errors naming ``file``."""
     try:
         return AdapterConfig.from_dict(data, allow_modules_to_save=allow_modules_to_save)
     except (ValueError, TypeError) as exc:
@@ -223,8 +228,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, modules
         FileNotFoundError: naming the missing directory or file.
         ValueError: naming the file, for a bad config, missing or unexpected keys, or shape mismatches.
     """
-    config = read_adapter_config(directory, allow_modules_to_save=modules_to_save)
-    saved_modules = _modules_to_save(directory) if modules_to_save else []
+    data, config_file = _read_config_json(directory)  # read once: the config and its modules_to_save
+    config = _config_from(data, config_file, allow_modules_to_save=modules_to_save)
+    saved_modules = _modules_to_save(data, config_file) if modules_to_save else []
     tensors, weights_file = read_adapter_weights(directory)
     injected_here = not any(True for _ in adapter_layers(model))
     if injected_here:
@@ -249,9 +255,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, modules
     return model
 
 
-def _modules_to_save(directory: str | os.PathLike[str]) -> list[str]:
-    data, file = _read_config_json(directory)
-    names = data.get("modules_to_save") if isinstance(data, dict) else None
+def _modules_to_save(data: dict, file: Path) -> list[str]:
+    """The ``modules_to_save`` names of a parsed adapter config (``file``, for messages)."""
+    names = data.get("modules_to_save")
     if names is None:
         return []
     names = [names] if isinstance(names, str) else names
