@@ -16,7 +16,7 @@ from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import AdapterSettings
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, TensorSource
 from nora_spectra.io.factors import read_vector
-from nora_spectra.io.peft_keys import PEFT_PREFIX, LayerPlan, _dense_module, scan_keys
+from nora_spectra.io.peft_keys import PEFT_PREFIX, LayerPlan, dense_module, scan_keys
 from nora_spectra.io.safetensors_file import check_readable
 from nora_spectra.schema import DORA_PROXY_WARNING
 from nora_spectra.updates import LowRankUpdate
@@ -67,7 +67,7 @@ def _skipped_warning(skipped: list[tuple[str, str]], names: list[str]) -> str:
     are one group, ``head``); the tensor count is taken from the file's keys.
     """
     groups = {module for module, _ in skipped}
-    tensors = sum(1 for name in names if _dense_module(name.removeprefix(PEFT_PREFIX)) in groups)
+    tensors = sum(1 for name in names if dense_module(name.removeprefix(PEFT_PREFIX)) in groups)
     tensors = max(tensors, len(skipped))
     shown = name_list([f"{module} ({reason})" for module, reason in skipped], 3, sep="; ")
     return (

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.safetensors_file import FLOAT_DTYPES, TensorInfo
 
-__all__ = ["PEFT_PREFIX", "LayerPlan", "KeyScan", "has_factor_keys", "natural_key", "scan_keys"]
+__all__ = ["KeyScan", "LayerPlan", "PEFT_PREFIX", "dense_module", "has_factor_keys", "natural_key", "scan_keys"]
 
 PEFT_PREFIX = "base_model.model."
 _FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -110,7 +110,7 @@ def scan_keys(path: str, infos: list[TensorInfo], modules_to_save: tuple[str, ..
         name = info.name.removeprefix(PEFT_PREFIX)
         parsed = _parse_factor_key(name)
         if parsed is None:
-            dense.setdefault(_dense_module(name), []).append(info)
+            dense.setdefault(dense_module(name), []).append(info)
             continue
         module, part, adapter = parsed
         if adapter is not None:
@@ -243,7 +243,7 @@ def _plan(path: str, module: str, found: _Parts, by_key: dict[str, TensorInfo]) 
     )
 
 
-def _dense_module(name: str) -> str:
+def dense_module(name: str) -> str:
     """``head.modules_to_save.default.weight`` -> ``head``; ``head.weight`` -> ``head``."""
     name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", name)
     for suffix in (".weight", ".bias"):

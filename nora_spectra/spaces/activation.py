@@ -172,22 +172,27 @@ def _load_adapter_into(module: "nn.Module", path: "str | os.PathLike[str]") -> b
 
 
 #: a saved classification head's output layer (PEFT's SEQ_CLS / TOKEN_CLS ``modules_to_save``).
-_HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+_HEAD_MODULES = ("classifier", "score", "classifier.out_proj")
 
 
 def _saved_head_labels(path: "str | os.PathLike[str]") -> int | None:
     """The number of labels of a classification head saved with the adapter (rows of its output weight),
-    read from the safetensors header; None when there is none."""
+    read from the header of its weights file (``path``, or ``adapter_model.safetensors`` in the directory
+    ``path``); None when there is none."""
+    from nora_spectra.io.peft_keys import PEFT_PREFIX, dense_module
     from nora_spectra.io.safetensors_file import SafetensorsFile
 
-    file = os.path.join(os.fspath(path), "adapter_model.safetensors")
-    if not os.path.isfile(file):
+    file = os.fspath(path)
+    if os.path.isdir(file):
+        file = os.path.join(file, "adapter_model.safetensors")
+    if not file.endswith(".safetensors") or not os.path.isfile(file):
         return None
     header = SafetensorsFile(file)
     for key in header.keys():
-        # PEFT writes <module>.weight; older versions <module>.modules_to_save.<adapter>.weight
-        name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", key.removeprefix("base_model.model."))
-        if any(name == head or name.endswith("." + head) for head in _HEAD_WEIGHTS):
+        if not key.endswith(".weight"):
+            continue
+        module = dense_module(key.removeprefix(PEFT_PREFIX))  # also older PEFT's <module>.modules_to_save.<adapter>
+        if any(module == head or module.endswith("." + head) for head in _HEAD_MODULES):
             shape = header.info(key).shape
             if len(shape) == 2:
                 return int(shape[0])
@@ -352,7 +357,7 @@ def prepare(
         info.skipped = []
         task_type = (checkpoint.config or {}).get("task_type") if isinstance(checkpoint.config, dict) else None
         loaded = as_loaded_model(model, model_class=model_class, task_type=task_type,
-                                 num_labels=_saved_head_labels(source))
+                                 num_labels=_saved_head_labels(checkpoint.weights_path))
         config = getattr(getattr(loaded.model, "config", None), "to_dict", lambda: None)()
         problem = module_mismatch(loaded.model, list(checkpoint.modules), config=config, task_type=task_type)
         if problem is not None:
