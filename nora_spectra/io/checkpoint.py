@@ -55,6 +55,9 @@ class ModuleEntry:
         read_magnitude: for a DoRA module, reads its magnitude vector ``m`` (float64, ``(d_out,)``), which
             the true update ``m * (W0 + s B A) / ||W0 + s B A||_col - W0`` needs with the base weight;
             None otherwise.
+        read_tuned: for an update that is a difference against the base (a full fine-tune), reads the
+            tuned matrix alone (float64, ``shape``, a new array), so that a base-aware analysis subtracts
+            the ``W0`` it has read anyway instead of reading the base twice; ``read`` stays the whole update.
     """
 
     module: str
@@ -68,6 +71,7 @@ class ModuleEntry:
     dora: bool = False
     notes: tuple[str, ...] = ()
     read_magnitude: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    read_tuned: Callable[[], np.ndarray] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,6 +32,7 @@ captured energy and an error bound in the record.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
@@ -51,6 +52,7 @@ from nora_spectra.schema import (
 )
 from nora_spectra.spaces import LayerSpectrum, Report, SourceInfo, source_info
 from nora_spectra.spectrum import NonFiniteFactorsError, blas_threads, spectrum
+from nora_spectra.updates import DenseUpdate
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.io.model_weights import ModelWeights
@@ -259,10 +261,29 @@ class WeightRun:
         workers = worker_count(self.total) if pooled else 1
         if workers > 1:
             return ordered_map(self._read_and_measure, checkpoint.entries, workers)
+        if self.base_aware is not None and isinstance(checkpoint, Checkpoint):
+            if type(checkpoint).iter_layers is Checkpoint.iter_layers:
+                return (self._read_against_base(entry) for entry in checkpoint.entries)
         return (self._measure(layer) for layer in checkpoint.iter_layers())
 
     def _read_and_measure(self, entry: ModuleEntry) -> LayerSpectrum:
         return self._measure(materialize(entry))
+
+    def _read_against_base(self, entry: ModuleEntry) -> LayerSpectrum:
+        """A base-aware module: a difference against the base (``read_tuned``) is formed from the ``W0``
+        read for the base-aware fields, so the base tensor is read once, not twice."""
+        assert self.base_aware is not None
+        if entry.read_tuned is None:
+            return self._measure(materialize(entry))
+        plan = self.base_aware.plan(entry.module, entry.layer_type, tuple(entry.shape))
+        if plan.transposed or tuple(plan.shape) != tuple(entry.shape):
+            return self._measure(materialize(entry))
+        base, key = self.base_aware.load(plan)
+        delta = entry.read_tuned()
+        with np.errstate(invalid="ignore", over="ignore"):  # as materialize: NaN/Inf become a status
+            np.subtract(delta, base, out=delta)
+        layer = materialize(dataclasses.replace(entry, read=lambda: DenseUpdate(delta)))
+        return self._measure(layer, loaded=(plan, base, key))
 
     def layers(self, report: Report | None) -> Iterator[LayerSpectrum]:
         try:
@@ -275,7 +296,8 @@ class WeightRun:
             if self.base_aware is not None:
                 self.info.warnings.extend(self.base_aware.warnings())
 
-    def _measure(self, layer: Any) -> LayerSpectrum:
+    def _measure(self, layer: Any, loaded: "tuple[Any, np.ndarray, str | None] | None" = None) -> LayerSpectrum:
+        """The spectrum and fields of one read module (``loaded``: its base plan, ``W0`` and key, if read)."""
         update = layer.update
         dora = bool(getattr(layer, "dora", False))
         identity: dict[str, Any] = {
@@ -290,8 +312,11 @@ class WeightRun:
         }
         base_aware, plan, base, key = self.base_aware, None, None, None
         if base_aware is not None:
-            plan = base_aware.plan(layer.module, layer.layer_type, tuple(layer.shape))
-            base, key = base_aware.load(plan)
+            if loaded is None:
+                plan = base_aware.plan(layer.module, layer.layer_type, tuple(layer.shape))
+                base, key = base_aware.load(plan)
+            else:
+                plan, base, key = loaded
             read_magnitude = getattr(layer, "read_magnitude", None)
             if dora and read_magnitude is not None:
                 update = base_aware.true_dora(update, base, read_magnitude(), layer.layer_type)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import numpy as np
+
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry
@@ -82,6 +84,11 @@ def read_difference(tuned: ModelWeights, base: ModelWeights, name: str, base_nam
     delta = tuned.read(name)
     base.subtract_from(base_name, delta)
     return DenseUpdate(delta.reshape(shape))
+
+
+def read_tuned(tuned: ModelWeights, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """``W_tuned`` of one tensor as a float64 ``(rows, cols)`` matrix (conv kernels flattened)."""
+    return tuned.read(name).reshape(shape)
 
 
 def _module_name(name: str) -> str:
@@ -150,6 +157,7 @@ def _open(probe: Probe, adapter: str | None) -> Checkpoint:
                 layer_type="linear" if len(info.shape) == 2 else "conv",
                 dtype=dtype,
                 read=partial(read_difference, tuned, base, name, base_name, shape),
+                read_tuned=partial(read_tuned, tuned, name, shape),
                 notes=(f"dW = W_tuned - W_base ({base_name} of {base.file_of(base_name)})",),
             )
         )
