@@ -146,7 +146,8 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         The temporary directory (a :class:`~pathlib.Path`).
     """
     target = Path(os.path.realpath(path))
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    # the .tmp-* prefix of every temporary directory here (run_state.clean_partial removes leftovers)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
     os.mkdir(tmp)
     try:
         yield tmp

@@ -19,7 +19,6 @@ import math
 import os
 import pickle
 import re
-import secrets
 import shutil
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from nora_core.atomic import fsync_directory, replace_directory
+from nora_core.atomic import atomic_directory, fsync_directory
 from nora_core.config import AdapterConfig
 from nora_core.inject import (
     adapter_config,
@@ -50,6 +49,7 @@ __all__ = [
     "read_adapter_config",
     "read_adapter_weights",
     "save_adapter",
+    "write_adapter_files",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -81,7 +81,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
 
     Both files are written into a temporary directory beside ``directory`` (same parent, so the same
     file system), each fsynced, then that directory takes ``directory``'s place in one step
-    (:func:`nora_core.atomic.replace_directory`); anything else ``directory`` held (a README, other
+    (:func:`nora_core.atomic.atomic_directory`); anything else ``directory`` held (a README, other
     adapters' sub-directories) is hard-linked (else copied) into it first. A crash at any point leaves
     the old pair, or the new pair, never new weights beside an old config. Parents are created.
 
@@ -91,30 +91,43 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     Raises:
         ValueError: if the model holds no adapters or was not injected by ``inject_adapters``.
     """
+    files = _adapter_files(model)
+    path = Path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(path) as tmp:
+        if path.is_dir():
+            _carry_over(path, tmp)
+        _write_synced(tmp, files)
+    return path
+
+
+def write_adapter_files(model: nn.Module, directory: str | os.PathLike[str]) -> None:
+    """Write the adapter pair into ``directory``, an existing directory that the caller itself puts in place
+    atomically (the trainer's checkpoint directories): each file and the directory are fsynced.
+
+    Raises:
+        ValueError: as :func:`save_adapter`.
+    """
+    _write_synced(Path(directory), _adapter_files(model))
+    fsync_directory(directory)
+
+
+def _adapter_files(model: nn.Module) -> dict[str, bytes]:
+    """File name -> content of the adapter pair of ``model`` (PEFT layout)."""
     config = adapter_config(model)
     if config is None:
         raise ValueError("the model holds no adapter config (call inject_adapters or load_adapter first)")
     tensors = {KEY_PREFIX + k: v.contiguous() for k, v in adapter_state_dict(model).items()}
-    weights = save(tensors, metadata={"format": "pt"})
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    path = Path(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        if path.is_dir():
-            _carry_over(path, tmp)
-        for name, data in ((WEIGHTS_NAME, weights), (CONFIG_NAME, text.encode("utf-8"))):
-            with open(tmp / name, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        fsync_directory(tmp)
-        replace_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}), CONFIG_NAME: text.encode("utf-8")}
+
+
+def _write_synced(directory: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        with open(directory / name, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _carry_over(old: Path, new: Path) -> None:

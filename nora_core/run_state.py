@@ -117,9 +117,9 @@ def adapter_root(model: nn.Module) -> nn.Module:
 def save_weights(model: nn.Module, directory: Path, has_adapters: bool) -> None:
     """Write the adapter (PEFT layout) or, for a model without adapters, its whole state dict."""
     if has_adapters:
-        from nora_core.checkpoint import save_adapter
+        from nora_core.checkpoint import write_adapter_files
 
-        save_adapter(adapter_root(model), directory)
+        write_adapter_files(adapter_root(model), directory)  # directory: a fresh .tmp-* the caller renames
     else:
         with atomic_write(directory / MODEL_STATE_NAME) as handle:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, handle)
