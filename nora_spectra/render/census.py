@@ -9,13 +9,11 @@ from :class:`~nora_spectra.scan.census.CensusData`; table cells carry the stored
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from typing import TYPE_CHECKING, Any, Sequence
 
 from nora_spectra.render._cells import cell
-from nora_spectra.render.html import CSS
+from nora_spectra.render.html import _e, _table, figures_section, html_page
 from nora_spectra.schema import to_jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,21 +22,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["render_census_html"]
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _td(text: str, key: str | None = None, value: Any = None, numeric: bool = True) -> str:
     attrs = "" if numeric else ' class="t"'
     if key is not None:
         attrs += f' data-key="{_e(key)}" data-value="{_e(json.dumps(to_jsonable(value), allow_nan=False))}"'
     return f"<td{attrs}>{_e(text)}</td>"
-
-
-def _table(headers: Sequence[tuple[str, bool]], rows: Sequence[str], cls: str) -> str:
-    head = "".join(f'<th class="{"" if numeric else "t"}">{_e(title)}</th>' for title, numeric in headers)
-    return (f'<div class="scroll"><table class="{_e(cls)}"><thead><tr>{head}</tr></thead>\n<tbody>\n'
-            + "\n".join(rows) + "\n</tbody></table></div>")
 
 
 def _share(value: Any) -> str:
@@ -63,18 +51,6 @@ def _overview(data: "CensusData") -> str:
     box = (f'<div class="{kind}" data-key="collapsed_share" data-value="{_e(json.dumps(to_jsonable(c["collapsed_share"])))}">'
            f"{_e(_share(c['collapsed_share']))} of the modules collapsed (utilization below the threshold).</div>")
     return f'<section id="overview"><h2>Overview</h2>{box}<dl>{body}</dl></section>'
-
-
-def _figures(data: "CensusData") -> str:
-    if not data.figures:
-        return ""
-    parts = ['<section id="plots"><h2>Plots</h2><div class="figs">']
-    for fig in data.figures:
-        uri = "data:image/png;base64," + base64.b64encode(fig.png).decode("ascii")
-        parts.append(f'<figure id="fig-{_e(fig.name)}"><img src="{uri}" alt="{_e(fig.title)}">'
-                     f"<figcaption><b>{_e(fig.title)}.</b> {_e(fig.caption)}</figcaption></figure>")
-    parts.append("</div></section>")
-    return "\n".join(parts)
 
 
 def _groups(data: "CensusData") -> str:
@@ -134,18 +110,8 @@ def _failed(data: "CensusData") -> str:
 
 def render_census_html(data: "CensusData") -> str:
     """The whole census as one self-contained HTML document."""
-    sections = [_overview(data), _figures(data), _groups(data), _slowest(data), _failed(data)]
+    sections = [_overview(data), figures_section(data.figures), _groups(data), _slowest(data), _failed(data)]
     toc = [("overview", "Overview"), ("plots", "Plots"), ("groups", "Groups"), ("slowest", "Slowest"), ("failed", "Failed")]
     present = {anchor for anchor, _ in toc if f'id="{anchor}"' in "".join(sections)}
-    nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in toc if a in present)
     meta = f"{data.counts['adapters']} adapters · generated {_e(data.generated)} by nora-spectra {_e(data.version)}"
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(data.title)}</title><style>{CSS}</style></head>\n"
-        f'<body><main class="ns"><header><h1>{_e(data.title)}</h1><p class="meta">{meta}</p>'
-        f"<nav>{nav}</nav></header>\n"
-        + "\n".join(s for s in sections if s)
-        + "\n</main></body></html>\n"
-    )
+    return html_page(data.title, meta, [(a, t) for a, t in toc if a in present], sections)

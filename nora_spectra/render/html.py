@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.comparison import Comparison
     from nora_spectra.report import ReportData
 
-__all__ = ["CSS", "analysis_html", "comparison_html", "render_report_html"]
+__all__ = ["CSS", "analysis_html", "comparison_html", "figures_section", "html_page", "render_report_html"]
 
 #: the report's stylesheet (inline; class names are prefixed by the ``ns`` root where it matters).
 CSS = """
@@ -323,14 +323,20 @@ def _modules_section(data: "ReportData") -> str:
 
 
 def _figures_section(data: "ReportData") -> str:
-    if not data.figures:
+    return figures_section(data.figures, wide=("utilization_heatmap", "overlap_bars"))
+
+
+def figures_section(figures: Sequence[Any], wide: tuple[str, ...] = ()) -> str:
+    """The ``Plots`` section: each figure (``name``, ``title``, ``caption``, ``png``) inline as a data URI;
+    figures whose name starts with one of ``wide`` span the page. Empty without figures."""
+    if not figures:
         return ""
     parts = ['<section id="plots"><h2>Plots</h2><div class="figs">']
-    for fig in data.figures:
+    for fig in figures:
         uri = "data:image/png;base64," + base64.b64encode(fig.png).decode("ascii")
-        wide = ' class="wide"' if fig.name.startswith(("utilization_heatmap", "overlap_bars")) else ""
+        cls = ' class="wide"' if wide and fig.name.startswith(wide) else ""
         parts.append(
-            f'<figure{wide} id="fig-{_e(fig.name)}"><img src="{uri}" alt="{_e(fig.title)}">'
+            f'<figure{cls} id="fig-{_e(fig.name)}"><img src="{uri}" alt="{_e(fig.title)}">'
             f"<figcaption><b>{_e(fig.title)}.</b> {_e(fig.caption)}</figcaption></figure>"
         )
     parts.append("</div></section>")
@@ -411,18 +417,24 @@ def render_report_html(data: "ReportData") -> str:
     if data.runs:
         toc.append(("runs", "Training runs"))
     toc.append(("configs", "Configs"))
-    nav = "".join(f'<a href="#{anchor}">{_e(title)}</a>' for anchor, title in toc)
     meta = (
         f"{len(data.analyses)} checkpoint{'s' if len(data.analyses) != 1 else ''}"
         + (f", {len(data.runs)} training run{'s' if len(data.runs) != 1 else ''}" if data.runs else "")
         + f" · generated {_e(data.generated)} by nora-spectra {_e(data.version)}"
     )
+    return html_page(data.title, meta, toc, sections)
+
+
+def html_page(title: str, meta: str, toc: Sequence[tuple[str, str]], sections: Sequence[str]) -> str:
+    """A whole self-contained page: the report's CSS, a header with ``meta`` (HTML, already escaped) and a
+    navigation bar of ``toc`` ``(anchor, title)`` links, then the non-empty ``sections``."""
+    nav = "".join(f'<a href="#{anchor}">{_e(name)}</a>' for anchor, name in toc)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(data.title)}</title><style>{CSS}</style></head>\n"
-        f'<body><main class="ns"><header><h1>{_e(data.title)}</h1><p class="meta">{meta}</p>'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head>\n"
+        f'<body><main class="ns"><header><h1>{_e(title)}</h1><p class="meta">{meta}</p>'
         f"<nav>{nav}</nav></header>\n"
         + "\n".join(s for s in sections if s)
         + "\n</main></body></html>\n"
