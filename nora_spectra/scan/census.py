@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 from pathlib import Path
@@ -25,7 +24,7 @@ from nora_spectra._text import package_version
 from nora_spectra.errors import UsageError
 from nora_spectra.outputs import check_writable, write_output
 from nora_spectra.schema import AVERAGED_STATUSES
-from nora_spectra.scan.store import SCAN_FILE, load_scan
+from nora_spectra.scan.store import SCAN_FILE, load_scan, read_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -155,7 +154,7 @@ def build_census(
     """
     adapters, layers = load_scan(directory)
     root = Path(directory)
-    settings = json.loads((root / SCAN_FILE).read_text(encoding="utf-8")).get("settings", {})
+    settings = read_settings(root / SCAN_FILE)
     base = dict(zip(adapters["path"], adapters["base_model"]))
     layers = layers.assign(base_model=layers["path"].map(base))
     counted = layers[layers["status"].isin(AVERAGED_STATUSES)] if len(layers) else layers

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from nora_core.atomic import atomic_write, atomic_write_text, fsync_directory
+from nora_core.parsing import ParseError, read_json
 from nora_spectra._text import package_version
 from nora_spectra.errors import UsageError
 from nora_spectra.schema import SCAN_ADAPTER_COLUMNS, SCAN_LAYER_COLUMNS
@@ -58,6 +59,7 @@ __all__ = [
     "SCAN_FILE",
     "ScanStore",
     "load_scan",
+    "read_settings",
     "read_tables",
     "rows_table",
 ]
@@ -322,7 +324,7 @@ class ScanStore:
                 shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
             present = []
         if scan_file.exists():
-            stored = _read_settings(scan_file)
+            stored = read_settings(scan_file, hint="; use --overwrite to start over")
             if stored != dict(settings):
                 raise UsageError(
                     f"{name}: holds a scan of different settings ({_settings_difference(stored, settings)}); "
@@ -426,13 +428,24 @@ def _columns(rows: Sequence[Mapping[str, Any]], first: Sequence[str]) -> list[st
     return list(first) + list(extra)
 
 
-def _read_settings(path: Path) -> dict[str, Any]:
+def read_settings(path: "str | os.PathLike[str]", *, hint: str = "") -> dict[str, Any]:
+    """The ``settings`` of a scan's ``scan.json``, read within :mod:`nora_core.parsing`'s limits.
+
+    Args:
+        path: the ``scan.json`` file.
+        hint: appended to error messages (``"; use --overwrite to start over"`` when scanning).
+
+    Raises:
+        UsageError: the file is unreadable, not JSON, or not a spectra scan's settings.
+    """
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable scan settings ({exc}); use --overwrite to start over") from None
+        document = read_json(path)
+    except OSError as exc:
+        raise UsageError(f"{os.fspath(path)}: unreadable scan settings ({exc.strerror or exc}){hint}") from None
+    except ParseError as exc:
+        raise UsageError(f"{os.fspath(path)}: unreadable scan settings ({exc.problem}){hint}") from None
     if not isinstance(document, dict) or document.get("kind") != SCAN_KIND or not isinstance(document.get("settings"), dict):
-        raise UsageError(f"{path}: not the settings of a spectra scan; use --overwrite to start over")
+        raise UsageError(f"{os.fspath(path)}: not the settings of a spectra scan{hint}")
     return document["settings"]
 
 

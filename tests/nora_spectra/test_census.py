@@ -80,3 +80,21 @@ def test_census_data_counts(scan_dir: Path) -> None:
 def test_census_needs_an_html_output(scan_dir: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run(["census", str(scan_dir), "-o", str(tmp_path / "c.pdf")], capsys)
     assert code == 2 and "name it .html" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"kind": "nora-spectra scan", "settings": [1', "not valid JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"[" * 100_000, "nested deeper"),
+    (b'{"kind": "something else", "settings": {}}', "not the settings of a spectra scan"),
+])
+def test_census_refuses_a_damaged_scan_json_in_one_line(scan_dir: Path, tmp_path: Path, capsys, content: bytes,
+                                                       problem: str) -> None:
+    import shutil
+
+    damaged = tmp_path / "out"
+    shutil.copytree(scan_dir, damaged)
+    (damaged / "scan.json").write_bytes(content)
+    code, _, err = run(["census", str(damaged), "-o", str(tmp_path / "c.html")], capsys)
+    assert code == 2 and problem in err and str(damaged / "scan.json") in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c.html").exists()
