@@ -39,7 +39,7 @@ from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.io.adapter_config import match_pattern
 from nora_spectra.metrics import effective_rank, energy_rank
 from nora_spectra.rank_policy import energy_curve
-from nora_spectra.result import Analysis
+from nora_spectra.result import Analysis, read_analyses
 from nora_spectra.schema import SUGGEST_COLUMNS, to_jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -203,10 +203,12 @@ def _load(source: Any, options: dict[str, Any]) -> Analysis:
     path = os.fspath(source)
     if path.endswith(".json") and os.path.isfile(path):
         try:
-            with open(path, encoding="utf-8") as handle:
-                return Analysis.from_json(handle.read())
-        except (OSError, UnicodeDecodeError, UsageError) as exc:
+            analyses = read_analyses(path)  # bounded and validated, as compare, report and check read them
+        except (OSError, UsageError) as exc:
             raise CheckpointError(path, f"not a readable analysis JSON file ({exc})") from None
+        if len(analyses) != 1:
+            raise CheckpointError(path, f"holds {len(analyses)} analyses; suggest takes the analysis of one checkpoint")
+        return analyses[0]
     options.setdefault("emit_warnings", False)
     return analyze(path, **options)
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from typing import Any
 
+from nora_core.parsing import ParseError, parse_json
 from nora_spectra.errors import UsageError
 from nora_spectra.schema import SCAN_ADAPTER_COLUMNS
 
@@ -80,9 +80,9 @@ def _jsonl_rows(manifest: str, handle: Any) -> list[tuple[int, dict[str, Any]]]:
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
-        except ValueError as exc:
-            raise UsageError(f"{manifest}: line {number}: not JSON ({exc})") from None
+            obj = parse_json(text, manifest)  # bounded: depth, integer digits, finite numbers
+        except ParseError as exc:
+            raise UsageError(f"{manifest}: line {number}: not JSON ({exc.problem})") from None
         if not isinstance(obj, dict):
             raise UsageError(f"{manifest}: line {number}: expected a JSON object with a 'path'")
         _check_columns(manifest, list(obj), number)

@@ -244,3 +244,10 @@ def test_empty_and_unreadable_scan_directories(tmp_path: Path) -> None:
     (tmp_path / "scan.json").write_text("[1, 2]")
     with pytest.raises(UsageError, match="not the settings of a spectra scan"):
         store.ScanStore.open(tmp_path, {}, resume=True)
+
+
+@pytest.mark.parametrize("text, message", [("[" * 100_000 + "\n", "line 1: not JSON"), ('{"path": "a", "n": 1e999}\n', "line 1: not JSON")])
+def test_hostile_jsonl_manifest_lines_are_refused_naming_the_line(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "m.jsonl").write_text(text)
+    with pytest.raises(UsageError, match=message):
+        read_manifest(tmp_path / "m.jsonl")

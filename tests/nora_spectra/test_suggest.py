@@ -121,3 +121,13 @@ def test_bare_file_without_config_suggests_no_alpha(tmp_path):
     with pytest.raises(UsageError):
         suggest(file, energy=1.5)
     assert "Suggestion(" in repr(result) and "<table" in result._repr_html_()
+
+
+def test_analysis_json_input_is_read_bounded_and_must_hold_one_checkpoint(adapter, tmp_path, capsys):
+    code, both, _ = spectra(capsys, "analyze", adapter, adapter, "--format", "json", "-q")
+    (tmp_path / "two.json").write_text(both)
+    code, _, err = spectra(capsys, "suggest", tmp_path / "two.json")
+    assert code == 2 and "holds 2 analyses; suggest takes the analysis of one checkpoint" in err
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    code, _, err = spectra(capsys, "suggest", tmp_path / "deep.json")
+    assert code == 2 and "nested deeper than" in err and len(err.strip().splitlines()) == 1
