@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-__all__ = ["to_jsonable"]
+__all__ = ["integral_number", "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -30,3 +30,9 @@ def to_jsonable(value: Any) -> Any:
     if tolist is not None:
         return to_jsonable(tolist())
     return str(value)
+
+
+def integral_number(value: float) -> float | int:
+    """An integral float as an int (``lora_alpha: 16``, not ``16.0``), else the float (exactly representable
+    integers only: below 2**53)."""
+    return int(value) if float(value).is_integer() and abs(value) < 2**53 else float(value)

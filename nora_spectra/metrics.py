@@ -25,6 +25,7 @@ from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD
 __all__ = [
     "DEFAULT_COLLAPSE_THRESHOLD",
     "METRIC_FIELDS",
+    "as_spectrum",
     "effective_rank",
     "stable_rank",
     "energy_rank",
@@ -58,7 +59,12 @@ METRIC_FIELDS = (
 )
 
 
-def _as_spectrum(sigma: ArrayLike) -> np.ndarray:
+def as_spectrum(sigma: ArrayLike) -> np.ndarray:
+    """``sigma`` as a validated float64 spectrum.
+
+    Raises:
+        ValueError: not 1-D, or a value that is negative, NaN or infinite.
+    """
     s = np.asarray(sigma, dtype=np.float64)
     if s.ndim != 1:
         raise ValueError(f"a spectrum is 1-D, got shape {s.shape}")
@@ -85,7 +91,7 @@ def effective_rank(sigma: ArrayLike) -> float:
     Returns:
         ``1 <= erank <= #nonzero sigma``; 0.0 for an all-zero spectrum.
     """
-    return _effective_rank(_as_spectrum(sigma))
+    return _effective_rank(as_spectrum(sigma))
 
 
 def _effective_rank(s: np.ndarray) -> float:
@@ -98,7 +104,7 @@ def _effective_rank(s: np.ndarray) -> float:
 
 def stable_rank(sigma: ArrayLike) -> float:
     """Stable rank ``sum_i sigma_i^2 / sigma_1^2`` (``||M||_F^2 / ||M||_2^2``); 0.0 for a zero spectrum."""
-    return float(np.sum(_relative_energy(_as_spectrum(sigma))))
+    return float(np.sum(_relative_energy(as_spectrum(sigma))))
 
 
 def energy_rank(sigma: ArrayLike, q: float) -> int:
@@ -110,7 +116,7 @@ def energy_rank(sigma: ArrayLike, q: float) -> int:
     """
     if not 0 < q <= 1:
         raise ValueError(f"q must lie in (0, 1], got {q}")
-    return _energy_rank(np.cumsum(_relative_energy(_as_spectrum(sigma))), q)
+    return _energy_rank(np.cumsum(_relative_energy(as_spectrum(sigma))), q)
 
 
 def _energy_rank(energy: np.ndarray, q: float) -> int:
@@ -128,7 +134,7 @@ def numerical_rank(sigma: ArrayLike, shape: Sequence[int]) -> int:
         sigma: ``(k,)`` singular values.
         shape: ``(d_out, d_in)`` of the update.
     """
-    return _numerical_rank(_as_spectrum(sigma), shape)
+    return _numerical_rank(as_spectrum(sigma), shape)
 
 
 def _numerical_rank(s: np.ndarray, shape: Sequence[int]) -> int:
@@ -145,7 +151,7 @@ def spectral_entropy(sigma: ArrayLike) -> float:
     Equals ``ln(erank) / ln(k)``. With ``k == 1`` a nonzero spectrum is fully spread: 1.0. A zero
     spectrum: 0.0. (WeightWatcher uses ``p`` from ``sigma^2``; we keep ``sigma`` like the effective rank.)
     """
-    s = _as_spectrum(sigma)
+    s = as_spectrum(sigma)
     return _spectral_entropy(_effective_rank(s), s.size)
 
 
@@ -160,7 +166,7 @@ def _spectral_entropy(erank: float, k: int) -> float:
 
 def participation_ratio(sigma: ArrayLike) -> float:
     """Participation ratio ``(sum sigma^2)^2 / sum sigma^4`` (0.0 for a zero spectrum)."""
-    return _participation_ratio(_relative_energy(_as_spectrum(sigma)))
+    return _participation_ratio(_relative_energy(as_spectrum(sigma)))
 
 
 def _participation_ratio(e: np.ndarray) -> float:
@@ -175,7 +181,7 @@ def tail_energy(sigma: ArrayLike, rank: int) -> float:
     The tail is positions ``i > ceil(r / 2)`` (1-based) of the spectrum padded with zeros to length
     ``r``: for r = 16, sigma_9 .. sigma_16. 0.0 for a zero spectrum or r = 1.
     """
-    return _tail_energy(_relative_energy(_as_spectrum(sigma)), rank)
+    return _tail_energy(_relative_energy(as_spectrum(sigma)), rank)
 
 
 def _tail_energy(energy: np.ndarray, rank: int) -> float:
@@ -212,7 +218,7 @@ def spectrum_metrics(
         raise ValueError(f"rank must be >= 1, got {rank}")
     if not 0 <= collapse_threshold <= 1:
         raise ValueError(f"collapse_threshold must lie in [0, 1], got {collapse_threshold}")
-    s = _as_spectrum(sigma)  # validated once; the private helpers below take it as it is
+    s = as_spectrum(sigma)  # validated once; the private helpers below take it as it is
     sigma_max = float(s.max(initial=0.0))
     erank = _effective_rank(s)
     utilization = erank / rank

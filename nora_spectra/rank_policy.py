@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from nora_spectra.errors import UsageError
-from nora_spectra.metrics import energy_rank
+from nora_spectra.metrics import as_spectrum, energy_rank
 
 __all__ = [
     "MIN_RANK",
@@ -77,13 +77,6 @@ class Truncation:
     tail_energy: float
 
 
-def _spectrum(sigma: ArrayLike) -> np.ndarray:
-    s = np.asarray(sigma, dtype=np.float64)
-    if s.ndim != 1 or (s.size and (not np.all(np.isfinite(s)) or s.min() < 0)):
-        raise ValueError("a spectrum is a 1-D array of non-negative finite singular values")
-    return s
-
-
 def truncation(sigma: ArrayLike, k: int) -> Truncation:
     """The errors of the best rank-``k`` approximation of an update with singular values ``sigma``.
 
@@ -97,7 +90,7 @@ def truncation(sigma: ArrayLike, k: int) -> Truncation:
     Returns:
         The :class:`Truncation`.
     """
-    s = _spectrum(sigma)
+    s = as_spectrum(sigma)
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     top = float(s[0]) if s.size else 0.0
@@ -121,7 +114,7 @@ def energy_curve(sigma: ArrayLike) -> list[float]:
 
     Empty for an empty spectrum; all ones for a zero spectrum (nothing to lose).
     """
-    s = _spectrum(sigma)
+    s = as_spectrum(sigma)
     top = float(s[0]) if s.size else 0.0
     if top == 0.0:
         return [1.0] * int(s.size)
@@ -182,7 +175,7 @@ def optimal_threshold(sigma: ArrayLike, shape: Sequence[int], rank: int) -> floa
         shape: ``(d_out, d_in)``.
         rank: the module's ``r``.
     """
-    s = _spectrum(sigma)
+    s = as_spectrum(sigma)
     if s.size == 0:
         return 0.0
     rows, cols = min(rank, shape[0]), min(rank, shape[1])
@@ -218,7 +211,7 @@ class RankPolicy:
             shape: ``(d_out, d_in)`` of the update.
             rank: the module's current ``r``.
         """
-        s = _spectrum(sigma)
+        s = as_spectrum(sigma)
         if self.name == "rank":
             k = int(self.value)
         elif self.name == "energy":

@@ -33,6 +33,7 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Mapping
 
+from nora_core.jsonable import integral_number
 from nora_spectra.analysis import analyze
 from nora_spectra.check_config import CheckSettings
 from nora_spectra.errors import CheckpointError, UsageError
@@ -193,10 +194,6 @@ def _patterns(values: Mapping[str, Any], default: Any, types: Mapping[str, str])
     return ordered
 
 
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() and abs(value) < 2**53 else float(value)
-
-
 def _load(source: Any, options: dict[str, Any]) -> Analysis:
     if isinstance(source, Analysis):
         return source
@@ -274,7 +271,7 @@ def suggest(
         lora_config["r"] = uniform
         if analysis.config is not None:
             scales = {rec["module"]: float(rec["scale"]) for rec in analysis.records if rec["module"] in chosen}
-            alphas = {m: _number(scales[m] * (math.sqrt(k) if rslora else k)) for m, k in ranks.items()}
+            alphas = {m: integral_number(scales[m] * (math.sqrt(k) if rslora else k)) for m, k in ranks.items()}
             at_uniform = [alphas[m] for m in ranks if ranks[m] == uniform] or list(alphas.values())
             default_alpha = Counter(at_uniform).most_common(1)[0][0]
             lora_config["lora_alpha"] = default_alpha

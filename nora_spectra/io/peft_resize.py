@@ -34,6 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Sequence
 
+from nora_core.jsonable import integral_number
 from nora_spectra.errors import CheckpointError
 from nora_spectra.io.adapter_config import (
     CONFIG_NAME,
@@ -112,11 +113,6 @@ def _factor_tensors(plan: LayerPlan, source: TensorSource, module: ResizedModule
     return out
 
 
-def _json_number(value: float) -> float | int:
-    """An integral float as an int (``lora_alpha: 16``), else the float."""
-    return int(value) if float(value).is_integer() and abs(value) < 2**53 else float(value)
-
-
 def _pattern_keys(names: Sequence[str]) -> list[str]:
     """Module names in the order their escaped keys must take: deeper names first (first match wins)."""
     return sorted(names, key=lambda name: (-name.count("."), natural_key(name)))
@@ -149,20 +145,20 @@ def resized_config(raw: dict[str, Any], settings: AdapterSettings, ranks: dict[s
     names = set(order)
     nested = any(name.split(".", i)[-1] in names for name in order for i in range(1, name.count(".") + 1))
     rank_pattern = {re.escape(m): ranks[m] for m in _pattern_keys(order) if nested or ranks[m] != default_r}
-    alpha_pattern = {re.escape(m): _json_number(alphas[m]) for m in _pattern_keys(order)
+    alpha_pattern = {re.escape(m): integral_number(alphas[m]) for m in _pattern_keys(order)
                      if nested or alphas[m] != default_alpha}
     config = dict(raw)
-    config.update(r=default_r, lora_alpha=_json_number(default_alpha), rank_pattern=rank_pattern,
+    config.update(r=default_r, lora_alpha=integral_number(default_alpha), rank_pattern=rank_pattern,
                   alpha_pattern=alpha_pattern)
     for module in order:  # PEFT's own rule must give every module its new rank and its old scale
         key_r, key_a = match_pattern(rank_pattern, module), match_pattern(alpha_pattern, module)
         got_r = default_r if key_r is None else rank_pattern[key_r]
         got_alpha = default_alpha if key_a is None else alpha_pattern[key_a]
-        assert got_r == ranks[module] and got_alpha == _json_number(alphas[module]), module
+        assert got_r == ranks[module] and got_alpha == integral_number(alphas[module]), module
     notes = [
         "alpha per module = old alpha * k / r" + (" (rsLoRA: * sqrt(k / r))" if settings.use_rslora else "")
         + ", so every module keeps its scale; rank_pattern / alpha_pattern hold the modules that differ "
-        f"from r = {default_r}, lora_alpha = {_json_number(default_alpha)}"
+        f"from r = {default_r}, lora_alpha = {integral_number(default_alpha)}"
     ]
     return config, notes
 
