@@ -36,6 +36,7 @@ import numpy as np
 from nora_spectra._progress import ProgressArg, progress_callback
 from nora_spectra.errors import UsageError
 from nora_spectra.io import load_checkpoint
+from nora_spectra.io.checkpoint import materialize
 from nora_spectra.labels import default_labels
 from nora_spectra.metrics import numerical_rank
 from nora_spectra.schema import OVERLAP_COLUMNS, layer_index, module_type, to_jsonable
@@ -250,11 +251,11 @@ def overlap(
     labels = default_labels(names, [first.adapter, second.adapter]) if labels is None else [str(x) for x in labels]
     if len(labels) != 2:
         raise UsageError(f"overlap compares two adapters: got {len(labels)} labels")
+    entries_a = {entry.module: entry for entry in first.entries}
     entries_b = {entry.module: entry for entry in second.entries}
     common = [entry.module for entry in first.entries if entry.module in entries_b]
     only_in = {entry.module: labels[0] for entry in first.entries if entry.module not in entries_b}
-    names_a = {entry.module for entry in first.entries}
-    only_in.update({entry.module: labels[1] for entry in second.entries if entry.module not in names_a})
+    only_in.update({entry.module: labels[1] for entry in second.entries if entry.module not in entries_a})
     if not common:
         raise UsageError(f"{first.path} and {second.path} have no adapted module in common (modules are matched by name)")
     rows: list[dict[str, Any]] = []
@@ -262,7 +263,7 @@ def overlap(
     callback, bar = progress_callback(progress, len(common), unit="layer", desc="overlap")
     try:
         for done, module in enumerate(common, start=1):
-            la, lb = first.layer(module), second.layer(module)
+            la, lb = materialize(entries_a[module]), materialize(entries_b[module])  # by name, not a scan per module
             row: dict[str, Any] = dict.fromkeys(OVERLAP_COLUMNS)
             row.update(module=module, module_type=module_type(module), layer_index=layer_index(module),
                        shape=[int(n) for n in la.shape], rank_a=la.rank, rank_b=lb.rank)

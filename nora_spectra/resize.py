@@ -36,6 +36,7 @@ from nora_spectra._progress import ProgressArg, progress_callback
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.io import load_checkpoint
+from nora_spectra.io.checkpoint import materialize
 from nora_spectra.io.registry import formats, get_format
 from nora_spectra.io.writing import TAG_OF_NAME, ResizedModule
 from nora_spectra.rank_policy import RankPolicy, make_policy, optimal_threshold, truncation
@@ -248,7 +249,7 @@ def resize(
     callback, bar = progress_callback(progress, len(checkpoint.entries), unit="layer", desc="resizing")
     try:
         for i, entry in enumerate(checkpoint.entries):
-            update = entry.read()
+            update = materialize(entry).update  # NaN/Inf bits become the error below, not numpy warnings
             if not isinstance(update, LowRankUpdate):  # pragma: no cover - writers refuse other kinds first
                 raise CheckpointError(source, f"module {entry.module!r} is not a low-rank pair; it cannot be resized")
             try:
