@@ -175,14 +175,14 @@ def dense_matrix(update: Update) -> np.ndarray:
     """The update as a dense float64 ``(d_out, d_in)`` matrix (scale applied).
 
     Forms what the spectrum never needs to: use it where the matrix itself is wanted (the tuned weight
-    ``W0 + dW`` of a base-aware analysis, DoRA's true update). A :class:`DenseUpdate` returns its
-    ``delta`` itself, not a copy.
+    ``W0 + dW`` of a base-aware analysis, DoRA's true update). Always a new array, which the caller may
+    change in place (a :class:`DenseUpdate`'s ``delta`` is copied).
 
     Raises:
         TypeError: ``update`` is not an update kind.
     """
     if isinstance(update, DenseUpdate):
-        return np.asarray(update.delta, dtype=np.float64)
+        return np.array(update.delta, dtype=np.float64)
     if isinstance(update, LowRankUpdate):
         product = np.asarray(update.B, np.float64) @ np.asarray(update.A, np.float64)
         product *= float(update.scale)

@@ -218,8 +218,6 @@ class BaseAware:
     def true_dora(self, update: Update, base: np.ndarray, magnitude: np.ndarray, layer_type: str) -> DenseUpdate:
         """DoRA's true update ``m * (W0 + dW) / ||W0 + dW|| - W0`` as a dense update (``dW`` the proxy)."""
         direction = dense_matrix(update)
-        if isinstance(update, DenseUpdate):
-            direction = direction.copy()
         if layer_type not in DORA_NORM_AXIS:
             raise CheckpointError(self.source_path, f"DoRA on a {layer_type} layer is not supported")
         return DenseUpdate(dora_update(base, direction, magnitude, layer_type=layer_type))
@@ -249,7 +247,7 @@ class BaseAware:
         if self.intruders and spec is not None:
             assert vectors is not None
             tuned = dense_matrix(update)
-            tuned = base + tuned if isinstance(update, DenseUpdate) else np.add(tuned, base, out=tuned)
+            np.add(tuned, base, out=tuned)
             try:
                 found = intruder_dimensions(tuned, vectors, k=self.intruder_k, eps=self.intruder_eps)
             except NonFiniteFactorsError:
