@@ -4,6 +4,6 @@ __all__ = ["main"]
 
 
 def main() -> None:  # pragma: no cover - thin re-export for ``python -m nora_spectra.cli``
-    from nora_spectra.cli.main import main as _main
+    from nora_spectra.cli.main import run
 
-    _main()
+    run()

@@ -89,4 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from nora_spectra._allocator import keep_freed_memory
+
+    keep_freed_memory()  # a process of ours: the factors' memory is reused from module to module
     sys.exit(main())

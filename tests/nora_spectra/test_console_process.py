@@ -1,0 +1,51 @@
+"""The console script's process settings: freed factor blocks are reused (``keep_freed_memory``), the heap is frozen at exit."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+_CHURN = """
+import resource, sys
+import numpy as np
+from nora_spectra._allocator import keep_freed_memory
+if sys.argv[1] == "on":
+    assert keep_freed_memory()
+def churn():  # what reading modules does: blocks of 1-1.9 MB of three sizes, two alive at once
+    alive = []
+    for i in range(60):
+        alive.append(np.ones((1 << 17) + (i % 3) * 40960))
+        if len(alive) > 2:
+            alive.pop(0)
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _page_faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the thresholds are glibc's")
+def test_freed_blocks_are_reused_without_page_faults() -> None:
+    default, kept = _page_faults("off"), _page_faults("on")
+    assert default > 200  # glibc's dynamic thresholds return each block and fault the next one in
+    assert kept < default / 10
+
+
+def test_only_the_console_script_sets_the_allocator_and_freezes_the_heap_at_exit() -> None:
+    code = ("import gc, sys\nfrom unittest import mock\nimport nora_spectra._allocator as a\n"
+            "with mock.patch.object(a, 'keep_freed_memory') as keep:\n"
+            "    import importlib\n    m = importlib.import_module('nora_spectra.cli.main')\n"
+            "    sys.argv = ['spectra', '--version']\n"
+            "    try:\n        m.{entry}()\n    except SystemExit:\n        pass\n"
+            "    print(keep.call_count, gc.get_freeze_count() > 0)\n")
+    for entry, expected in (("run", "1 True"), ("main", "0 False")):
+        out = subprocess.run([sys.executable, "-c", code.format(entry=entry)], capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == expected
