@@ -125,7 +125,7 @@ class Resize:
 
 def resizable_formats() -> list[str]:
     """Names of the registered formats that ``spectra resize`` can write (they have a ``resize`` writer)."""
-    return [name for name, fmt in formats().items() if fmt.resize is not None]
+    return [name for name, fmt in formats().items() if fmt.resize_writer is not None]
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -18,7 +18,6 @@ budget (every module together) that the adapter actually uses.
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 from nora_spectra.schema import AVERAGED_STATUSES, STATUSES, SUMMARY_METRICS
@@ -92,7 +91,12 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _median(values: list[float]) -> float | None:
-    return float(statistics.median(values)) if values else None
+    """The middle value, or the mean of the two middle values (as :func:`statistics.median`)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    half = len(ordered) // 2
+    return float(ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2)
 
 
 def _rank_weighted_mean(pairs: list[tuple[float, float]]) -> float | None:

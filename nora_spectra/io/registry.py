@@ -45,15 +45,25 @@ class Format:
         sniff: True when the path is in this format; reads configs and headers only, never raises.
         open: validate the path and return its :class:`~nora_spectra.io.checkpoint.Checkpoint`; raises
             :class:`~nora_spectra.errors.CheckpointError` naming the file on anything wrong.
-        resize: how ``spectra resize`` writes this format (:class:`~nora_spectra.io.writing.ResizeWriter`),
-            or None when it cannot yet (resize then refuses it, naming the formats it can write).
+        resize_writer: where the :class:`~nora_spectra.io.writing.ResizeWriter` that ``spectra resize``
+            writes this format with lives, as ``"module:attribute"``, or None when it cannot yet (resize
+            then refuses it, naming the formats it can write). A name, not the object, so that reading
+            a checkpoint does not import the writers.
     """
 
     name: str
     summary: str
     sniff: Callable[["Probe"], bool]
     open: Callable[["Probe", "str | None"], "Checkpoint"]
-    resize: "ResizeWriter | None" = None
+    resize_writer: str | None = None
+
+    @property
+    def resize(self) -> "ResizeWriter | None":
+        """The format's resize writer (imported on first use), or None when it has none."""
+        if self.resize_writer is None:
+            return None
+        module, _, attribute = self.resize_writer.partition(":")
+        return getattr(importlib.import_module(module), attribute)
 
 
 class Probe:

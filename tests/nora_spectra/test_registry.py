@@ -22,6 +22,23 @@ def test_every_format_module_is_registered_with_a_summary() -> None:
         assert fmt.name == name and fmt.summary and callable(fmt.sniff) and callable(fmt.open)
 
 
+def test_resize_writers_are_named_and_imported_only_when_asked_for() -> None:
+    import subprocess
+    import sys
+
+    from nora_spectra.io.writing import ResizeWriter
+
+    writers = {name: fmt.resize for name, fmt in formats().items() if fmt.resize_writer is not None}
+    assert set(writers) == {"peft", "nora", "safetensors"}
+    assert all(isinstance(writer, ResizeWriter) for writer in writers.values())
+    assert all(fmt.resize is None for fmt in formats().values() if fmt.resize_writer is None)
+    # reading a checkpoint registers every format without importing a writer
+    code = ("import sys; from nora_spectra.io import formats; formats(); "
+            "print(sorted(m for m in sys.modules if m.endswith(('peft_resize', 'io.writing'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_detection(tmp_path: Path) -> None:
     lora = peft_dir(tmp_path / "lora", lora_tensors(SHAPES), r=2, lora_alpha=4)
     nora = peft_dir(tmp_path / "nora", lora_tensors(SHAPES), r=2, lora_alpha=4, peft_type="NORA")

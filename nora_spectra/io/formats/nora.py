@@ -7,7 +7,6 @@ of the branch's linear factors ``s * B @ A`` (the SiLU sits between them: ``docs
 from __future__ import annotations
 
 from nora_spectra.io.peft import config_kind, open_peft_layout
-from nora_spectra.io.peft_resize import NORA_RESIZE
 from nora_spectra.io.registry import Format
 
 FORMAT = Format(
@@ -15,5 +14,5 @@ FORMAT = Format(
     summary="NoRA directory (nora_core.save_adapter): PEFT's layout with peft_type NORA",
     sniff=lambda probe: config_kind(probe) == "nora",
     open=open_peft_layout,
-    resize=NORA_RESIZE,
+    resize_writer="nora_spectra.io.peft_resize:NORA_RESIZE",
 )

@@ -7,7 +7,6 @@ Also the weights file of such a directory, and directories holding adapters in s
 from __future__ import annotations
 
 from nora_spectra.io.peft import config_kind, open_peft_layout
-from nora_spectra.io.peft_resize import PEFT_RESIZE
 from nora_spectra.io.registry import Format
 
 FORMAT = Format(
@@ -15,5 +14,5 @@ FORMAT = Format(
     summary="PEFT LoRA directory: adapter_config.json + adapter_model.safetensors (or .bin)",
     sniff=lambda probe: config_kind(probe) == "lora",
     open=open_peft_layout,
-    resize=PEFT_RESIZE,
+    resize_writer="nora_spectra.io.peft_resize:PEFT_RESIZE",
 )

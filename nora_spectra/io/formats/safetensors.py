@@ -13,7 +13,6 @@ from nora_spectra.io.assemble import assemble_checkpoint
 from nora_spectra.io.checkpoint import Checkpoint
 from nora_spectra.io.peft import is_adapter_weights_file
 from nora_spectra.io.peft_keys import has_factor_keys
-from nora_spectra.io.peft_resize import SAFETENSORS_RESIZE
 from nora_spectra.io.registry import Format, Probe
 from nora_spectra.io.signatures import diffusers_keys
 
@@ -36,5 +35,5 @@ FORMAT = Format(
     summary="a bare .safetensors file with PEFT keys (lora_A / lora_B) and no config: scale 1",
     sniff=_sniff,
     open=_open,
-    resize=SAFETENSORS_RESIZE,
+    resize_writer="nora_spectra.io.peft_resize:SAFETENSORS_RESIZE",
 )
