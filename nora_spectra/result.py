@@ -10,7 +10,6 @@ it can come back from a worker process, and turns into strict JSON, a pandas Dat
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
@@ -26,6 +25,7 @@ from nora_spectra.schema import (
     LAYER_COLUMNS,
     OPTIONAL_COLUMNS,
     json_text,
+    strict_json,
     to_jsonable,
 )
 from nora_spectra.summary import summarize
@@ -187,7 +187,7 @@ class Analysis(PlotMethods):
 
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`to_dict` serialised as strict JSON (``allow_nan=False``)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        return strict_json(self.to_dict(), indent)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: tuple[Any, ...] = ()) -> "Analysis":

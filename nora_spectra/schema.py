@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from nora_core.jsonable import to_jsonable
+from nora_core.jsonable import dumps_indented, to_jsonable
 
 __all__ = [
     "ACTIVATION_COLUMNS",
@@ -48,6 +48,7 @@ __all__ = [
     "json_text",
     "layer_index",
     "module_type",
+    "strict_json",
     "to_jsonable",
 ]
 
@@ -272,7 +273,15 @@ def json_text(items: list[dict[str, Any]], *, several: bool, indent: int | None 
         Strict JSON (``allow_nan=False``), newline-terminated.
     """
     data: Any = {"checkpoints": items} if several else items[0]
-    return json.dumps(data, indent=indent, allow_nan=False) + "\n"
+    return strict_json(data, indent) + "\n"
+
+
+def strict_json(value: Any, indent: int | None = 2) -> str:
+    """``json.dumps(value, indent=indent, allow_nan=False)`` (the same text; indented JSON through
+    :func:`nora_core.jsonable.dumps_indented`, twice as fast as the standard library's pure-Python path)."""
+    if indent is None:
+        return json.dumps(value, allow_nan=False)
+    return dumps_indented(value, indent)
 
 
 #: ``--model-class`` name -> transformers auto class (:mod:`nora_spectra.model_loading`; here so that the
