@@ -70,9 +70,7 @@ def dumps_indented(value: Any, indent: int = 2) -> str:
         ValueError: a NaN or infinite float (strict JSON), or a container nested inside itself.
         TypeError: a value or key of another type.
     """
-    chunks: list[str] = []
-    _encode(value, "\n", " " * indent, chunks.append, set())
-    return "".join(chunks)
+    return _text(value, "\n", " " * indent, set())
 
 
 def _float_text(value: float) -> str:
@@ -107,53 +105,47 @@ def _key_text(key: Any) -> str:
     return '"' + text + '"'
 
 
-def _encode(value: Any, newline: str, step: str, append: Callable[[str], None], active: set[int]) -> None:
-    """Append ``value``'s text; ``newline`` is ``"\n"`` plus the current level's indentation."""
-    kind = type(value)
-    if kind is float:
-        append(_float_text(value))
-        return
-    if kind is str:
-        append(encode_basestring_ascii(value))
-        return
+#: exact type -> its JSON text, for the scalars that fill an analysis (subclasses take the general path).
+_SCALAR_TEXT: dict[type, Callable[[Any], str]] = {
+    str: encode_basestring_ascii,
+    float: _float_text,
+    int: int.__repr__,
+    bool: lambda value: "true" if value else "false",
+    type(None): lambda value: "null",
+}
+
+
+def _text(value: Any, newline: str, step: str, active: set[int]) -> str:
+    """``value``'s JSON text; ``newline`` is ``"\n"`` plus the indentation of ``value``'s own level."""
+    text_of = _SCALAR_TEXT.get(type(value))
+    if text_of is not None:
+        return text_of(value)
     text = _scalar_text(value)
     if text is not None:
-        append(text)
-        return
-    if isinstance(value, (list, tuple)):
-        if not value:
-            append("[]")
-            return
-        items: Any = value
-    elif isinstance(value, dict):
-        if not value:
-            append("{}")
-            return
-        items = value.items()
-    else:
-        raise TypeError(f"Object of type {kind.__name__} is not JSON serializable")
+        return text
+    is_list = isinstance(value, (list, tuple))
+    if not is_list and not isinstance(value, dict):
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+    if not value:
+        return "[]" if is_list else "{}"
     marker = id(value)
     if marker in active:
         raise ValueError("Circular reference detected")
     active.add(marker)
     inner = newline + step
-    separator = "," + inner
-    if items is value:
-        append("[" + inner)
-        if all(type(item) is float for item in value):  # a spectrum: one join
-            append(separator.join(map(_float_text, value)))
-        else:
-            for index, item in enumerate(value):
-                if index:
-                    append(separator)
-                _encode(item, inner, step, append, active)
-        append(newline + "]")
+    scalar = _SCALAR_TEXT.get
+    if is_list:
+        lines = [
+            text_of(item) if (text_of := scalar(type(item))) is not None else _text(item, inner, step, active)
+            for item in value
+        ]
+        out = "[" + inner + ("," + inner).join(lines) + newline + "]"
     else:
-        append("{" + inner)
-        for index, (key, item) in enumerate(items):
-            if index:
-                append(separator)
-            append(_key_text(key) + ": ")
-            _encode(item, inner, step, append, active)
-        append(newline + "}")
+        lines = [
+            _key_text(key) + ": "
+            + (text_of(item) if (text_of := scalar(type(item))) is not None else _text(item, inner, step, active))
+            for key, item in value.items()
+        ]
+        out = "{" + inner + ("," + inner).join(lines) + newline + "}"
     active.discard(marker)
+    return out
