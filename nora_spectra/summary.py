@@ -39,11 +39,12 @@ __all__ = [
 
 Record = Mapping[str, Any]
 
-def _finite_pairs(records: Iterable[Record], name: str) -> list[tuple[float, float]]:
-    """(value, rank) pairs of ``name`` over averaged records whose value is a finite number."""
+def _finite_pairs(records: Iterable[Record], name: str, *, averaged: bool = False) -> list[tuple[float, float]]:
+    """(value, rank) pairs of ``name`` over averaged records whose value is a finite number
+    (``averaged``: every record given is known to be averaged)."""
     pairs = []
     for rec in records:
-        if rec.get("status") not in AVERAGED_STATUSES:
+        if not averaged and rec.get("status") not in AVERAGED_STATUSES:
             continue
         value = rec.get(name)
         if value is None or isinstance(value, bool):
@@ -73,9 +74,10 @@ def rank_weighted_mean(records: Iterable[Record], name: str) -> float | None:
     return _rank_weighted_mean(_finite_pairs(records, name))
 
 
-def metric_stats(records: Sequence[Record], name: str) -> dict[str, float | None]:
-    """``{"mean", "median", "weighted_mean", "min", "max"}`` of metric ``name`` (None where undefined)."""
-    pairs = _finite_pairs(records, name)  # once, not once per statistic
+def metric_stats(records: Sequence[Record], name: str, *, averaged: bool = False) -> dict[str, float | None]:
+    """``{"mean", "median", "weighted_mean", "min", "max"}`` of metric ``name`` (None where undefined);
+    ``averaged``: every record given has an averaged status (the caller filtered them)."""
+    pairs = _finite_pairs(records, name, averaged=averaged)  # once, not once per statistic
     values = [v for v, _ in pairs]
     return {
         "mean": _mean(values),
@@ -138,13 +140,14 @@ def summarize_group(records: Sequence[Record]) -> dict[str, Any]:
         where ``analysed`` counts the averaged layers and ``total_rank`` is their summed rank budget.
     """
     by_status = count_by_status(records)
+    averaged = [rec for rec in records if rec.get("status") in AVERAGED_STATUSES]  # once for every metric
     return {
         "layers": len(records),
         "analysed": sum(by_status.get(s, 0) for s in AVERAGED_STATUSES),
-        "total_rank": int(sum(int(rec.get("rank") or 0) for rec in records if rec.get("status") in AVERAGED_STATUSES)),
+        "total_rank": int(sum(int(rec.get("rank") or 0) for rec in averaged)),
         "collapsed": count_collapsed(records),
         "by_status": by_status,
-        "metrics": {name: metric_stats(records, name) for name in SUMMARY_METRICS},
+        "metrics": {name: metric_stats(averaged, name, averaged=True) for name in SUMMARY_METRICS},
     }
 
 
