@@ -3,7 +3,7 @@
 The data path reads straight through::
 
     source --spaces.<space>.prepare--> run --run.layers()--> LayerSpectrum (one layer at a time)
-        --records.layer_record--> record (dict) --summarize(records)--> summary --> Analysis
+        --records.layer_records--> records (dicts) --summarize(records)--> summary --> Analysis
 
 A space (:mod:`nora_spectra.spaces`) measures; this loop builds the records, drives the progress bar,
 gathers the warnings and writes the summary, once for all spaces. Nothing here computes a singular
@@ -27,7 +27,7 @@ import numpy as np
 from nora_spectra._progress import ProgressArg, progress_callback
 from nora_spectra._text import name_list, plural
 from nora_spectra.errors import UsageError
-from nora_spectra.records import layer_record, status_warnings
+from nora_spectra.records import layer_records, status_warnings
 from nora_spectra.result import Analysis
 from nora_spectra.schema import DEFAULT_COLLAPSE_THRESHOLD, DEFAULT_PROBE_SAMPLES, LAYER_COLUMNS, layer_index, module_type
 from nora_spectra.spaces import open_space
@@ -126,16 +126,12 @@ def analyze(
         log.debug("%s: format %s, method %s, %s", run.info.checkpoint, run.info.format, run.info.method, work)
         started = time.perf_counter()
         callback, bar = progress_callback(progress, run.total, unit=run.unit, desc=run.desc)
-        records = []
         try:
+            layers = [(layer.identity, layer.sigma, layer.dora) for layer in run.layers(callback)]
             # Huge factors (a hostile scale or float64 values near 1e300) overflow sigma**2 in the metrics:
             # the result is an infinite or null field of the record, not a numpy warning on stderr.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-                for layer in run.layers(callback):
-                    records.append(
-                        layer_record(layer.identity, layer.sigma, collapse_threshold=collapse_threshold,
-                                     columns=run.columns, dora=layer.dora)
-                    )
+                records = layer_records(layers, collapse_threshold=collapse_threshold, columns=run.columns)
         finally:
             if bar is not None:
                 bar.close()

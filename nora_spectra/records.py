@@ -7,13 +7,13 @@ the trainer's spectral tracking; the metrics come from :func:`nora_spectra.metri
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from nora_spectra._text import name_list, plural
-from nora_spectra.metrics import non_finite_metrics, spectrum_metrics
+from nora_spectra.metrics import non_finite_metrics, spectra_metrics
 from nora_spectra.schema import LAYER_COLUMNS, layer_index, module_type
 
-__all__ = ["STATUS_WORDING", "layer_record", "status_warnings"]
+__all__ = ["STATUS_WORDING", "layer_record", "layer_records", "status_warnings"]
 
 
 def layer_record(
@@ -39,19 +39,52 @@ def layer_record(
     Returns:
         The record, keys exactly ``columns``.
     """
-    record = dict(identity)
-    record["shape"] = [int(n) for n in record["shape"]]
-    record["module_type"] = module_type(record["module"])
-    record["layer_index"] = layer_index(record["module"])
-    if sigma is None:
-        record.update(non_finite_metrics(), singular_values=None)
-    else:
-        rank, shape = int(record["rank"]), tuple(record["shape"])
-        record.update(spectrum_metrics(sigma, rank=rank, shape=shape, collapse_threshold=collapse_threshold))
-        record["singular_values"] = [float(s) for s in sigma]
-        if dora and record["status"] == "ok":
-            record["status"] = "dora_direction_only"
-    return {name: record[name] for name in columns}
+    return layer_records([(identity, sigma, dora)], collapse_threshold=collapse_threshold, columns=columns)[0]
+
+
+def layer_records(
+    layers: Iterable[tuple[Mapping[str, Any], "Sequence[float] | None", bool]],
+    *,
+    collapse_threshold: float,
+    columns: Sequence[str] = LAYER_COLUMNS,
+) -> list[dict[str, Any]]:
+    """The records of many layers, their metrics computed together (:func:`~nora_spectra.metrics.spectra_metrics`).
+
+    Args:
+        layers: ``(identity, sigma, dora)`` per layer, as the arguments of :func:`layer_record`.
+        collapse_threshold: see :func:`nora_spectra.metrics.spectrum_metrics`.
+        columns: the records' keys, in order.
+
+    Returns:
+        One record per layer, in order, keys exactly ``columns``.
+    """
+    records: list[dict[str, Any]] = []
+    measured: list[tuple[int, Any, bool]] = []  # (record index, sigma, dora) of the layers with a spectrum
+    for identity, sigma, dora in layers:
+        record = dict(identity)
+        record["shape"] = [int(n) for n in record["shape"]]
+        module = record["module"]
+        record["module_type"] = module_type(module)
+        record["layer_index"] = layer_index(module)
+        if sigma is None:
+            record.update(non_finite_metrics(), singular_values=None)
+        else:
+            measured.append((len(records), sigma, dora))
+        records.append(record)
+    if measured:
+        metrics = spectra_metrics(
+            [sigma for _, sigma, _ in measured],
+            ranks=[int(records[index]["rank"]) for index, _, _ in measured],
+            shapes=[records[index]["shape"] for index, _, _ in measured],
+            collapse_threshold=collapse_threshold,
+        )
+        for (index, sigma, dora), fields in zip(measured, metrics):
+            record = records[index]
+            record.update(fields)
+            record["singular_values"] = [float(s) for s in sigma]
+            if dora and record["status"] == "ok":
+                record["status"] = "dora_direction_only"
+    return [{name: record[name] for name in columns} for record in records]
 
 
 #: space -> (non_finite wording, zero wording): each takes ``{count}`` and ``{names}``.

@@ -133,3 +133,40 @@ def test_invalid_arguments(kwargs, match):
 def test_energy_rank_rejects_bad_q():
     with pytest.raises(ValueError, match="q must"):
         M.energy_rank([1.0], 0.0)
+
+
+def test_many_spectra_at_once_match_their_formulas_one_by_one():
+    rng = np.random.default_rng(7)
+    spectra, ranks, shapes = [], [], []
+    for k in (1, 3, 8, 9, 16, 16, 16, 40):
+        s = np.sort(rng.exponential(size=k) * 10.0 ** rng.uniform(-8, 8))[::-1]
+        if k > 4 and rng.random() < 0.5:
+            s[k // 2:] = 0.0  # exact zeros in the tail
+        spectra.append(s)
+        ranks.append(int(rng.integers(k, 3 * k + 1)))
+        shapes.append((int(rng.integers(k, 500)), int(rng.integers(k, 500))))
+    spectra.append(np.zeros(16))
+    ranks.append(16)
+    shapes.append((32, 32))
+    batch = M.spectra_metrics(spectra, ranks=ranks, shapes=shapes, collapse_threshold=0.4)
+    assert len(batch) == len(spectra)
+    for s, r, shape, got in zip(spectra, ranks, shapes, batch):
+        assert got == M.spectrum_metrics(s, rank=r, shape=shape, collapse_threshold=0.4)
+        if not s.any():
+            assert got["status"] == "zero" and got["effective_rank"] == 0.0
+            continue
+        s = list(s)
+        assert got["effective_rank"] == pytest.approx(ref_erank(s), rel=1e-13)
+        assert got["energy_rank_90"] == ref_energy_rank(s, 0.90)
+        assert got["numerical_rank"] == sum(1 for x in s if x > max(s) * max(shape) * 2.0**-52)
+        tail = [x * x for i, x in enumerate(s, start=1) if i > math.ceil(r / 2)]
+        assert got["tail_energy"] == pytest.approx(sum(tail) / sum(x * x for x in s), rel=1e-12, abs=1e-300)
+
+
+def test_many_spectra_refuse_what_one_refuses():
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        M.spectra_metrics([[1.0], [2.0]], ranks=[1, 0], shapes=[(2, 2), (2, 2)])
+    with pytest.raises(ValueError, match="2 spectra, 1 ranks"):
+        M.spectra_metrics([[1.0], [2.0]], ranks=[1], shapes=[(2, 2), (2, 2)])
+    with pytest.raises(ValueError, match="non-negative finite"):
+        M.spectra_metrics([[1.0], [np.nan]], ranks=[1, 1], shapes=[(2, 2), (2, 2)])
