@@ -257,7 +257,8 @@ def upcast(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Exact upcast to float64 of stored bits read as :func:`raw_dtype` (1-D in, 1-D out); chunks of a
     tensor may be upcast separately (readers that bound their memory do)."""
     out = np.empty(raw.size, dtype=np.float64)
-    _upcast(raw, dtype, out)
+    with np.errstate(invalid="ignore"):  # NaN payloads are kept, without numpy's cast warning
+        _upcast(raw, dtype, out)
     return out
 
 
@@ -270,42 +271,68 @@ def _read_float64(path: str, info: TensorInfo, first: int, count: int) -> np.nda
     """Read values ``first .. first + count - 1`` of ``info``'s flattened tensor from ``path`` and upcast
     them exactly to a new float64 array (1-D).
 
-    The file is opened anew (so concurrent reads from several threads are safe) and read block by
-    block into a small buffer, each block upcast straight into its slice of the result: one pass over
-    the result's memory, instead of a full-size raw copy, a full-size float32 copy and the result.
+    The file is opened anew and read with positioned reads (so concurrent reads from several threads
+    are safe), block by block into a small buffer, each block upcast straight into its slice of the
+    result: one pass over the result's memory, instead of a full-size raw copy, a full-size float32
+    copy and the result. A tensor of at most one block is read straight into a raw array of its size.
 
     Raises:
         OSError: the file cannot be read.
         EOFError: the file ends before the values do (it changed since its header was validated).
     """
-    stored = np.dtype(_RAW_NUMPY[info.dtype])
+    stored = _RAW_DTYPES[info.dtype]
     out = np.empty(count, dtype=np.float64)
-    with open(path, "rb", buffering=0) as handle:
-        handle.seek(info.start + first * stored.itemsize)
+    offset = info.start + first * stored.itemsize
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
         if info.dtype == "F64" and sys.byteorder == "little":
-            _read_exact(handle, out)
+            _read_exact(fd, out, offset)
             return out
         raw = np.empty(min(count, _BLOCK), dtype=stored)
         scratch = None  # the bit-shift fallback's uint32 buffer, made once per tensor if it is needed
         if info.dtype == "BF16" and _bfloat16() is None:
             scratch = np.empty(raw.size, dtype=np.uint32)
-        for start in range(0, count, _BLOCK):
-            stop = min(count, start + _BLOCK)
-            block = raw[: stop - start]
-            _read_exact(handle, block)
-            _upcast(block, info.dtype, out[start:stop], scratch)
+        with np.errstate(invalid="ignore"):  # NaN payloads are kept, without numpy's cast warning
+            for start in range(0, count, _BLOCK):
+                stop = min(count, start + _BLOCK)
+                block = raw[: stop - start]
+                _read_exact(fd, block, offset + start * stored.itemsize)
+                _upcast(block, info.dtype, out[start:stop], scratch)
+    finally:
+        os.close(fd)
     return out
 
 
-def _read_exact(handle: "io.RawIOBase", array: np.ndarray) -> None:
-    """Fill ``array`` (contiguous) from ``handle``; EOFError when the file ends first."""
+#: the numpy dtype of each float dtype's stored bits
+_RAW_DTYPES = {name: np.dtype(code) for name, code in _RAW_NUMPY.items()}
+
+
+def _read_exact(fd: int, array: np.ndarray, offset: int) -> None:
+    """Fill ``array`` (contiguous) from ``fd`` at byte ``offset``; EOFError when the file ends first."""
     view = memoryview(array).cast("B")
     done = 0
     while done < view.nbytes:
-        got = handle.readinto(view[done:])
+        got = _pread_into(fd, view[done:], offset + done)
         if not got:
             raise EOFError
         done += got
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """``os.preadv`` into ``view`` (no copy); where the platform has none, a copy of ``os.pread``."""
+    if _HAVE_PREADV:
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset) if hasattr(os, "pread") else _seek_read(fd, len(view), offset)
+    view[: len(data)] = data
+    return len(data)
+
+
+def _seek_read(fd: int, size: int, offset: int) -> bytes:  # pragma: no cover - Windows: no pread
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, size)
+
+
+_HAVE_PREADV = hasattr(os, "preadv")
 
 
 @functools.lru_cache(maxsize=None)
@@ -326,23 +353,23 @@ def _upcast(raw: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray | 
     """Exact upcast of raw stored values (1-D) into ``out`` (float64, same length), in one pass over ``out``.
 
     ``scratch`` is a uint32 buffer at least as long as ``raw`` (BF16 only; allocated when None). NaN
-    payloads are kept without numpy's cast warning: a NaN factor is reported as such downstream.
+    payloads are kept: a NaN factor is reported as such downstream (callers that do not want numpy's
+    cast warning for them run this under ``np.errstate(invalid="ignore")``).
     """
-    with np.errstate(invalid="ignore"):
-        if dtype == "BF16":
-            bfloat16 = _bfloat16()
-            if bfloat16 is not None:
-                np.copyto(out, raw.view(bfloat16))
-            else:  # bfloat16 is the top half of a float32: widen-and-shift the bits, then one cast
-                bits = (np.empty(raw.size, np.uint32) if scratch is None else scratch)[: raw.size]
-                np.left_shift(raw, 16, out=bits, dtype=np.uint32)
-                np.copyto(out, bits.view(np.float32))
-        elif dtype in _ML_DTYPES_NAME:
-            import ml_dtypes
+    if dtype == "BF16":
+        bfloat16 = _bfloat16()
+        if bfloat16 is not None:
+            np.copyto(out, raw.view(bfloat16))
+        else:  # bfloat16 is the top half of a float32: widen-and-shift the bits, then one cast
+            bits = (np.empty(raw.size, np.uint32) if scratch is None else scratch)[: raw.size]
+            np.left_shift(raw, 16, out=bits, dtype=np.uint32)
+            np.copyto(out, bits.view(np.float32))
+    elif dtype in _ML_DTYPES_NAME:
+        import ml_dtypes
 
-            np.copyto(out, raw.view(getattr(ml_dtypes, _ML_DTYPES_NAME[dtype])))
-        else:
-            np.copyto(out, raw)
+        np.copyto(out, raw.view(getattr(ml_dtypes, _ML_DTYPES_NAME[dtype])))
+    else:
+        np.copyto(out, raw)
 
 
 def _parse_metadata(path: str, metadata: object) -> dict[str, str]:
