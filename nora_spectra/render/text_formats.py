@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from typing import TYPE_CHECKING, Sequence, Union
 
@@ -51,6 +50,8 @@ def render_csv(analyses: Analyses) -> str:
     items = _as_list(analyses)
     present = {key for analysis in items for rec in analysis.records[:1] for key in rec}
     keys = LAYER_COLUMNS + tuple(name for name in OPTIONAL_COLUMNS if name in present)
+    import csv  # here: the JSON output, the common one, does not need it
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS + keys[len(LAYER_COLUMNS):])
