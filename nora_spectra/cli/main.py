@@ -100,8 +100,13 @@ def main(argv: list[str] | None = None) -> None:
 def run() -> None:
     """The ``spectra`` console script: :func:`main` in a process of its own that ends right after it.
 
-    Two process-wide settings that :func:`main` called in-process (a test, a notebook) does not make:
+    Three process-wide settings that :func:`main` called in-process (a test, a notebook) does not make:
 
+    - OpenBLAS starts without a thread pool (``OPENBLAS_NUM_THREADS=1`` unless the variable is already
+      set, before numpy loads): spectra parallelizes across modules itself and runs BLAS on one
+      thread during every analysis, so the pool's threads would only spin, taking a core from the
+      analysis (96 ms of CPU in a 0.26 s ``spectra analyze`` at r = 16). torch's threads (OpenMP,
+      MKL) are left alone;
     - glibc keeps freed factor memory for the next module instead of returning it to the operating
       system and faulting it back in (:func:`nora_spectra._allocator.keep_freed_memory`);
     - before the process exits, every object still alive is frozen (``gc.freeze()``), so interpreter
@@ -110,8 +115,12 @@ def run() -> None:
       (``bench/analyze_vs_gradience.py``). Output is written and flushed by then; atexit handlers
       still run.
     """
+    import os
+
     from nora_spectra._allocator import keep_freed_memory
 
+    if "numpy" not in sys.modules:  # read once, when OpenBLAS loads
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     keep_freed_memory()
     try:
         main()

@@ -1,7 +1,8 @@
-"""The console script's process settings: freed factor blocks are reused (``keep_freed_memory``), the heap is frozen at exit."""
+"""The console script's process settings: OpenBLAS without a thread pool, freed factor blocks reused (``keep_freed_memory``), the heap frozen at exit."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -40,12 +41,23 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
 
 
 def test_only_the_console_script_sets_the_allocator_and_freezes_the_heap_at_exit() -> None:
-    code = ("import gc, sys\nfrom unittest import mock\nimport nora_spectra._allocator as a\n"
+    code = ("import gc, os, sys\nos.environ.pop('OPENBLAS_NUM_THREADS', None)\nfrom unittest import mock\nimport nora_spectra._allocator as a\n"
             "with mock.patch.object(a, 'keep_freed_memory') as keep:\n"
             "    import importlib\n    m = importlib.import_module('nora_spectra.cli.main')\n"
             "    sys.argv = ['spectra', '--version']\n"
             "    try:\n        m.{entry}()\n    except SystemExit:\n        pass\n"
-            "    print(keep.call_count, gc.get_freeze_count() > 0)\n")
-    for entry, expected in (("run", "1 True"), ("main", "0 False")):
+            "    print(keep.call_count, gc.get_freeze_count() > 0, os.environ.get('OPENBLAS_NUM_THREADS'))\n")
+    for entry, expected in (("run", "1 True 1"), ("main", "0 False None")):
         out = subprocess.run([sys.executable, "-c", code.format(entry=entry)], capture_output=True, text=True, check=True)
         assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_the_console_script_imports_no_numpy_before_it_sets_openblas_threads() -> None:
+    code = "import sys, nora_spectra.cli.main; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "3"}  # the user's setting is kept
+    code = ("import os, sys\nimport nora_spectra.cli.main as m\nsys.argv = ['spectra', '--version']\n"
+            "try:\n    m.run()\nexcept SystemExit:\n    pass\nprint(os.environ['OPENBLAS_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == "3"
