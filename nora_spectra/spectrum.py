@@ -63,7 +63,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import numpy as np
 
@@ -76,11 +76,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DENSE_VECTORS_MAX_DIM",
     "GRAM_RCOND_LIMIT",
+    "GramPair",
     "NonFiniteFactorsError",
     "Spectrum",
     "adapter_singular_values",
     "blas_threads",
+    "core_singular_values",
     "dense_spectrum",
+    "gram_pair",
     "lapack_routines",
     "leading_left_singular_vectors",
     "left_singular_vectors",
@@ -273,7 +276,8 @@ class _Side:
     """One factor arranged tall, ``F`` (n, r): ``A^T`` or ``B``, and what its Gram matrix says.
 
     Attributes:
-        tall: ``F`` itself (a view; ``A^T`` of a C-ordered ``A`` is Fortran-ordered).
+        tall: ``F`` itself (a view; ``A^T`` of a C-ordered ``A`` is Fortran-ordered), or a function
+            that returns it (read again from its file) when only the Gram matrix was kept.
         live: the columns of ``F`` that are kept (exactly zero rows of ``A`` / columns of ``B`` dropped), or
             None for all; only the Householder route needs ``F`` itself, so only it takes them.
         n: the long dimension (``d_in`` for ``A``, ``d_out`` for ``B``).
@@ -282,7 +286,7 @@ class _Side:
         rcond: ``dtrcon``'s reciprocal 1-norm condition estimate of ``r0`` (0 when there is none).
     """
 
-    tall: np.ndarray
+    tall: "np.ndarray | Callable[[], np.ndarray]"
     live: np.ndarray | None
     n: int
     scale: np.ndarray
@@ -290,12 +294,14 @@ class _Side:
     rcond: float
 
     @classmethod
-    def from_gram(cls, tall: np.ndarray, gram: np.ndarray, live: np.ndarray | None) -> "_Side":
-        """``gram`` is ``F^T F`` restricted to ``live`` (all of it when ``live`` is None)."""
+    def from_gram(
+        cls, tall: "np.ndarray | Callable[[], np.ndarray]", n: int, gram: np.ndarray, live: np.ndarray | None
+    ) -> "_Side":
+        """``gram`` is ``F^T F`` restricted to ``live`` (all of it when ``live`` is None); ``n`` is ``F``'s
+        row count."""
         lapack = lapack_routines()
         diag = gram.diagonal()
         scale = np.sqrt(diag)
-        n = tall.shape[0]
         if diag.min() < _TINY_SQUARED_NORM:  # a row so small that its squared norm underflowed
             return cls(tall, live, n, scale, None, 0.0)
         equilibrated = gram / np.multiply.outer(scale, scale)
@@ -317,7 +323,8 @@ class _Side:
 
     def householder_r(self) -> np.ndarray:
         """``R`` (r, r) of the Householder QR ``F = Q R`` (LAPACK ``dgeqrt``, recursive and blocked)."""
-        tall = self.tall if self.live is None else self.tall[:, self.live]
+        tall = self.tall if isinstance(self.tall, np.ndarray) else self.tall()
+        tall = tall if self.live is None else tall[:, self.live]
         overwrite = 0
         if not tall.flags.f_contiguous:  # B (n, r) C-ordered: one copy into LAPACK's layout
             tall = np.asfortranarray(tall)
@@ -381,8 +388,98 @@ def _live_indices(a: np.ndarray, gram_a: np.ndarray, b: np.ndarray, gram_b: np.n
     return None if not dead.any() else np.flatnonzero(~dead)
 
 
+@dataclass(frozen=True, eq=False)
+class GramPair:
+    """What the core of one low-rank update ``s B A`` needs when its factors are plain: their Gram matrices.
+
+    Made by :func:`gram_pair`; :func:`core_singular_values` takes many at once. A reader can drop the
+    factors once it holds this: the Householder route, the only one that needs them again, calls
+    ``factors`` (which may read them from the file anew).
+
+    Attributes:
+        gram_a: ``A A^T`` (r, r).
+        gram_b: ``B^T B`` (r, r).
+        scale: ``|s|``.
+        d_in: ``A``'s columns.
+        d_out: ``B``'s rows.
+        factors: returns ``(A, B)`` as float64 arrays, equal to those the Gram matrices came from.
+    """
+
+    gram_a: np.ndarray
+    gram_b: np.ndarray
+    scale: float
+    d_in: int
+    d_out: int
+    factors: "Callable[[], tuple[np.ndarray, np.ndarray]]"
+
+
+def gram_pair(
+    A: np.ndarray,
+    B: np.ndarray,
+    scale: float = 1.0,
+    factors: "Callable[[], tuple[np.ndarray, np.ndarray]] | None" = None,
+) -> GramPair | None:
+    """The Gram matrices of ``A`` (r, d_in) and ``B`` (d_out, r), float64, when they alone decide the core.
+
+    The two products are the only ``O((d_out + d_in) r^2)`` work of a low-rank spectrum (they release
+    the GIL, so threads can form them side by side); everything after them is ``r x r``.
+
+    Args:
+        A, B: the factors, float64, ``r <= min(d_out, d_in)``.
+        scale: the update's scale ``s`` (finite).
+        factors: returns ``(A, B)`` again for the Householder route; default: keeps a reference to them.
+
+    Returns:
+        The :class:`GramPair`, or None when the factors need the general path of
+        :func:`adapter_singular_values`: a Gram trace outside ``[2^-900, 2^900]`` (factors to rescale,
+        or NaN/Inf) or an exactly zero diagonal entry (a zero row of ``A`` or column of ``B``).
+    """
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        gram_a = np.dot(A, A.T)
+        gram_b = np.dot(B.T, B)
+    low, high = _GRAM_TRACE_RANGE
+    if not (low < float(gram_a.trace()) < high and low < float(gram_b.trace()) < high):
+        return None
+    if not (gram_a.diagonal().all() and gram_b.diagonal().all()):
+        return None
+    return GramPair(gram_a, gram_b, abs(float(scale)), A.shape[1], B.shape[0], factors or (lambda: (A, B)))
+
+
+def core_singular_values(pairs: "list[GramPair]") -> list[np.ndarray]:
+    """``sigma(s B A)`` of each pair's update (``r`` values, descending, ``|s|`` applied), in order.
+
+    Every pair gets its two equilibrated Cholesky factors and their condition estimates (LAPACK, as
+    in the module docstring). The pairs that take route 1 are then finished together: one stacked
+    product ``R_B R_A^T`` and one stacked SVD per rank ``r`` (numpy runs the same LAPACK routine on
+    each matrix, so every value is the one a pair alone gets); the others take routes 2 and 3 one at
+    a time, route 3 asking the pair for its factors again.
+    """
+    sides = []
+    for pair in pairs:
+        side_a = _Side.from_gram(lambda pair=pair: pair.factors()[0].T, pair.d_in, pair.gram_a, None)
+        side_b = _Side.from_gram(lambda pair=pair: pair.factors()[1], pair.d_out, pair.gram_b, None)
+        sides.append((side_a, side_b))
+    out: list[np.ndarray | None] = [None] * len(pairs)
+    stacks: dict[int, list[int]] = {}  # rank -> the route-1 pairs of that rank
+    for index, (side_a, side_b) in enumerate(sides):
+        if side_a.gram_ok and side_b.gram_ok:
+            stacks.setdefault(side_a.scale.size, []).append(index)
+        else:
+            out[index] = _core_singular_values(side_a, side_b) * pairs[index].scale
+    for indices in stacks.values():
+        r_a = np.stack([sides[i][0].r0 for i in indices]) * np.stack([sides[i][0].scale for i in indices])[:, None, :]
+        r_b = np.stack([sides[i][1].r0 for i in indices]) * np.stack([sides[i][1].scale for i in indices])[:, None, :]
+        values = np.linalg.svd(np.matmul(r_b, r_a.transpose(0, 2, 1)), compute_uv=False)
+        for row, index in enumerate(indices):
+            out[index] = values[row] * pairs[index].scale
+    return out  # type: ignore[return-value]
+
+
 def _factored_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``sigma(B @ A)`` for ``r <= min(d_out, d_in)``: the ``r`` values of the core (module docstring)."""
+    pair = gram_pair(A, B)
+    if pair is not None:  # the common case: route 1 (or 2, 3) from the Gram matrices
+        return core_singular_values([pair])[0]
     r = A.shape[0]
     A_n, gram_a, exp_a = scaled_gram(A, rows_are_r=True)
     B_n, gram_b, exp_b = scaled_gram(B, rows_are_r=False)
@@ -391,8 +488,8 @@ def _factored_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
         if live.size == 0:
             return np.zeros(r)
         gram_a, gram_b = gram_a[np.ix_(live, live)], gram_b[np.ix_(live, live)]
-    side_a = _Side.from_gram(A_n.T, gram_a, live)
-    side_b = _Side.from_gram(B_n, gram_b, live)
+    side_a = _Side.from_gram(A_n.T, A_n.shape[1], gram_a, live)
+    side_b = _Side.from_gram(B_n, B_n.shape[0], gram_b, live)
     sigma = _core_singular_values(side_a, side_b)
     if sigma.size < r:
         sigma = np.concatenate([sigma, np.zeros(r - sigma.size)])
