@@ -6,9 +6,12 @@ headers); :meth:`WeightRun.layers` then reads each module and computes its singu
 
 Modules are measured by a small pool of threads (one per available core, at most
 :data:`MAX_WORKERS`), each reading one module (the safetensors reader opens the file anew at the
-tensor's offset and upcasts to float64 block by block) and computing its spectrum while the others
-do the same, so reading overlaps arithmetic and a 2-core machine does about twice the work of one
-thread. The heavy steps (file reads, casts, the Gram products, Householder QR) release the GIL. BLAS
+tensor's offset and upcasts to float64 block by block) and computing its Gram matrices while the
+others do the same; the ``r x r`` work of plain low-rank modules is then finished
+:data:`FINISH_BATCH` modules at a time (:func:`~nora_spectra.spectrum.core_singular_values`). The
+heavy steps (file reads, casts, the Gram products) release the GIL, the Python between them does not.
+In the ``spectra`` console script's own process the modules are shared instead between processes
+forked from it (:mod:`nora_spectra._forked`, Linux), which share no GIL. BLAS
 is limited to one thread for the whole run (:func:`~nora_spectra.spectrum.blas_threads`): the
 products are too small to gain from BLAS threads, and BLAS threads that busy-wait for a core make a
 loaded machine several times slower. Each module is computed by one thread with single-threaded BLAS,
@@ -33,12 +36,14 @@ captured energy and an error bound in the record.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from nora_spectra._forked import forked_map, forking_allowed
 from nora_spectra.errors import CheckpointError, UsageError
 from nora_spectra.io.checkpoint import Checkpoint, ModuleEntry, materialize
 from nora_spectra.schema import (
@@ -51,8 +56,15 @@ from nora_spectra.schema import (
     SPECTRUM_COLUMNS,
 )
 from nora_spectra.spaces import LayerSpectrum, Report, SourceInfo, source_info
-from nora_spectra.spectrum import NonFiniteFactorsError, blas_threads, spectrum
-from nora_spectra.updates import DenseUpdate
+from nora_spectra.spectrum import (
+    GramPair,
+    NonFiniteFactorsError,
+    blas_threads,
+    core_singular_values,
+    gram_pair,
+    spectrum,
+)
+from nora_spectra.updates import DenseUpdate, LowRankUpdate
 
 if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.io.model_weights import ModelWeights
@@ -60,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from nora_spectra.svd_cache import SvdCache
 
 __all__ = [
+    "FINISH_BATCH",
     "MAX_WORKERS",
     "OPTIONS",
     "WeightRun",
@@ -258,16 +271,54 @@ class WeightRun:
             and isinstance(checkpoint, Checkpoint)
             and type(checkpoint).iter_layers is Checkpoint.iter_layers
         )
-        workers = worker_count(self.total) if pooled else 1
-        if workers > 1:
-            return ordered_map(self._read_and_measure, checkpoint.entries, workers)
+        if pooled:
+            workers = worker_count(self.total)
+            if workers > 1 and forking_allowed():
+                return forked_map(self._measured, checkpoint.entries, workers)
+            return self._finished(ordered_map(self._read_and_measure, checkpoint.entries, workers))
         if self.base_aware is not None and isinstance(checkpoint, Checkpoint):
             if type(checkpoint).iter_layers is Checkpoint.iter_layers:
                 return (self._read_against_base(entry) for entry in checkpoint.entries)
         return (self._measure(layer) for layer in checkpoint.iter_layers())
 
-    def _read_and_measure(self, entry: ModuleEntry) -> LayerSpectrum:
-        return self._measure(materialize(entry))
+    def _measured(self, entries: Iterable[ModuleEntry]) -> Iterator[LayerSpectrum]:
+        """``entries`` read and measured one after the other (a process's share of :func:`forked_map`)."""
+        return self._finished(map(self._read_and_measure, entries))
+
+    def _read_and_measure(self, entry: ModuleEntry) -> "LayerSpectrum | _Pending":
+        """One module read and measured; a plain low-rank one only as far as its Gram matrices (a
+        :class:`_Pending`, finished with others by :meth:`_finished`), its factors then dropped."""
+        layer = materialize(entry)
+        update = layer.update
+        if not self.truncating and type(update) is LowRankUpdate and math.isfinite(update.scale):
+            A, B = update.A, update.B
+            if A.dtype == np.float64 and B.dtype == np.float64 and 0 < A.shape[0] <= min(B.shape[0], A.shape[1]):
+                pair = gram_pair(A, B, update.scale, factors=lambda: _factors_of(entry))
+                if pair is not None:
+                    return _Pending(self._identity(layer, update), pair, bool(getattr(layer, "dora", False)))
+        return self._measure(layer)
+
+    def _finished(self, results: "Iterable[LayerSpectrum | _Pending]") -> Iterator[LayerSpectrum]:
+        """``results`` in order, every :class:`_Pending` finished: up to :data:`FINISH_BATCH` of them at
+        once, by :func:`~nora_spectra.spectrum.core_singular_values` (the ``r x r`` work of many modules
+        in a few stacked numpy calls, instead of about 30 small calls each holding the GIL)."""
+        held: list[LayerSpectrum | _Pending] = []
+        pending = 0
+        iterator = iter(results)
+        while True:
+            try:
+                result = next(iterator)
+            except StopIteration:
+                break
+            except BaseException:  # a module failed: the ones before it are yielded first, as without batches
+                yield from _finish(held)
+                raise
+            held.append(result)
+            pending += isinstance(result, _Pending)
+            if pending >= FINISH_BATCH:
+                yield from _finish(held)
+                held, pending = [], 0
+        yield from _finish(held)
 
     def _read_against_base(self, entry: ModuleEntry) -> LayerSpectrum:
         """A base-aware module: a difference against the base (``read_tuned``) is formed from the ``W0``
@@ -296,11 +347,10 @@ class WeightRun:
             if self.base_aware is not None:
                 self.info.warnings.extend(self.base_aware.warnings())
 
-    def _measure(self, layer: Any, loaded: "tuple[Any, np.ndarray, str | None] | None" = None) -> LayerSpectrum:
-        """The spectrum and fields of one read module (``loaded``: its base plan, ``W0`` and key, if read)."""
-        update = layer.update
-        dora = bool(getattr(layer, "dora", False))
-        identity: dict[str, Any] = {
+    @staticmethod
+    def _identity(layer: Any, update: Any) -> dict[str, Any]:
+        """The record's identity fields of a read module."""
+        return {
             "module": layer.module,
             "key": layer.key,
             "kind": layer.kind,
@@ -310,6 +360,12 @@ class WeightRun:
             "scale": float(getattr(update, "scale", 1.0)),
             "shape": layer.shape,
         }
+
+    def _measure(self, layer: Any, loaded: "tuple[Any, np.ndarray, str | None] | None" = None) -> LayerSpectrum:
+        """The spectrum and fields of one read module (``loaded``: its base plan, ``W0`` and key, if read)."""
+        update = layer.update
+        dora = bool(getattr(layer, "dora", False))
+        identity = self._identity(layer, update)
         base_aware, plan, base, key = self.base_aware, None, None, None
         if base_aware is not None:
             if loaded is None:
@@ -434,3 +490,31 @@ def prepare(
         weights, checkpoint, cache=open_cache(cache), intruders=intruders, intruder_k=k, intruder_eps=eps
     )
     return WeightRun(checkpoint, base_aware, top_k=top_k, truncating=True)
+
+
+#: plain low-rank modules whose ``r x r`` work is finished together (memory: two ``r x r`` Gram
+#: matrices each; progress is reported in steps of this many modules).
+FINISH_BATCH = 32
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Pending:
+    """A plain low-rank module read as far as its Gram matrices."""
+
+    identity: dict[str, Any]
+    pair: GramPair
+    dora: bool
+
+
+def _finish(held: "list[LayerSpectrum | _Pending]") -> Iterator[LayerSpectrum]:
+    """``held`` in order, each :class:`_Pending` finished by one :func:`core_singular_values` call."""
+    waiting = [item for item in held if isinstance(item, _Pending)]
+    values = iter(core_singular_values([item.pair for item in waiting]) if waiting else [])
+    for item in held:
+        yield LayerSpectrum(item.identity, next(values), dora=item.dora) if isinstance(item, _Pending) else item
+
+
+def _factors_of(entry: ModuleEntry) -> tuple[np.ndarray, np.ndarray]:
+    """A plain low-rank module's factors read again (the Householder route of its spectrum needs them)."""
+    update = materialize(entry).update
+    return np.asarray(update.A, dtype=np.float64), np.asarray(update.B, dtype=np.float64)
