@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 def run() -> None:
     """The ``spectra`` console script: :func:`main` in a process of its own that ends right after it.
 
-    Three process-wide settings that :func:`main` called in-process (a test, a notebook) does not make:
+    Four process-wide settings that :func:`main` called in-process (a test, a notebook) does not make:
 
     - OpenBLAS starts without a thread pool (``OPENBLAS_NUM_THREADS=1`` unless the variable is already
       set, before numpy loads): spectra parallelizes across modules itself and runs BLAS on one
@@ -109,6 +109,8 @@ def run() -> None:
       MKL) are left alone;
     - glibc keeps freed factor memory for the next module instead of returning it to the operating
       system and faulting it back in (:func:`nora_spectra._allocator.keep_freed_memory`);
+    - the weight space may share modules between processes forked from this one, which has no
+      threads of anyone else's (:func:`nora_spectra._forked.allow_forking`);
     - before the process exits, every object still alive is frozen (``gc.freeze()``), so interpreter
       shutdown does not walk and free, cycle by cycle, the classes, functions and modules that the
       operating system reclaims anyway: 25-45 ms of a 0.35 s ``spectra analyze`` at r = 16
@@ -118,10 +120,12 @@ def run() -> None:
     import os
 
     from nora_spectra._allocator import keep_freed_memory
+    from nora_spectra._forked import allow_forking
 
     if "numpy" not in sys.modules:  # read once, when OpenBLAS loads
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     keep_freed_memory()
+    allow_forking()
     try:
         main()
     finally:
