@@ -397,11 +397,13 @@ class GramPair:
     ``factors`` (which may read them from the file anew).
 
     Attributes:
-        gram_a: ``A A^T`` (r, r).
-        gram_b: ``B^T B`` (r, r).
+        gram_a: ``A A^T`` restricted to ``live`` (all of it when ``live`` is None).
+        gram_b: ``B^T B``, restricted likewise.
         scale: ``|s|``.
         d_in: ``A``'s columns.
         d_out: ``B``'s rows.
+        rank: ``r``, the number of values (the dropped indices give exact zeros).
+        live: the indices ``i`` whose row ``A[i]`` and column ``B[:, i]`` are both nonzero, or None for all.
         factors: returns ``(A, B)`` as float64 arrays, equal to those the Gram matrices came from.
     """
 
@@ -410,6 +412,8 @@ class GramPair:
     scale: float
     d_in: int
     d_out: int
+    rank: int
+    live: np.ndarray | None
     factors: "Callable[[], tuple[np.ndarray, np.ndarray]]"
 
 
@@ -430,9 +434,9 @@ def gram_pair(
         factors: returns ``(A, B)`` again for the Householder route; default: keeps a reference to them.
 
     Returns:
-        The :class:`GramPair`, or None when the factors need the general path of
-        :func:`adapter_singular_values`: a Gram trace outside ``[2^-900, 2^900]`` (factors to rescale,
-        or NaN/Inf) or an exactly zero diagonal entry (a zero row of ``A`` or column of ``B``).
+        The :class:`GramPair` (exactly zero rows of ``A`` / columns of ``B`` dropped from both), or None
+        when the factors need the general path of :func:`adapter_singular_values`: a Gram trace outside
+        ``[2^-900, 2^900]`` (factors to rescale by a power of two, or NaN/Inf).
     """
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         gram_a = np.dot(A, A.T)
@@ -440,13 +444,16 @@ def gram_pair(
     low, high = _GRAM_TRACE_RANGE
     if not (low < float(gram_a.trace()) < high and low < float(gram_b.trace()) < high):
         return None
-    if not (gram_a.diagonal().all() and gram_b.diagonal().all()):
-        return None
-    return GramPair(gram_a, gram_b, abs(float(scale)), A.shape[1], B.shape[0], factors or (lambda: (A, B)))
+    live = _live_indices(A, gram_a, B, gram_b)
+    if live is not None and live.size:
+        gram_a, gram_b = gram_a[np.ix_(live, live)], gram_b[np.ix_(live, live)]
+    return GramPair(gram_a, gram_b, abs(float(scale)), A.shape[1], B.shape[0], A.shape[0], live,
+                    factors or (lambda: (A, B)))
 
 
 def core_singular_values(pairs: "list[GramPair]") -> list[np.ndarray]:
-    """``sigma(s B A)`` of each pair's update (``r`` values, descending, ``|s|`` applied), in order.
+    """``sigma(s B A)`` of each pair's update (``r`` values, descending, ``|s|`` applied), in order;
+    the indices a pair dropped (zero rows) give exact zeros at the end.
 
     Every pair gets its two equilibrated Cholesky factors and their condition estimates (LAPACK, as
     in the module docstring). The pairs that take route 1 are then finished together: one stacked
@@ -454,25 +461,26 @@ def core_singular_values(pairs: "list[GramPair]") -> list[np.ndarray]:
     each matrix, so every value is the one a pair alone gets); the others take routes 2 and 3 one at
     a time, route 3 asking the pair for its factors again.
     """
-    sides = []
-    for pair in pairs:
-        side_a = _Side.from_gram(lambda pair=pair: pair.factors()[0].T, pair.d_in, pair.gram_a, None)
-        side_b = _Side.from_gram(lambda pair=pair: pair.factors()[1], pair.d_out, pair.gram_b, None)
-        sides.append((side_a, side_b))
-    out: list[np.ndarray | None] = [None] * len(pairs)
-    stacks: dict[int, list[int]] = {}  # rank -> the route-1 pairs of that rank
-    for index, (side_a, side_b) in enumerate(sides):
+    out: list[np.ndarray] = [np.zeros(pair.rank) for pair in pairs]  # a pair with no live index stays 0
+    sides: dict[int, tuple[_Side, _Side]] = {}
+    stacks: dict[int, list[int]] = {}  # live rank -> the route-1 pairs of that rank
+    for index, pair in enumerate(pairs):
+        if pair.live is not None and not pair.live.size:
+            continue
+        side_a = _Side.from_gram(lambda pair=pair: pair.factors()[0].T, pair.d_in, pair.gram_a, pair.live)
+        side_b = _Side.from_gram(lambda pair=pair: pair.factors()[1], pair.d_out, pair.gram_b, pair.live)
+        sides[index] = (side_a, side_b)
         if side_a.gram_ok and side_b.gram_ok:
             stacks.setdefault(side_a.scale.size, []).append(index)
         else:
-            out[index] = _core_singular_values(side_a, side_b) * pairs[index].scale
+            out[index][: side_a.scale.size] = _core_singular_values(side_a, side_b)
     for indices in stacks.values():
         r_a = np.stack([sides[i][0].r0 for i in indices]) * np.stack([sides[i][0].scale for i in indices])[:, None, :]
         r_b = np.stack([sides[i][1].r0 for i in indices]) * np.stack([sides[i][1].scale for i in indices])[:, None, :]
         values = np.linalg.svd(np.matmul(r_b, r_a.transpose(0, 2, 1)), compute_uv=False)
         for row, index in enumerate(indices):
-            out[index] = values[row] * pairs[index].scale
-    return out  # type: ignore[return-value]
+            out[index][: values.shape[1]] = values[row]
+    return [values * pair.scale for values, pair in zip(out, pairs)]
 
 
 def _factored_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:

@@ -338,3 +338,50 @@ def test_blas_threads_limits_every_blas_library_and_restores():
         assert all(info["num_threads"] == 1 for info in inside)
     after = {info["filepath"]: info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"}
     assert all(after[path] == threads for path, threads in before.items())
+
+
+def test_many_cores_at_once_equal_each_one_alone_on_every_route():
+    # route 1 (plain, two ranks), zero rows dropped, every live index but one dropped, route 2
+    # (half-trained), route 3 (a rank-deficient B: its factors are asked for again), and a row whose
+    # square underflows (route 3 too)
+    rng = np.random.default_rng(11)
+    cases = [(rng.standard_normal((16, 90)), rng.standard_normal((70, 16)), 0.5),
+             (rng.standard_normal((8, 40)), rng.standard_normal((50, 8)), 2.0)]
+    A, B = rng.standard_normal((16, 80)), rng.standard_normal((60, 16))
+    A[3], B[:, 9] = 0.0, 0.0
+    cases.append((A, B, 1.0))
+    A, B = rng.standard_normal((4, 30)), rng.standard_normal((20, 4))
+    A[1:] = 0.0
+    cases.append((A, B, 1.0))
+    A, B = half_trained(16, 200, 150, 1e-3)
+    cases.append((A.astype(np.float64), B.astype(np.float64), 0.5))
+    cases.append((rng.standard_normal((16, 90)), rng.standard_normal((70, 3)) @ rng.standard_normal((3, 16)), 1.0))
+    A = rng.standard_normal((8, 60))
+    A[2] *= 1e-170
+    cases.append((A, rng.standard_normal((40, 8)), 1.0))
+    asked = []
+    pairs = []
+    for i, (A, B, scale) in enumerate(cases):
+        pair = spectrum_module.gram_pair(A, B, scale, factors=lambda A=A, B=B, i=i: asked.append(i) or (A, B))
+        assert pair is not None
+        pairs.append(pair)
+    together = spectrum_module.core_singular_values(pairs)
+    for (A, B, scale), values in zip(cases, together):
+        np.testing.assert_array_equal(values, adapter_singular_values(A, B, scale))  # one implementation
+        want = dense(A, B, scale)
+        np.testing.assert_allclose(values, want[: values.size], rtol=0, atol=RTOL * max(want[0], 1e-300))
+    assert together[3][0] > 0 and together[3][1:].tolist() == [0.0] * 3
+    assert 5 in asked and 6 in asked and 0 not in asked  # only the Householder routes read the factors again
+
+
+def test_factors_to_rescale_or_non_finite_take_the_general_path():
+    rng = np.random.default_rng(12)
+    A, B = rng.standard_normal((4, 20)), rng.standard_normal((10, 4))
+    assert spectrum_module.gram_pair(A * 1e300, B) is None  # its Gram overflows: rescaled on the general path
+    assert spectrum_module.gram_pair(A, B * 1e-300) is None
+    assert spectrum_module.gram_pair(np.zeros((4, 20)), B) is None  # a zero trace: the general path's zero update
+    bad = B.copy()
+    bad[0, 0] = np.nan
+    assert spectrum_module.gram_pair(A, bad) is None
+    with pytest.raises(NonFiniteFactorsError):
+        adapter_singular_values(A, bad)
