@@ -79,10 +79,14 @@ def forked_map(work: Callable[[Iterable[_T]], Iterator[_R]], items: Sequence[_T]
     children: list[_Child] = []
     try:
         for k in range(1, processes):
-            children.append(_Child(work, items, bounds[k], bounds[k + 1]))
+            try:
+                children.append(_Child(work, items, bounds[k], bounds[k + 1]))
+            except OSError:  # no fork here (a sandbox, no memory): this process measures the rest
+                break
         yield from work(items[bounds[0] : bounds[1]])
         for child in children:
             yield from child.results()
+        yield from work(items[bounds[len(children) + 1] :])
     finally:
         for child in children:
             child.close()
@@ -92,6 +96,7 @@ class _Child:
     """A forked process measuring ``items[start:stop]``, and what this process took back from its end."""
 
     def __init__(self, work: Callable[[Iterable[_T]], Iterator[_R]], items: Sequence[_T], start: int, stop: int) -> None:
+        """Raises OSError when the process cannot be forked (nothing is left open then)."""
         self.work, self.items, self.start, self.stop = work, items, start, stop
         self.pid, self.fd = _fork_child(work, items[start:stop])
 
@@ -146,7 +151,12 @@ def _fork_child(work: Callable[[Iterable[_T]], Iterator[_R]], share: Sequence[_T
     """Fork a child that streams ``work(share)`` into a pipe; returns its pid and the pipe's read end."""
     read_end, write_end = os.pipe()
     _widen(write_end)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        raise
     if pid == 0:  # the child: never returns
         status = 1
         try:

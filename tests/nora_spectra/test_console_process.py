@@ -1,4 +1,4 @@
-"""The console script's process settings: OpenBLAS without a thread pool, freed factor blocks reused (``keep_freed_memory``), the heap frozen at exit."""
+"""The console script's process settings: OpenBLAS without a thread pool, freed factor blocks reused (``keep_freed_memory``), forked workers allowed, the heap frozen at exit."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def test_only_the_console_script_sets_the_allocator_and_freezes_the_heap_at_exit
             "    import importlib\n    m = importlib.import_module('nora_spectra.cli.main')\n"
             "    sys.argv = ['spectra', '--version']\n"
             "    try:\n        m.{entry}()\n    except SystemExit:\n        pass\n"
-            "    print(keep.call_count, gc.get_freeze_count() > 0, os.environ.get('OPENBLAS_NUM_THREADS'))\n")
-    for entry, expected in (("run", "1 True 1"), ("main", "0 False None")):
+            "    import nora_spectra._forked as f\n"
+            "    print(keep.call_count, gc.get_freeze_count() > 0, os.environ.get('OPENBLAS_NUM_THREADS'), f._ALLOWED)\n")
+    for entry, expected in (("run", "1 True 1 True"), ("main", "0 False None False")):
         out = subprocess.run([sys.executable, "-c", code.format(entry=entry)], capture_output=True, text=True, check=True)
         assert out.stdout.strip().splitlines()[-1] == expected
 

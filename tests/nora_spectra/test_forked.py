@@ -153,3 +153,12 @@ def test_not_allowed_unless_the_process_owner_says_so_or_with_torch_loaded(monke
     monkeypatch.setattr(_forked, "_ALLOWED", True)
     monkeypatch.setitem(sys.modules, "torch", object())
     assert not _forked.forking_allowed()
+
+
+def test_where_fork_fails_this_process_measures_everything(monkeypatch) -> None:
+    def no_fork() -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    out = list(forked_map(_squares, list(range(9)), 3))
+    assert [item for item, _, _ in out] == list(range(9)) and {pid for *_, pid in out} == {os.getpid()}
