@@ -151,6 +151,7 @@ def _fork_child(work: Callable[[Iterable[_T]], Iterator[_R]], share: Sequence[_T
     """Fork a child that streams ``work(share)`` into a pipe; returns its pid and the pipe's read end."""
     read_end, write_end = os.pipe()
     _widen(write_end)
+    parent = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -160,6 +161,7 @@ def _fork_child(work: Callable[[Iterable[_T]], Iterator[_R]], share: Sequence[_T
     if pid == 0:  # the child: never returns
         status = 1
         try:
+            _die_with(parent)
             os.close(read_end)
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent handles Ctrl-C and kills us
             with os.fdopen(write_end, "wb") as out:
@@ -175,6 +177,20 @@ def _fork_child(work: Callable[[Iterable[_T]], Iterator[_R]], share: Sequence[_T
             os._exit(status)
     os.close(write_end)
     return pid, read_end
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this child when its parent dies (``PR_SET_PDEATHSIG``): a parent killed by
+    SIGTERM or SIGKILL runs no cleanup, and a child holding its results back would otherwise go on,
+    keeping the caller's stdout open, until its chunk is done."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux's C library
+        pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _widen(fd: int) -> None:

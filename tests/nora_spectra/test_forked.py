@@ -162,3 +162,25 @@ def test_where_fork_fails_this_process_measures_everything(monkeypatch) -> None:
     monkeypatch.setattr(os, "fork", no_fork)
     out = list(forked_map(_squares, list(range(9)), 3))
     assert [item for item, _, _ in out] == list(range(9)) and {pid for *_, pid in out} == {os.getpid()}
+
+
+def test_children_die_with_a_parent_killed_without_cleanup() -> None:
+    # a parent killed by SIGTERM runs no finally: its children must not go on holding its stdout
+    code = (
+        "import os, sys, time\n"
+        "from nora_spectra._forked import forked_map\n"
+        "def slow(items):\n"
+        "    for item in items:\n"
+        "        time.sleep(30)\n"
+        "        yield item\n"
+        "print('started', flush=True)\n"
+        "list(forked_map(slow, list(range(4)), 2))\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert parent.stdout.readline().strip() == b"started"
+    time.sleep(0.5)  # the child is forked and sleeping
+    parent.terminate()
+    parent.wait()
+    started = time.monotonic()
+    assert parent.stdout.read() == b""  # every holder of the pipe is gone
+    assert time.monotonic() - started < 5
