@@ -127,10 +127,11 @@ def analyze(
         started = time.perf_counter()
         callback, bar = progress_callback(progress, run.total, unit=run.unit, desc=run.desc)
         try:
-            layers = [(layer.identity, layer.sigma, layer.dora) for layer in run.layers(callback)]
-            # Huge factors (a hostile scale or float64 values near 1e300) overflow sigma**2 in the metrics:
-            # the result is an infinite or null field of the record, not a numpy warning on stderr.
+            # Huge factors (a hostile scale or float64 values near 1e300) overflow in the spectra and
+            # sigma**2 in the metrics: the result is an infinite or null field of the record (or the
+            # status non_finite), not a numpy warning on stderr.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+                layers = [(layer.identity, layer.sigma, layer.dora) for layer in run.layers(callback)]
                 records = layer_records(layers, collapse_threshold=collapse_threshold, columns=run.columns)
         finally:
             if bar is not None:

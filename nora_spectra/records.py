@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from nora_spectra._text import name_list, plural
 from nora_spectra.metrics import non_finite_metrics, spectra_metrics
 from nora_spectra.schema import LAYER_COLUMNS, layer_index, module_type
@@ -30,7 +32,7 @@ def layer_record(
         identity: ``module``, ``kind``, ``layer_type``, ``dtype``, ``rank``, ``scale``, ``shape`` (and any
             extra field named in ``columns``); ``module_type`` and ``layer_index`` are derived from ``module``.
         sigma: the scaled singular values, or None when the factors held NaN/Inf (status ``non_finite``,
-            null metrics).
+            null metrics; so is a spectrum that overflowed to infinity, e.g. from a scale near 1e308).
         collapse_threshold: see :func:`nora_spectra.metrics.spectrum_metrics`.
         columns: the record's keys, in order.
         dora: the module is a DoRA layer whose spectrum is of the direction only: status
@@ -66,7 +68,7 @@ def layer_records(
         module = record["module"]
         record["module_type"] = module_type(module)
         record["layer_index"] = layer_index(module)
-        if sigma is None:
+        if sigma is None or not np.isfinite(sigma).all():
             record.update(non_finite_metrics(), singular_values=None)
         else:
             measured.append((len(records), sigma, dora))

@@ -310,7 +310,7 @@ class WeightRun:
                 result = next(iterator)
             except StopIteration:
                 break
-            except BaseException:  # a module failed: the ones before it are yielded first, as without batches
+            except Exception:  # a module failed: the ones before it are yielded first, as without batches
                 yield from _finish(held)
                 raise
             held.append(result)
@@ -507,9 +507,17 @@ class _Pending:
 
 
 def _finish(held: "list[LayerSpectrum | _Pending]") -> Iterator[LayerSpectrum]:
-    """``held`` in order, each :class:`_Pending` finished by one :func:`core_singular_values` call."""
+    """``held`` in order, each :class:`_Pending` finished by one :func:`core_singular_values` call.
+
+    When that call fails (the Householder route could not read a module's factors again: the file
+    changed), the modules are finished one at a time instead, so the error is raised at its module's
+    turn, after the modules before it.
+    """
     waiting = [item for item in held if isinstance(item, _Pending)]
-    values = iter(core_singular_values([item.pair for item in waiting]) if waiting else [])
+    try:
+        values = iter(core_singular_values([item.pair for item in waiting]) if waiting else [])
+    except Exception:
+        values = (core_singular_values([item.pair])[0] for item in waiting)
     for item in held:
         yield LayerSpectrum(item.identity, next(values), dora=item.dora) if isinstance(item, _Pending) else item
 

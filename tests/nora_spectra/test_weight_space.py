@@ -7,9 +7,11 @@ but the time: the same bits, the same order, the same progress calls, the same e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +190,51 @@ def test_ordered_map_under_random_timing_errors_and_early_stops():
 def test_worker_count_is_bounded():
     assert weight.worker_count(1) == 1
     assert 1 <= weight.worker_count(1000) <= weight.MAX_WORKERS
+
+
+def test_a_failure_while_finishing_a_batch_surfaces_at_its_module(tmp_path, monkeypatch):
+    # module 7's B has two equal columns: its core takes the Householder route, which reads its
+    # factors again; that read fails (the file was replaced): the modules before it come first
+    ck = many_modules(tmp_path / "ck", layers=4)
+    checkpoint = load_checkpoint(ck)
+    target = checkpoint.modules[7]
+    original = weight._factors_of
+
+    def factors_of(entry):
+        if entry.module == target:
+            raise CheckpointError(str(ck), "cannot read tensor: the file was replaced")
+        return original(entry)
+
+    monkeypatch.setattr(weight, "_factors_of", factors_of)
+    monkeypatch.setattr(weight, "worker_count", lambda modules: 2)
+    entries = []  # the entries are frozen: the target's read is replaced
+    for entry in checkpoint.entries:
+        if entry.module == target:
+            read = entry.read
+
+            def duplicated(read=read):
+                update = read()
+                update.B[:, 1] = update.B[:, 0]
+                return update
+
+            entry = dataclasses.replace(entry, read=duplicated)
+        entries.append(entry)
+    checkpoint.entries[:] = entries
+    done = []
+    with pytest.raises(CheckpointError, match="the file was replaced"):
+        for layer in weight.prepare(checkpoint).layers(None):
+            done.append(layer.identity["module"])
+    assert done == checkpoint.modules[:7]
+
+
+def test_a_spectrum_that_overflows_is_non_finite_not_a_crash(tmp_path):
+    tensors = {f"{PREFIX}model.layers.0.q_proj.lora_A.weight": ("F32", np.full((2, 8), 10.0, np.float32)),
+               f"{PREFIX}model.layers.0.q_proj.lora_B.weight": ("F32", np.full((8, 2), 10.0, np.float32))}
+    (tmp_path / "ck").mkdir()
+    write_safetensors(tmp_path / "ck" / "adapter_model.safetensors", tensors, {"format": "pt"})
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 1e308, "target_modules": ["q_proj"]}
+    (tmp_path / "ck" / "adapter_config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no numpy overflow warning on stderr either
+        result = analyze(tmp_path / "ck", emit_warnings=False)  # sigma = 800 * 5e307 overflows
+    assert result.records[0]["status"] == "non_finite" and result.records[0]["singular_values"] is None
