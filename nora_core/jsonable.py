@@ -6,6 +6,7 @@ Torch-free; shared by the trainer's ``metrics.jsonl`` and by every JSON that ``n
 
 from __future__ import annotations
 
+import json
 import math
 from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Mapping
@@ -49,19 +50,20 @@ def integral_number(value: float) -> float | int:
     return int(value) if float(value).is_integer() and abs(value) < 2**53 else float(value)
 
 
-def dumps_indented(value: Any, indent: int = 2) -> str:
+def dumps_indented(value: Any, indent: "int | str" = 2) -> str:
     """``json.dumps(value, indent=indent, allow_nan=False)``, the same text, about twice as fast.
 
     The standard library encodes indented JSON in pure Python, one generator step per token (its C
     encoder serves only ``indent=None``): 13-16 ms for the 224-module analysis of a Llama-2-7B LoRA,
-    half of ``spectra analyze --format json``'s rendering. This walks the value once, appending to a
-    list; strings go through the C ``encode_basestring_ascii`` and numbers through ``float.__repr__``
+    half of ``spectra analyze --format json``'s rendering. This walks the value once, joining each
+    container's lines; strings go through the C ``encode_basestring_ascii`` and numbers through ``float.__repr__``
     / ``int.__repr__``, as in the standard encoder (``ensure_ascii``, separators ``", "`` / ``": "``
     turned ``","`` / ``": "`` by the indentation, keys of any JSON scalar type, no sorting).
 
     Args:
         value: dicts, lists, tuples, str, int, float, bool and None (subclasses included), nested.
-        indent: spaces per level.
+        indent: spaces per level (a string indent, and nesting deeper than this walk recurses, are
+            left to ``json.dumps`` itself).
 
     Returns:
         The JSON text (no trailing newline).
@@ -70,7 +72,12 @@ def dumps_indented(value: Any, indent: int = 2) -> str:
         ValueError: a NaN or infinite float (strict JSON), or a container nested inside itself.
         TypeError: a value or key of another type.
     """
-    return _text(value, "\n", " " * indent, set())
+    if not isinstance(indent, int):
+        return json.dumps(value, indent=indent, allow_nan=False)
+    try:
+        return _text(value, "\n", " " * indent, set())
+    except RecursionError:  # json.dumps recurses once per level, this walk twice
+        return json.dumps(value, indent=indent, allow_nan=False)
 
 
 def _float_text(value: float) -> str:

@@ -194,6 +194,8 @@ def _check_scalar(value: Any, parts: Sequence[Any], path: "str | os.PathLike[str
 
 #: a JSON string literal; TOML strings (basic, literal, multi-line) and comments.
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+#: a JSON string literal in a text that holds no escaped quote.
+_PLAIN_JSON_STRING = re.compile(r'"[^"]*"')
 _TOML_SKIP = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*')
 #: every byte but the four bracket bytes, deleted by ``bytes.translate``.
 _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
@@ -224,12 +226,12 @@ def _nested_deeper(text: str, strings: "re.Pattern[str]", blank: str, max_depth:
     them (strings included) cannot be too deep: the common case (a JSON Lines record, a config) is
     decided by two ``str.count`` calls instead of the regex and numpy pass (about 1 us against 40 us).
     A JSON text without an escaped quote (a safetensors header, an analysis) has its strings between
-    consecutive quotes, so splitting at them removes the strings 8x faster than the regex.
+    consecutive quotes, so a simpler pattern removes them, several times faster than the full one.
     """
     if text.count("[") + text.count("{") <= max_depth:
         return False
     if strings is _JSON_STRING and '\\"' not in text:
-        return _bracket_depth("".join(text.split('"')[::2])) > max_depth
+        return _bracket_depth(_PLAIN_JSON_STRING.sub("", text)) > max_depth
     return _bracket_depth(strings.sub(blank, text)) > max_depth
 
 

@@ -437,7 +437,18 @@ def gram_pair(
         The :class:`GramPair` (exactly zero rows of ``A`` / columns of ``B`` dropped from both), or None
         when the factors need the general path of :func:`adapter_singular_values`: a Gram trace outside
         ``[2^-900, 2^900]`` (factors to rescale by a power of two, or NaN/Inf).
+
+    Raises:
+        ValueError: factors that do not compose, or ``r > min(d_out, d_in)`` (the product's route).
+        NonFiniteFactorsError: a NaN or infinite ``scale``.
     """
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0] or not 0 < A.shape[0] <= min(B.shape[0], A.shape[1]):
+        raise ValueError(f"gram_pair needs A (r, d_in) and B (d_out, r) with 0 < r <= min(d_out, d_in), "
+                         f"got A {A.shape}, B {B.shape}")
+    if not math.isfinite(scale):
+        raise NonFiniteFactorsError(f"scale is {scale}")
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         gram_a = np.dot(A, A.T)
         gram_b = np.dot(B.T, B)

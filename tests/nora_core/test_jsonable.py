@@ -80,3 +80,12 @@ def test_dumps_indented_refuses_what_strict_json_refuses() -> None:
     loop.append(loop)
     with pytest.raises(ValueError, match="Circular reference"):
         dumps_indented(loop)
+
+
+def test_dumps_indented_leaves_string_indents_and_deep_nesting_to_json() -> None:
+    value = {"a": [1, {"b": None}]}
+    assert dumps_indented(value, "\t") == json.dumps(value, indent="\t", allow_nan=False)
+    deep: object = 1
+    for _ in range(700):  # deeper than this walk's recursion allows, within json.dumps's
+        deep = [deep]
+    assert dumps_indented(deep, 1) == json.dumps(deep, indent=1, allow_nan=False)
