@@ -18,7 +18,7 @@ import click
 from nora_spectra._text import one_line
 from nora_spectra.errors import SpectraError
 
-__all__ = ["cli", "main", "run"]
+__all__ = ["GC_THRESHOLD", "cli", "main", "run"]
 
 #: sub-command name -> (module, one-line help shown by ``spectra --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -97,10 +97,14 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+#: the console script's collector thresholds (:func:`gc.set_threshold`; Python's default is (700, 10, 10)).
+GC_THRESHOLD = (50_000, 20, 100)
+
+
 def run() -> None:
     """The ``spectra`` console script: :func:`main` in a process of its own that ends right after it.
 
-    Four process-wide settings that :func:`main` called in-process (a test, a notebook) does not make:
+    Five process-wide settings that :func:`main` called in-process (a test, a notebook) does not make:
 
     - OpenBLAS starts without a thread pool (``OPENBLAS_NUM_THREADS=1`` unless the variable is already
       set, before numpy loads): spectra parallelizes across modules itself and runs BLAS on one
@@ -112,6 +116,10 @@ def run() -> None:
     - the weight space may share modules between processes forked from this one, which runs no code
       of anyone else's (:func:`nora_spectra._forked.allow_forking`; the only other thread it may have,
       tqdm's monitor, is never touched by a child);
+    - the cyclic garbage collector runs after 50,000 allocations instead of 700
+      (:data:`GC_THRESHOLD`): nearly every object here is either long-lived (modules, classes) or
+      freed by reference counting (arrays, records), yet the default ran 63 young and 6 older
+      collections during one ``spectra analyze`` (11 ms);
     - before the process exits, every object still alive is frozen (``gc.freeze()``), so interpreter
       shutdown does not walk and free, cycle by cycle, the classes, functions and modules that the
       operating system reclaims anyway: 25-45 ms of a 0.35 s ``spectra analyze`` at r = 16
@@ -127,6 +135,7 @@ def run() -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     keep_freed_memory()
     allow_forking()
+    gc.set_threshold(*GC_THRESHOLD)
     try:
         main()
     finally:

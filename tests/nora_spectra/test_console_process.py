@@ -47,8 +47,9 @@ def test_only_the_console_script_sets_the_allocator_and_freezes_the_heap_at_exit
             "    sys.argv = ['spectra', '--version']\n"
             "    try:\n        m.{entry}()\n    except SystemExit:\n        pass\n"
             "    import nora_spectra._forked as f\n"
-            "    print(keep.call_count, gc.get_freeze_count() > 0, os.environ.get('OPENBLAS_NUM_THREADS'), f._ALLOWED)\n")
-    for entry, expected in (("run", "1 True 1 True"), ("main", "0 False None False")):
+            "    print(keep.call_count, gc.get_freeze_count() > 0, os.environ.get('OPENBLAS_NUM_THREADS'), f._ALLOWED,\n"
+            "          gc.get_threshold()[0])\n")
+    for entry, expected in (("run", "1 True 1 True 50000"), ("main", "0 False None False 700")):
         out = subprocess.run([sys.executable, "-c", code.format(entry=entry)], capture_output=True, text=True, check=True)
         assert out.stdout.strip().splitlines()[-1] == expected
 
