@@ -78,12 +78,14 @@ def forked_map(work: Callable[[Iterable[_T]], Iterator[_R]], items: Sequence[_T]
     bounds = [count * k // processes for k in range(processes + 1)]
     children: list[_Child] = []
     try:
+        if count:  # the first item here first: what it imports or loads on first use, the children inherit
+            yield from work(items[:1])
         for k in range(1, processes):
             try:
                 children.append(_Child(work, items, bounds[k], bounds[k + 1]))
             except OSError:  # no fork here (a sandbox, no memory): this process measures the rest
                 break
-        yield from work(items[bounds[0] : bounds[1]])
+        yield from work(items[1 : bounds[1]])
         for child in children:
             yield from child.results()
         yield from work(items[bounds[len(children) + 1] :])
