@@ -257,8 +257,7 @@ def scaled_gram(factor: np.ndarray, rows_are_r: bool) -> tuple[np.ndarray, np.nd
         NonFiniteFactorsError: when the factor holds NaN or Inf.
     """
     gram = _gram(factor, rows_are_r)
-    trace = float(gram.trace())
-    if math.isfinite(trace) and _GRAM_TRACE_RANGE[0] < trace < _GRAM_TRACE_RANGE[1]:
+    if _gram_in_range(gram):
         return factor, gram, 0
     exponent = _peak_exponent(factor)
     if exponent is None:
@@ -269,6 +268,11 @@ def scaled_gram(factor: np.ndarray, rows_are_r: bool) -> tuple[np.ndarray, np.nd
 
 #: A Gram trace inside this range neither overflowed nor lost the factor to underflow.
 _GRAM_TRACE_RANGE = (2.0**-900, 2.0**900)
+
+
+def _gram_in_range(gram: np.ndarray) -> bool:
+    """Whether the Gram's trace ``||F||_F^2`` lies in :data:`_GRAM_TRACE_RANGE` (False for NaN/Inf)."""
+    return _GRAM_TRACE_RANGE[0] < float(gram.trace()) < _GRAM_TRACE_RANGE[1]
 
 
 @dataclass
@@ -449,12 +453,22 @@ def gram_pair(
                          f"got A {A.shape}, B {B.shape}")
     if not math.isfinite(scale):
         raise NonFiniteFactorsError(f"scale is {scale}")
-    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        gram_a = np.dot(A, A.T)
-        gram_b = np.dot(B.T, B)
-    low, high = _GRAM_TRACE_RANGE
-    if not (low < float(gram_a.trace()) < high and low < float(gram_b.trace()) < high):
+    gram_a = _gram(A, rows_are_r=True)
+    gram_b = _gram(B, rows_are_r=False)
+    if not (_gram_in_range(gram_a) and _gram_in_range(gram_b)):
         return None
+    return _pair(A, B, gram_a, gram_b, scale, factors)
+
+
+def _pair(
+    A: np.ndarray,
+    B: np.ndarray,
+    gram_a: np.ndarray,
+    gram_b: np.ndarray,
+    scale: float,
+    factors: "Callable[[], tuple[np.ndarray, np.ndarray]] | None",
+) -> GramPair:
+    """The :class:`GramPair` of factors whose Gram matrices are in range, exactly zero rows dropped."""
     live = _live_indices(A, gram_a, B, gram_b)
     if live is not None and live.size:
         gram_a, gram_b = gram_a[np.ix_(live, live)], gram_b[np.ix_(live, live)]
@@ -495,23 +509,11 @@ def core_singular_values(pairs: "list[GramPair]") -> list[np.ndarray]:
 
 
 def _factored_singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """``sigma(B @ A)`` for ``r <= min(d_out, d_in)``: the ``r`` values of the core (module docstring)."""
-    pair = gram_pair(A, B)
-    if pair is not None:  # the common case: route 1 (or 2, 3) from the Gram matrices
-        return core_singular_values([pair])[0]
-    r = A.shape[0]
-    A_n, gram_a, exp_a = scaled_gram(A, rows_are_r=True)
-    B_n, gram_b, exp_b = scaled_gram(B, rows_are_r=False)
-    live = _live_indices(A_n, gram_a, B_n, gram_b)
-    if live is not None:  # exactly zero rows of A / columns of B: drop them from both factors
-        if live.size == 0:
-            return np.zeros(r)
-        gram_a, gram_b = gram_a[np.ix_(live, live)], gram_b[np.ix_(live, live)]
-    side_a = _Side.from_gram(A_n.T, A_n.shape[1], gram_a, live)
-    side_b = _Side.from_gram(B_n, B_n.shape[0], gram_b, live)
-    sigma = _core_singular_values(side_a, side_b)
-    if sigma.size < r:
-        sigma = np.concatenate([sigma, np.zeros(r - sigma.size)])
+    """``sigma(B @ A)`` for ``r <= min(d_out, d_in)``: the ``r`` values of the core (module docstring),
+    a factor whose Gram matrix would over- or underflow first rescaled by an exact power of two."""
+    A, gram_a, exp_a = scaled_gram(A, rows_are_r=True)
+    B, gram_b, exp_b = scaled_gram(B, rows_are_r=False)
+    sigma = core_singular_values([_pair(A, B, gram_a, gram_b, 1.0, None)])[0]
     return np.ldexp(sigma, exp_a + exp_b) if exp_a + exp_b else sigma
 
 

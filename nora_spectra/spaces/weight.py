@@ -292,7 +292,7 @@ class WeightRun:
         update = layer.update
         if not self.truncating and type(update) is LowRankUpdate and math.isfinite(update.scale):
             A, B = update.A, update.B
-            if A.dtype == np.float64 and B.dtype == np.float64 and 0 < A.shape[0] <= min(B.shape[0], A.shape[1]):
+            if 0 < A.shape[0] <= min(B.shape[0], A.shape[1]):  # else the small product is formed
                 pair = gram_pair(A, B, update.scale, factors=lambda: _factors_of(entry))
                 if pair is not None:
                     return _Pending(self._identity(layer, update), pair, bool(getattr(layer, "dora", False)))
