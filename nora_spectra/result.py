@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
+from nora_core.jsonable import dumps_indented
 from nora_core.parsing import ParseError, parse_json, read_json
 from nora_spectra._text import package_version
 from nora_spectra.analysis_schema import validate_analysis
@@ -25,7 +26,6 @@ from nora_spectra.schema import (
     LAYER_COLUMNS,
     OPTIONAL_COLUMNS,
     json_text,
-    strict_json,
     to_jsonable,
 )
 from nora_spectra.summary import summarize
@@ -187,7 +187,7 @@ class Analysis(PlotMethods):
 
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`to_dict` serialised as strict JSON (``allow_nan=False``)."""
-        return strict_json(self.to_dict(), indent)
+        return dumps_indented(self.to_dict(), indent)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: tuple[Any, ...] = ()) -> "Analysis":

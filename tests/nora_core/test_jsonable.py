@@ -63,7 +63,7 @@ _json_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(value=_json_values, indent=st.integers(0, 4))
+@given(value=_json_values, indent=st.none() | st.integers(0, 4))
 def test_dumps_indented_is_the_standard_library_text(value: object, indent: int) -> None:
     assert dumps_indented(value, indent) == json.dumps(value, indent=indent, allow_nan=False)
 
