@@ -32,6 +32,13 @@ def assert_matches_dense(A, B, scale=1.0):
     return got
 
 
+def run_in_fresh_interpreter(code: str) -> None:
+    """Run ``code`` (which asserts what it checks) in a new Python; fail with its stderr unless it got to the end."""
+    out = subprocess.run([sys.executable, "-c", code + "print('ok')\n"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def with_singular_values(rng, m, n, values):
     """An (m, n) matrix with the given singular values and random singular vectors."""
     U, _ = np.linalg.qr(rng.standard_normal((m, len(values))))
@@ -298,11 +305,8 @@ def test_lapack_loads_without_scipy_linalg():
         "from scipy.linalg import lapack\n"
         "m = np.array([[4.0, 2.0], [2.0, 3.0]])\n"
         "assert np.array_equal(fast.dpotrf(m)[0], lapack.dpotrf(m)[0])\n"
-        "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    run_in_fresh_interpreter(code)
 
 
 @pytest.mark.parametrize("preset", [None, "20"])
@@ -322,11 +326,8 @@ def test_openblas_thread_timeout_is_set_only_while_loading(preset):
         "with original():\n"
         "    seen.append(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
         "assert seen == [preset or '4'], seen\n"
-        "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    run_in_fresh_interpreter(code)
 
 
 def test_blas_threads_limits_every_blas_library_and_restores():
